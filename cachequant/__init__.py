@@ -1,0 +1,20 @@
+"""cachequant: training-free acceleration of diffusion models by joint caching and quantization.
+
+>>> import cachequant as cq
+>>> plan = cq.calibrate(pipe, cq.CacheQuantConfig(interval=5), num_inference_steps=50, prompts=[...])
+>>> cq.accelerate(pipe, plan); images = pipe(prompt, num_inference_steps=50).images; cq.restore(pipe)
+"""
+
+__version__ = "0.1.0"
+
+from .api import accelerate, is_accelerated, reset_steps, restore  # noqa: E402
+from .cache.schedules import dps_schedule  # noqa: E402
+from .calibration.calibrate import calibrate  # noqa: E402
+from .config import CacheQuantConfig  # noqa: E402
+from .errors import PlanError, PlanMismatchError  # noqa: E402
+from .plan import Plan, load_plan  # noqa: E402
+
+__all__ = [
+    "CacheQuantConfig", "Plan", "PlanError", "PlanMismatchError", "accelerate", "calibrate", "dps_schedule",
+    "is_accelerated", "load_plan", "reset_steps", "restore", "__version__",
+]

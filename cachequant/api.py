@@ -1,0 +1,78 @@
+"""``accelerate`` / ``restore``: applying a plan to a pipeline in place, and undoing it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+from .errors import PlanError
+from .models.adapters import adapter_for, denoiser_of
+from .plan import Plan
+from .quant.apply import install_quant
+from .runtime import Runtime
+from .session import check_sampler, install_session, session_of
+
+
+def accelerate(pipe: Any, plan: Plan) -> Any:
+    """Applies ``plan`` to ``pipe`` in place; the pipeline is then called exactly as before.
+
+    Raises :class:`~cachequant.errors.PlanMismatchError` if the denoiser (class, architecture,
+    weights) or the scheduler class differ from the calibrated ones; a different step count is
+    caught when the pipeline is called.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a cachequant.Plan (from cq.calibrate or cq.load_plan), got {type(plan).__name__}")
+    attr, model = denoiser_of(pipe)
+    if session_of(model) is not None:
+        raise RuntimeError("this pipeline is already accelerated; call cq.restore(pipe) first")
+    adapter = adapter_for(model)
+    plan.check_model(model)
+    check_sampler(plan.meta["sampler"], pipe.scheduler)
+    config = plan.config
+    device = next(model.parameters()).device
+    cache_dec = None
+    if "cache_dec.a" in plan.tensors:
+        cache_dec = (plan.tensors["cache_dec.a"].to(device), plan.tensors["cache_dec.b"].to(device))
+    schedule = plan.schedule
+    T = plan.num_calls
+    if not schedule or schedule[0] != 0 or any(s < 0 or s >= T for s in schedule):
+        raise PlanError(f"the plan's schedule {schedule[:8]}... is invalid for {T} model calls (damaged plan?)")
+    rt = Runtime(T, frozenset(schedule), cache_dec=cache_dec)
+    sess = install_session(pipe, model, adapter, plan.meta["site"], rt, plan.meta["sampler"])
+    try:
+        q = plan.meta.get("quant")
+        if q:
+            sess.quant = install_quant(model, rt, q["layers"], q["attention"], q["act_bits"], q["per_step_act"],
+                                       search_weights=False)
+            sess.quant.load(plan.tensors)
+            rt.quant_mode = "quant"
+    except Exception:
+        sess.restore()
+        raise
+    return pipe
+
+
+def restore(pipe: Any) -> Any:
+    """Removes cachequant from ``pipe``: the original modules, forward and scheduler come back."""
+    _, model = denoiser_of(pipe)
+    sess = session_of(model)
+    if sess is None:
+        raise RuntimeError("this pipeline is not accelerated by cachequant (nothing to restore)")
+    sess.restore()
+    return pipe
+
+
+def reset_steps(pipe: Any) -> None:
+    """Resets the step counter, for code that drives the denoiser without ``scheduler.set_timesteps``."""
+    _, model = denoiser_of(pipe)
+    sess = session_of(model)
+    if sess is None:
+        raise RuntimeError("this pipeline is not accelerated by cachequant")
+    sess.runtime.reset()
+
+
+def is_accelerated(pipe: Any) -> bool:
+    return session_of(denoiser_of(pipe)[1]) is not None
+
+
+__all__ = ["accelerate", "restore", "reset_steps", "is_accelerated"]

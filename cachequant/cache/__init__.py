@@ -1,0 +1,1 @@
+"""Cache schedules: which steps run the full model (uniform, quadratic, DPS)."""

@@ -1,0 +1,1 @@
+"""Calibration: inputs, trajectories, and the calibrate() driver."""

@@ -1,0 +1,180 @@
+"""``calibrate``: from a pipeline and a config to a :class:`~cachequant.plan.Plan`.
+
+Order of work (each pass is a set of ordinary pipeline runs with hooks installed):
+
+1. *Features* — full precision, no cache, ``dps_samples`` trajectories: the cached feature at every
+   model call. They give the DPS costs and the open-loop cache-DEC fit.
+2. *Schedule* — uniform / quadratic / DPS over those features.
+3. *Ranges* (if quantizing) — the cached model (schedule + cache-DEC, full precision) runs every
+   calibration trajectory while each quantizer records a per-step activation range: the ranges
+   see exactly what the accelerated model sees, stale cache included.
+4. *Quantization DEC* — the cached, quantized model runs the trajectories again while the layers
+   that first consume the cached feature accumulate the least-squares statistics of Eq. 9.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..cache.schedules import make_schedule
+from ..config import CacheQuantConfig
+from ..correction import QuantDecStats, fit_cache_dec
+from ..models.adapters import adapter_for, denoiser_of
+from ..plan import FORMAT, FORMAT_VERSION, Plan, fingerprint
+from ..quant.apply import attention_names, install_quant, layer_specs
+from ..runtime import Runtime
+from ..session import install_session, probe_sampler, session_of
+from .inputs import make_inputs, quiet, run_batch
+
+
+def _runs(pipe, inputs, batches, num_inference_steps, seed, pipeline_kwargs, bar, on_end=None):
+    for i, batch in enumerate(batches):
+        run_batch(pipe, inputs.kind, batch, num_inference_steps, seed + i, pipeline_kwargs)
+        if on_end is not None:
+            on_end()
+        bar.update(1)
+
+
+def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, prompts: Sequence[str] | None = None,
+              class_labels: Sequence[int] | None = None, *, num_samples: int | None = None,
+              pipeline_kwargs: dict | None = None, progress: bool = True) -> Plan:
+    """Calibrates ``config`` on ``pipe`` for runs of ``num_inference_steps`` with its current scheduler."""
+    if not isinstance(config, CacheQuantConfig):
+        raise TypeError(f"config must be a cachequant.CacheQuantConfig, got {type(config).__name__}")
+    attr, model = denoiser_of(pipe)
+    adapter = adapter_for(model)
+    if session_of(model) is not None:
+        raise RuntimeError("this pipeline is already accelerated; call cq.restore(pipe) before calibrating")
+    site = adapter.resolve_site(model, config)
+    sampler = probe_sampler(pipe.scheduler, num_inference_steps)
+    T = sampler["num_calls"]
+    inputs = make_inputs(pipe, prompts, class_labels, num_samples or config.num_calib_samples)
+    pipeline_kwargs = dict(pipeline_kwargs or {})
+    fp = fingerprint(model)
+    bs = config.calib_batch_size
+    cached = config.interval > 1
+    need_features = cached and (config.schedule == "dps" or config.use_cache_dec)
+    feature_batches = inputs.batches(bs, limit=config.dps_samples) if need_features else []
+    all_batches = inputs.batches(bs) if config.quantize else []
+    n_passes = len(feature_batches) + len(all_batches) * (2 if config.use_quant_dec else 1)
+    meta_diag: dict = {}
+    tensors: dict[str, torch.Tensor] = {}
+    device = next(model.parameters()).device
+
+    with quiet(pipe), tqdm(total=n_passes, desc="cachequant calibrate", disable=not progress or n_passes == 0) as bar:
+        # 1. features of the uncached full-precision trajectory
+        features = None
+        if need_features:
+            rt = Runtime(T, frozenset(range(T)), recorder=[])
+            runs: list[list[torch.Tensor]] = []
+            sess = install_session(pipe, model, adapter, site, rt, sampler)
+            try:
+                def take():
+                    if len(rt.recorder) != T:
+                        raise RuntimeError(f"expected {T} model calls in one run, saw {len(rt.recorder)}")
+                    runs.append(list(rt.recorder))
+                    rt.recorder.clear()
+                _runs(pipe, inputs, feature_batches, num_inference_steps, config.seed, pipeline_kwargs, bar, take)
+            finally:
+                sess.restore()
+            features = [torch.cat([r[t] for r in runs], dim=0) for t in range(T)]
+
+        # 2. schedule
+        kind = config.schedule if cached else "uniform"
+        schedule = make_schedule(kind, T, config.interval, features if kind == "dps" else None)
+        tensors["schedule"] = torch.tensor(schedule, dtype=torch.int64)
+        cache_dec = None
+        if config.use_cache_dec:
+            cache_dec = fit_cache_dec(features, schedule, adapter.channel_dim)
+            tensors["cache_dec.a"], tensors["cache_dec.b"] = cache_dec
+            meta_diag["cache_dec_fit"] = _cache_dec_residual(features, schedule, cache_dec, adapter.channel_dim)
+        del features
+
+        # 3./4. quantization
+        quant_meta = None
+        if config.quantize:
+            specs = layer_specs(model, config.weight_bits, adapter.keep_8bit(model), adapter.concat_splits(model, site))
+            attn = attention_names(model) if config.quant_attention else []
+            dec_dev = None if cache_dec is None else tuple(x.to(device) for x in cache_dec)
+            rt = Runtime(T, frozenset(schedule), cache_dec=dec_dev, quant_mode="observe")
+            sess = install_session(pipe, model, adapter, site, rt, sampler)
+            try:
+                qs = install_quant(model, rt, specs, attn, config.act_bits, config.per_step_act, search_weights=True)
+                sess.quant = qs
+                _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000, pipeline_kwargs, bar)
+                qs.finalize()
+                consumers = adapter.cache_consumers(model, site) if config.use_quant_dec else {}
+                if consumers:
+                    rt.quant_mode = "quant"
+                    stats, hooks = _attach_quant_dec(qs, consumers, rt)
+                    try:
+                        _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000,
+                              pipeline_kwargs, bar)
+                    finally:
+                        for h in hooks:
+                            h.remove()
+                    fits = {}
+                    for name, st in stats.items():
+                        a, b = st.solve()
+                        qs.layers[name].dec_a, qs.layers[name].dec_b = a.to(device), b.to(device)
+                        before, after = st.residual(a, b)
+                        fits[name] = {"mse_before": before, "mse_after": after}
+                    meta_diag["quant_dec_fit"] = fits
+                tensors.update(qs.export())
+            finally:
+                sess.restore()
+            quant_meta = {"layers": specs, "attention": attn, "act_bits": config.act_bits,
+                          "per_step_act": config.per_step_act, "dec_layers": sorted(consumers)}
+
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "cachequant_version": __version__,
+        "pipeline": type(pipe).__name__, "denoiser_attr": attr, "adapter": adapter.name,
+        "config": config.to_dict(), "schedule": schedule, "sampler": sampler, "model": fp, "site": site,
+        "quant": quant_meta, "calibration": {"inputs": inputs.kind, "num_trajectories": len(inputs.items),
+                                             "feature_trajectories": sum(len(b) for b in feature_batches),
+                                             "pipeline_kwargs": {k: repr(v) for k, v in pipeline_kwargs.items()}},
+        "diagnostics": meta_diag, "torch_version": torch.__version__,
+    }
+    return Plan(meta, tensors)
+
+
+def _attach_quant_dec(qs, consumers: dict[str, int], rt: Runtime):
+    stats, hooks = {}, []
+    for name, c in consumers.items():
+        layer = qs.layers[name]
+        st = QuantDecStats(rt.num_calls, layer.inner.weight.shape[0])
+        stats[name] = st
+
+        def pre(mod, inp, st=st, c=c):
+            x = inp[0]
+            xq = mod.quantize_input(x, rt.step)
+            target = mod.linear_op(x[:, :c], mod.inner.weight[:, :c], None)
+            pred = mod.linear_op(xq[:, :c], mod.dequantized_weight()[:, :c], None)
+            st.update(rt.step, pred, target)
+
+        hooks.append(layer.register_forward_pre_hook(pre))
+    return stats, hooks
+
+
+def _cache_dec_residual(features, schedule, dec, channel_dim) -> dict:
+    """Mean L1 error of the reused feature vs the fresh one, before and after cache DEC."""
+    a, b = dec
+    full = set(schedule)
+    before = after = 0.0
+    n = 0
+    anchor = 0
+    for t, x in enumerate(features):
+        if t in full:
+            anchor = t
+            continue
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        c = features[anchor]
+        before += float((x - c).abs().mean())
+        after += float((x - (c * a[t].view(shape) + b[t].view(shape))).abs().mean())
+        n += 1
+    return {"l1_before": before / max(n, 1), "l1_after": after / max(n, 1), "cached_steps": n}

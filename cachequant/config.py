@@ -1,0 +1,90 @@
+"""The user-facing configuration of one acceleration: which cache, which precision, which corrections."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+SCHEDULES = ("uniform", "quadratic", "dps")
+
+
+@dataclass
+class CacheQuantConfig:
+    interval: int = 5
+    """N: one full step every N steps on average (K = ceil(T/N) full steps). 1 = no caching."""
+    schedule: str = "dps"
+    """Where the full steps go: 'uniform', 'quadratic' (DeepCache's non-uniform) or 'dps'."""
+    weight_bits: int | None = 8
+    """8 or 4 (first/last layers stay at 8); None = no quantization (then act_bits must be None)."""
+    act_bits: int | None = 8
+    dec: bool = True
+    """Decoupled error correction, both halves (see cache_dec / quant_dec to ablate one)."""
+    cache_dec: bool | None = None
+    """Cache half of DEC; None follows `dec`."""
+    quant_dec: bool | None = None
+    """Quantization half of DEC; None follows `dec`."""
+    cache_branch: int = 1
+    """UNets: depth of the cached branch (1 = shallowest, DeepCache's and the reference default)."""
+    dit_span: tuple[int, int] | None = None
+    """Transformers: blocks [start, end) whose deviation is cached; None = all but the first and last."""
+    quant_attention: bool = True
+    """Also quantize the attention matmuls (QKᵀ and softmax·V) to act_bits."""
+    per_step_act: bool = True
+    """One activation range per timestep (the method); False = one range for all steps (baseline)."""
+    calib_batch_size: int = 8
+    num_calib_samples: int = 32
+    """Calibration trajectories when neither prompts nor class labels are given."""
+    dps_samples: int = 8
+    """Trajectories recorded without cache for the DPS costs and the cache-DEC fit."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if (self.weight_bits is None) != (self.act_bits is None):
+            raise ValueError("weight_bits and act_bits must both be set (W8A8, W4A8) or both be None (no quantization)")
+        if self.weight_bits is not None and self.weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 4 or 8 (or None), got {self.weight_bits!r}")
+        if self.act_bits is not None and self.act_bits not in (8,):
+            raise ValueError(f"act_bits must be 8 (or None), got {self.act_bits!r}")
+        if self.cache_branch < 1:
+            raise ValueError(f"cache_branch must be >= 1, got {self.cache_branch}")
+        if self.dit_span is not None:
+            if len(self.dit_span) != 2:
+                raise ValueError(f"dit_span must be (start, end), got {self.dit_span!r}")
+            self.dit_span = (int(self.dit_span[0]), int(self.dit_span[1]))
+        for name in ("calib_batch_size", "num_calib_samples", "dps_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def quantize(self) -> bool:
+        return self.weight_bits is not None
+
+    @property
+    def use_cache_dec(self) -> bool:
+        on = self.dec if self.cache_dec is None else self.cache_dec
+        return bool(on) and self.interval > 1
+
+    @property
+    def use_quant_dec(self) -> bool:
+        on = self.dec if self.quant_dec is None else self.quant_dec
+        return bool(on) and self.quantize and self.interval > 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["dit_span"] is not None:
+            d["dit_span"] = list(d["dit_span"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheQuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown CacheQuantConfig fields: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if d.get("dit_span") is not None:
+            d["dit_span"] = tuple(d["dit_span"])
+        return cls(**d)

@@ -1,0 +1,1 @@
+"""Model-specific code: architecture adapters (one file per family)."""

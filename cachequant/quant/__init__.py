@@ -1,0 +1,1 @@
+"""Post-training quantization: quantizers, quantized layers (fake-quant reference + backend slot)."""

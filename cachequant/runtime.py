@@ -1,0 +1,65 @@
+"""Per-model state shared by the cache hooks and the quantized layers during sampling.
+
+A diffusers pipeline calls the denoiser once per entry of ``scheduler.timesteps`` (PNDM's PLMS
+mode repeats one timestep, Heun doubles them), so cachequant indexes everything — the cache
+schedule, the per-timestep activation ranges, the DEC coefficients — by *model call* within one
+pipeline run, not by timestep value. The counter is reset whenever the pipeline calls
+``scheduler.set_timesteps`` at the start of a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Runtime:
+    num_calls: int
+    full_steps: frozenset[int]
+    step: int = 0
+    """Index of the model call being executed."""
+    calls: int = 0
+    """Model calls made since the last reset."""
+    quant_mode: str = "off"
+    """'off' (full precision), 'observe' (record activation ranges), 'quant' (quantized)."""
+    cache: torch.Tensor | None = None
+    """The stored deep feature (UNet: up-block output; DiT: the span's deviation)."""
+    cache_step: int = -1
+    cache_dec: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(a, b), each (num_calls, C): X_full ≈ a[t]·X_cached + b[t] per channel."""
+    recorder: list[torch.Tensor] | None = None
+    """When set, the cached feature of every step is appended here (DPS / DEC fitting)."""
+    extra: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.step = 0
+        self.cache = None
+        self.cache_step = -1
+
+    @property
+    def is_full(self) -> bool:
+        return self.step in self.full_steps
+
+    def store(self, feature: torch.Tensor) -> None:
+        self.cache = feature.detach()
+        self.cache_step = self.step
+        if self.recorder is not None:
+            self.recorder.append(feature.detach().float().cpu())
+
+    def reuse(self, channel_dim: int) -> torch.Tensor:
+        """The cached feature for the current (cached) step, with the cache-DEC correction."""
+        if self.cache is None:
+            raise RuntimeError(
+                f"cachequant: step {self.step} is a cached step but no feature was stored; the "
+                "schedule must start with a full step (step 0)"
+            )
+        x = self.cache
+        if self.cache_dec is not None:
+            a, b = self.cache_dec
+            shape = [1] * x.dim()
+            shape[channel_dim] = -1
+            x = x * a[self.step].to(x.dtype).view(shape) + b[self.step].to(x.dtype).view(shape)
+        return x

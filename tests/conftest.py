@@ -1,0 +1,45 @@
+import os
+
+# Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes them crawl when
+# another process shares the two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+
+def run(pipe, kind, steps, seed=0, n=2, **kw):
+    """Runs a tiny pipeline deterministically and returns float64 numpy images."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    if kind == "ddim":
+        out = pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type="np", **kw)
+    elif kind == "sd":
+        prompts = ["a red cat", "a tree in the snow", "a small boat", "two dogs"][:n]
+        out = pipe(prompts, num_inference_steps=steps, generator=g, output_type="np", height=16, width=16, **kw)
+    else:
+        out = pipe(class_labels=list(range(n)), num_inference_steps=steps, generator=g, output_type="np", **kw)
+    return np.asarray(out.images, dtype=np.float64)
+
+
+def calib_kwargs(kind, n=4):
+    if kind == "sd":
+        return {"prompts": ["a photo of a dog", "a castle", "an apple on a table", "a city at night"][:n]}
+    if kind == "dit":
+        return {"class_labels": list(range(n))}
+    return {"num_samples": n}
+
+
+@pytest.fixture
+def make_pipe():
+    from cachequant.models.tiny import tiny_ddim_pipeline, tiny_dit_pipeline, tiny_sd_pipeline
+
+    makers = {"ddim": tiny_ddim_pipeline, "sd": tiny_sd_pipeline, "dit": tiny_dit_pipeline}
+
+    def make(kind, **kw):
+        return makers[kind](**kw)
+
+    return make
