@@ -1,0 +1,1 @@
+"""The ``cachequant`` command line."""

@@ -1,0 +1,193 @@
+"""``cachequant`` command line: calibrate, generate, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "fp": (None, None)}
+
+
+def _load_pipeline(spec: str, device: str, scheduler: str | None):
+    from ..models.tiny import TINY, make_scheduler
+
+    if spec in TINY:
+        pipe = TINY[spec]() if scheduler is None else TINY[spec](scheduler=scheduler)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise SystemExit(f"error: --model {spec!r} is neither a built-in model ({', '.join(TINY)}) "
+                             "nor a local diffusers pipeline folder")
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(path))
+        if scheduler is not None:
+            pipe.scheduler = make_scheduler(scheduler)
+    return pipe.to(device)
+
+
+def _inputs(args) -> dict:
+    if args.prompts and args.class_labels:
+        raise SystemExit("error: give --prompts or --class-labels, not both")
+    if args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise SystemExit(f"error: prompts file not found: {p}")
+        lines = [l.split("\t")[0].strip() for l in p.read_text().splitlines()]
+        lines = [l for l in lines if l and l != "Prompt"]  # PartiPrompts.tsv has a header row
+        if not lines:
+            raise SystemExit(f"error: no prompts in {p}")
+        return {"prompts": lines[: args.num_samples] if args.num_samples else lines}
+    if args.class_labels:
+        try:
+            return {"class_labels": [int(c) for c in args.class_labels.split(",")]}
+        except ValueError:
+            raise SystemExit(f"error: --class-labels must be comma-separated integers, got {args.class_labels!r}")
+    return {"num_samples": args.num_samples} if args.num_samples else {}
+
+
+def cmd_calibrate(args) -> int:
+    import cachequant as cq
+
+    wb, ab = BITS[args.bits]
+    cfg = cq.CacheQuantConfig(interval=args.interval, schedule=args.schedule, weight_bits=wb, act_bits=ab,
+                              dec=not args.no_dec, calib_batch_size=args.batch_size, seed=args.seed)
+    pipe = _load_pipeline(args.model, args.device, args.scheduler)
+    t = time.time()
+    plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, **_inputs(args))
+    plan.save(args.out)
+    print(f"plan written to {args.out} in {time.time() - t:.1f} s; full steps: {plan.schedule}")
+    return 0
+
+
+def _generate_images(pipe, args, seed: int):
+    import numpy as np
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    kw = dict(num_inference_steps=args.steps, generator=g, output_type="np")
+    if getattr(pipe, "text_encoder", None) is not None:
+        if not args.prompt:
+            raise SystemExit("error: this pipeline is text-conditioned: pass --prompt")
+        out = pipe([args.prompt] * args.num_images, **kw)
+    elif type(pipe).__name__.startswith("DiT"):
+        labels = [int(c) for c in (args.class_labels or "0").split(",")]
+        out = pipe(class_labels=(labels * args.num_images)[: args.num_images], **kw)
+    else:
+        out = pipe(batch_size=args.num_images, **kw)
+    return np.asarray(out.images)
+
+
+def cmd_generate(args) -> int:
+    import cachequant as cq
+    from ..utils.io import save_grid
+
+    pipe = _load_pipeline(args.model, args.device, args.scheduler)
+    if args.plan:
+        cq.accelerate(pipe, cq.load_plan(args.plan))
+    images = _generate_images(pipe, args, args.seed)
+    save_grid([images], args.out, scale=args.scale)
+    print(f"{len(images)} images written to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import cachequant as cq
+
+    plan = cq.load_plan(args.plan)
+    m = plan.meta
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    c = m["config"]
+    bits = "full precision" if c["weight_bits"] is None else f"W{c['weight_bits']}A{c['act_bits']}"
+    print(f"cachequant plan {args.plan} (format v{m['format_version']}, made by cachequant {m['cachequant_version']})")
+    print(f"  model      {m['model']['class']} (adapter {m['adapter']}), weights sha256 {m['model']['weights_sha256'][:16]}...")
+    print(f"  sampler    {m['sampler']['scheduler']}, {m['sampler']['num_inference_steps']} steps = {m['sampler']['num_calls']} model calls")
+    print(f"  cache      interval {c['interval']}, schedule {c['schedule']}, site {m['site']}")
+    print(f"  full steps {m['schedule']} ({len(m['schedule'])}/{m['sampler']['num_calls']})")
+    print(f"  quant      {bits}, attention matmuls {'on' if c['quant_attention'] else 'off'}")
+    print(f"  DEC        cache {'on' if c['cache_dec'] in (None, True) and c['dec'] and c['interval'] > 1 else 'off'}, "
+          f"quant layers {m['quant']['dec_layers'] if m.get('quant') else []}")
+    for k, v in m.get("diagnostics", {}).items():
+        print(f"  {k}: {json.dumps(v)}")
+    print(f"  tensors    {len(plan.tensors)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cachequant", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", default="tiny-ddim", help="tiny-ddim | tiny-sd | tiny-dit | path to a diffusers pipeline folder")
+        sp.add_argument("--scheduler", choices=["ddim", "ddpm", "pndm", "dpm", "euler"], default=None,
+                        help="replace the pipeline's scheduler (default: keep it)")
+        sp.add_argument("--steps", type=int, default=50, help="num_inference_steps")
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("calibrate", help="calibrate a plan and save it")
+    model_args(c)
+    c.add_argument("--interval", type=int, default=5)
+    c.add_argument("--schedule", choices=["uniform", "quadratic", "dps"], default="dps")
+    c.add_argument("--bits", choices=list(BITS), default="w8a8")
+    c.add_argument("--no-dec", action="store_true", help="disable decoupled error correction")
+    c.add_argument("--prompts", help="text file (one prompt per line) or PartiPrompts.tsv")
+    c.add_argument("--class-labels", help="comma-separated class ids")
+    c.add_argument("--num-samples", type=int, default=None, help="calibration trajectories")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--out", required=True, help="plan file to write (.cqplan)")
+    c.set_defaults(fn=cmd_calibrate)
+
+    g = sub.add_parser("generate", help="generate images (with a plan, or full precision without)")
+    model_args(g)
+    g.add_argument("--plan")
+    g.add_argument("--prompt")
+    g.add_argument("--class-labels")
+    g.add_argument("--num-images", type=int, default=4)
+    g.add_argument("--scale", type=int, default=1, help="upscale factor of the saved grid")
+    g.add_argument("--out", required=True, help="PNG grid to write")
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("info", help="describe a plan file")
+    i.add_argument("plan")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("demo", help="the README's main job: calibrate, compare with full precision, save a grid")
+    d.add_argument("--model", default="tiny-ddim")
+    d.add_argument("--steps", type=int, default=50)
+    d.add_argument("--interval", type=int, default=5)
+    d.add_argument("--bits", choices=list(BITS), default="w8a8")
+    d.add_argument("--num-images", type=int, default=8)
+    d.add_argument("--out", default="cachequant-demo.png")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..errors import PlanError, PlanMismatchError
+
+    try:
+        return args.fn(args)
+    except (PlanError, PlanMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
