@@ -1,5 +1,5 @@
-"""Quality metrics of accelerated vs full-precision images."""
+"""Metrics: FID (standard Inception), precision/recall, PSNR/SSIM vs full precision, MACs/Bops."""
 
-from .image import psnr
+from .image import psnr, ssim
 
-__all__ = ["psnr"]
+__all__ = ["psnr", "ssim"]
