@@ -37,7 +37,8 @@ def accelerate(pipe: Any, plan: Plan) -> Any:
     T = plan.num_calls
     if not schedule or schedule[0] != 0 or any(s < 0 or s >= T for s in schedule):
         raise PlanError(f"the plan's schedule {schedule[:8]}... is invalid for {T} model calls (damaged plan?)")
-    rt = Runtime(T, frozenset(schedule), cache_dec=cache_dec)
+    vc = plan.tensors["vc.scale"].to(device) if "vc.scale" in plan.tensors else None
+    rt = Runtime(T, frozenset(schedule), cache_dec=cache_dec, vc=vc)
     sess = install_session(pipe, model, adapter, plan.meta["site"], rt, plan.meta["sampler"])
     try:
         q = plan.meta.get("quant")

@@ -36,6 +36,19 @@ class CacheQuantConfig:
     dps_samples: int = 8
     """Trajectories recorded without cache for the DPS costs and the cache-DEC fit."""
     seed: int = 0
+    calibration: str = "trajectory"
+    """Which intermediate inputs calibrate the activation ranges: 'trajectory' (every step of every
+    calibration trajectory) or a selection of `calib_select` entries from that pool by 'tap'
+    (Q&C temporal-aware parallel clustering), 'random', 'uniform-per-step', 'kmeans', 'dbscan',
+    'agglomerative'."""
+    calib_select: int = 256
+    tap_lambda: float = 0.5
+    """TAP: weight of the data similarity against the temporal one (W = λ·S_data + (1−λ)·S_time)."""
+    tap_clusters: int = 100
+    vc: bool = False
+    """Variance compensation (Q&C): per-step, per-channel rescaling of the predicted noise."""
+    vc_gamma: float = 10.0
+    """VC: weight of the channel-energy (noise-ratio) term against the MSE term (see correction/vc.py)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.interval, int) or self.interval < 1:
@@ -54,7 +67,15 @@ class CacheQuantConfig:
             if len(self.dit_span) != 2:
                 raise ValueError(f"dit_span must be (start, end), got {self.dit_span!r}")
             self.dit_span = (int(self.dit_span[0]), int(self.dit_span[1]))
-        for name in ("calib_batch_size", "num_calib_samples", "dps_samples"):
+        from .calibration.select import METHODS
+
+        if self.calibration not in ("trajectory",) + METHODS:
+            raise ValueError(f"calibration must be one of trajectory, {', '.join(METHODS)}; got {self.calibration!r}")
+        if not 0.0 <= self.tap_lambda <= 1.0:
+            raise ValueError(f"tap_lambda must be in [0, 1], got {self.tap_lambda}")
+        if self.vc_gamma < 0:
+            raise ValueError(f"vc_gamma must be >= 0, got {self.vc_gamma}")
+        for name in ("calib_batch_size", "num_calib_samples", "dps_samples", "calib_select", "tap_clusters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

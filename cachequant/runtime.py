@@ -9,7 +9,7 @@ pipeline run, not by timestep value. The counter is reset whenever the pipeline 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +31,10 @@ class Runtime:
     """(a, b), each (num_calls, C): X_full ≈ a[t]·X_cached + b[t] per channel."""
     recorder: list[torch.Tensor] | None = None
     """When set, the cached feature of every step is appended here (DPS / DEC fitting)."""
-    extra: dict = field(default_factory=dict)
+    vc: torch.Tensor | None = None
+    """(num_calls, C) variance-compensation factors for the predicted noise, or None."""
+    call_log: list | None = None
+    """When set, every model call is logged as (step, args, kwargs, output) on the CPU."""
 
     def reset(self) -> None:
         self.calls = 0

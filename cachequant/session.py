@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .errors import PlanMismatchError
@@ -32,6 +33,28 @@ def probe_sampler(scheduler, num_inference_steps: int) -> dict:
     timesteps = [int(t) for t in probe.timesteps]
     return {"scheduler": type(scheduler).__name__, "num_inference_steps": num_inference_steps,
             "num_calls": len(timesteps), "timesteps": timesteps}
+
+
+def sample_of(out: Any) -> torch.Tensor:
+    """The predicted tensor of a denoiser output (a ``*Output`` dataclass or a tuple)."""
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def map_sample(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(out, tuple):
+        return (fn(out[0]),) + tuple(out[1:])
+    out.sample = fn(out.sample)
+    return out
+
+
+def to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def check_sampler(s: dict, scheduler, timesteps: list[int] | None = None) -> None:
@@ -65,6 +88,7 @@ class Session:
     sampler: dict
     quant: QuantState | None = None
     scheduler: Any = None
+    run_step: Callable[[tuple, dict], Any] | None = None
     undo: list[Callable[[], None]] = field(default_factory=list)
 
     def check_timesteps(self, scheduler) -> None:
@@ -106,6 +130,21 @@ def install_session(pipe: Any, model: nn.Module, adapter: Adapter, site: dict, r
     original_forward = model.forward
     rt = runtime
 
+    def run_step(args, kwargs):
+        """One model call as step ``rt.step`` (full or cached), with VC on its output."""
+        if rt.is_full:
+            out = original_forward(*args, **kwargs)
+        else:
+            out = adapter.cached_forward(model, rt, site, original_forward, args, kwargs)
+        if rt.vc is not None:
+            from .correction.vc import apply_vc
+
+            vc = rt.vc[rt.step]
+            out = map_sample(out, lambda x: apply_vc(x, vc))
+        if rt.call_log is not None:
+            rt.call_log.append((rt.step, to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))))
+        return out
+
     def forward(*args, **kwargs):
         if pipe.scheduler is not sess.scheduler:
             # The scheduler was replaced after accelerate(): adopt it if it matches the plan.
@@ -119,10 +158,9 @@ def install_session(pipe: Any, model: nn.Module, adapter: Adapter, site: dict, r
                 "the model yourself, call cq.reset_steps(pipe) before each sampling loop")
         rt.step = rt.calls
         rt.calls += 1
-        if rt.is_full:
-            return original_forward(*args, **kwargs)
-        return adapter.cached_forward(model, rt, site, original_forward, args, kwargs)
+        return run_step(args, kwargs)
 
+    sess.run_step = run_step
     model.forward = forward
     sess.undo.append(lambda: model.__dict__.pop("forward", None))
     model.__dict__[_ATTR] = sess

@@ -227,17 +227,37 @@ def test_dps_accepts_numpy_torch_stacked_and_half():
     assert len(dps_schedule(nc, 4)) == num_full_steps(30, 4)
 
 
-def test_dps_chunking_matches_single_chunk(monkeypatch):
+def test_dps_chunking_and_threads_match_single_chunk(monkeypatch):
     import cachequant.cache.schedules as sch
 
     rng = np.random.default_rng(7)
     feats = random_features(rng, 25, "walk", shape=(5, 7, 3), dtype=np.float64)  # 105 elements
     G_one = group_costs(feats, 8)
-    monkeypatch.setattr(sch, "_CPU_CHUNK", 16)  # 7 chunks, the last one partial
+    monkeypatch.setattr(sch, "_CPU_CHUNK", 16)  # 7 chunks (the last one partial) on worker threads
+    threads_before = torch.get_num_threads()
     G_many = group_costs(feats, 8)
+    assert torch.get_num_threads() == threads_before  # the workers' setting does not leak
     np.testing.assert_allclose(G_many, G_one, rtol=1e-12)
     P = ref_pairwise(feats)
     assert G_many[3, 5] == pytest.approx(P[3, 4:8].sum(), rel=1e-12)
+    # Bit-identical whatever the number of threads: the DP's tie-breaks must not depend on it.
+    f32 = [torch.from_numpy(f).float() for f in feats]
+    G_threads = group_costs(f32, 8)
+    torch.set_num_threads(1)
+    try:
+        G_serial = group_costs(f32, 8)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert np.array_equal(G_threads, G_serial)
+
+
+def test_dps_accepts_features_that_require_grad():
+    rng = np.random.default_rng(13)
+    feats = random_features(rng, 12, "walk", dtype=np.float32)
+    ref = dps_schedule(feats, 3)
+    grad = [torch.from_numpy(f).requires_grad_() for f in feats]
+    assert dps_schedule(grad, 3) == ref
+    assert schedule_cost(grad, ref) == pytest.approx(schedule_cost(feats, ref), rel=1e-12)
 
 
 def test_interval_one_gives_every_step():

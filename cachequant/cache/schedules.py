@@ -43,6 +43,8 @@ SCHEDULE_KINDS = ("uniform", "quadratic", "dps")
 _CPU_CHUNK = 8192
 # On accelerators: elements of the (T, chunk) buffer, to bound the extra device memory.
 _DEVICE_BUFFER_ELEMS = 1 << 24
+# Chunk i is accumulated in lane i % _LANES (see _band_distances); also the most CPU threads used.
+_LANES = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +152,9 @@ def quadratic_schedule(
 # DPS: costs
 
 
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+
+
 def _as_torch(x: Any, t: int) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
@@ -157,7 +162,7 @@ def _as_torch(x: Any, t: int) -> torch.Tensor:
         if x.dtype.kind not in "biuf":
             raise ValueError(f"features[{t}] has unsupported dtype {x.dtype}; pass float arrays or tensors")
         if not x.flags.writeable or x.dtype.kind == "b":
-            return torch.tensor(x)  # copy: torch refuses to share read-only memory without a warning
+            return torch.tensor(x)  # a copy: from_numpy warns on read-only memory, bool needs one
         return torch.from_numpy(np.ascontiguousarray(x))
     raise ValueError(
         f"features[{t}] is a {type(x).__name__}; pass a sequence of torch tensors or numpy arrays"
@@ -195,9 +200,6 @@ def _prepare(features: Any) -> list[torch.Tensor]:
     return flat
 
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
-
-
 def _raise_non_finite(flat: list[torch.Tensor]) -> None:
     for t, x in enumerate(flat):
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
@@ -214,62 +216,110 @@ def _raise_non_finite(flat: list[torch.Tensor]) -> None:
 def _band_distances(flat: list[torch.Tensor], width: int) -> np.ndarray:
     """``dist[s, d] = ||X_{s+d} - X_s||_1`` for 1 <= d <= width and s + d < T (else 0), float64.
 
-    Only the band is needed, but a fused pairwise kernel (``F.pdist``, one SIMD pass per pair) is
-    ~3x faster on the CPU than the three passes of sub/abs/sum per offset. So the steps are cut into
-    windows of 2*width rows starting every width steps; every band pair (s, s+d) lies in the window
-    of its anchor (s // width), and the windows cost about twice the band — O(T * width * size),
-    never T*T*size. The features are streamed chunk by chunk through one reused (T, chunk) buffer;
-    chunk sums (in the compute dtype) are accumulated in float64.
+    Only the band is needed. The fused pairwise kernel ``F.pdist`` (one SIMD pass per pair, no
+    temporaries) costs ~2.5x less per pair than sub/abs/sum per offset, so the steps are cut into
+    windows of 2*width rows starting every width steps: every band pair (s, s+d) lies in the window
+    of its anchor (s // width). The windows compute about twice the band, O(T * width * size) and
+    never T*T*size, and still win, with ~T/width kernel calls per chunk instead of ~3*width.
+    The features stream chunk by chunk through a reused (T, chunk) buffer. Chunk sums are taken
+    in the compute dtype (float32, or float64 if any feature is float64; relative error ~1e-6 in
+    float32) and accumulated in float64.
     """
     T = len(flat)
     W = max(1, width)
     first = flat[0]
     size = first.numel()
-    any64 = any(x.dtype == torch.float64 for x in flat)
-    dtype = torch.float64 if any64 else torch.float32
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in flat) else torch.float32
     device = first.device if first.device.type == "cuda" else torch.device("cpu")
     chunk = _CPU_CHUNK if device.type == "cpu" else max(1024, _DEVICE_BUFFER_ELEMS // T)
     chunk = min(chunk, size)
 
-    # Windows (start, rows) with at least 2 rows; the flat offsets of their condensed outputs.
+    # Windows (start, rows) with at least 2 rows, and the offsets of their condensed outputs.
     windows = []
-    offset = 0
+    total = 0
     for s0 in range(0, max(T - 1, 0), W):
         n = min(2 * W, T - s0)
-        windows.append((s0, n, offset))
-        offset += n * (n - 1) // 2
+        windows.append((s0, n, total))
+        total += n * (n - 1) // 2
     dist = np.zeros((T, W + 1), dtype=np.float64)
     if not windows:  # T == 1: no pairs; still refuse non-finite input
         if first.is_floating_point() and not bool(torch.isfinite(first).all()):
             _raise_non_finite(flat)
         return dist
 
-    acc = torch.zeros(offset, dtype=torch.float64, device=device)
     fast = all(x.dtype == dtype and x.device == device for x in flat)
-    buf = torch.empty(T, chunk, dtype=dtype, device=device)
-    for a in range(0, size, chunk):
-        b = min(a + chunk, size)
-        cur = buf if b - a == chunk else torch.empty(T, b - a, dtype=dtype, device=device)
-        if fast:
-            torch.stack([x[a:b] for x in flat], out=cur)
-        else:
-            for t, x in enumerate(flat):
-                cur[t].copy_(x[a:b])
-        for s0, n, off in windows:
-            acc[off : off + n * (n - 1) // 2] += F.pdist(cur[s0 : s0 + n], p=1)
-    acc_np = acc.cpu().numpy()
+
+    @torch.no_grad()  # grad mode is per thread; recorded features may still require grad
+    def run_lane(chunk_starts: list[int], acc: torch.Tensor) -> None:
+        buf = torch.empty(T, chunk, dtype=dtype, device=device)
+        for a in chunk_starts:
+            b = min(a + chunk, size)
+            cur = buf if b - a == chunk else torch.empty(T, b - a, dtype=dtype, device=device)
+            if fast:
+                torch.stack([x[a:b] for x in flat], out=cur)
+            else:
+                for t, x in enumerate(flat):
+                    cur[t].copy_(x[a:b])
+            for s0, n, off in windows:
+                acc[off : off + n * (n - 1) // 2] += F.pdist(cur[s0 : s0 + n], p=1)
+
+    # Chunk i goes to lane i % _LANES; lanes are summed in a fixed order, so the float64 totals
+    # (and hence the DP's tie-breaks) do not depend on the number of threads or their timing.
+    starts = list(range(0, size, chunk))
+    lanes = [starts[i::_LANES] for i in range(min(_LANES, len(starts)))]
+    accs = [torch.zeros(total, dtype=torch.float64, device=device) for _ in lanes]
+    workers = min(torch.get_num_threads(), len(lanes)) if device.type == "cpu" else 1
+    if workers <= 1:
+        for lane, acc in zip(lanes, accs):
+            run_lane(lane, acc)
+    else:
+        _run_threads(workers, lambda w: [run_lane(lanes[i], accs[i]) for i in range(w, len(lanes), workers)])
+    acc_np = torch.stack(accs).sum(0).cpu().numpy() if len(accs) > 1 else accs[0].cpu().numpy()
     if not np.isfinite(acc_np).all():
         _raise_non_finite(flat)
 
-    # Gather the band: anchor s -> window s // W, pair (i, j) -> condensed index.
-    for k, (s0, n, off) in enumerate(windows):
-        anchors = np.arange(s0, min(s0 + W, T - 1))
-        d = np.arange(1, W + 1)
-        S, D = np.meshgrid(anchors, d, indexing="ij")
+    # Gather the band: anchor s -> window s // W, pair (i, j) -> its condensed index.
+    for s0, n, off in windows:
+        S, D = np.meshgrid(np.arange(s0, min(s0 + W, T - 1)), np.arange(1, W + 1), indexing="ij")
         ok = S + D < T
         i, j = S[ok] - s0, S[ok] + D[ok] - s0
         dist[S[ok], D[ok]] = acc_np[off + i * n - i * (i + 1) // 2 + (j - i - 1)]
     return dist
+
+
+def _run_threads(workers: int, job) -> None:
+    """Runs ``job(w)`` for w = 0..workers-1 on Python threads whose torch ops are single-threaded.
+
+    torch releases the GIL inside kernels, so this uses ``workers`` cores. It is used instead of
+    torch's intra-op pool because every pdist call is a fork/join of that pool: when another process
+    keeps one core busy, each join waits for the descheduled thread and the whole cost table gets
+    2-4x slower than single-threaded; independent threads with no joins degrade gracefully.
+    ``torch.set_num_threads(1)`` in a worker sets that thread's OpenMP/MKL thread count; the
+    process-wide value it also writes is put back afterwards.
+    """
+    import threading
+
+    previous = torch.get_num_threads()
+    errors: list[BaseException] = []
+
+    def target(w: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            job(w)
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(w,), name=f"cachequant-dps-{w}") for w in range(workers)]
+    try:
+        for th in threads:
+            th.start()
+    finally:
+        for th in threads:
+            if th.ident is not None:
+                th.join()
+        torch.set_num_threads(previous)
+    if errors:
+        raise errors[0]
 
 
 def group_costs(features: Sequence[Any], max_len: int) -> np.ndarray:
@@ -296,6 +346,7 @@ def _costs_from_flat(flat: list[torch.Tensor], max_len: int) -> np.ndarray:
     return G
 
 
+@torch.no_grad()
 def schedule_cost(features: Sequence[Any], schedule: Sequence[int]) -> float:
     """Total cost sum over groups of D(s, e) of any schedule, computed directly in float64.
 
@@ -339,8 +390,9 @@ def dps_schedule(
 
     DP over M[k][n] = least cost of covering steps 0..n-1 with k groups:
     M[k][n] = min_{n - j in [lo, hi]} M[k-1][j] + D(j, n), with argmin back-pointers; the answer
-    is M[K][T]. O(K * T * (hi - lo)) after the O(T * hi * size) cost table. Ties go to the
-    shortest last group, deterministically.
+    is M[K][T]. O(K * T * (hi - lo)) after the O(T * hi * size) cost table (see group_costs;
+    T=250, N=20, features (16, 64, 32, 32): ~2 s on two CPU cores). Ties go to the shortest last
+    group, deterministically (the costs do not depend on the thread count).
 
     Returns the sorted group starts (K entries, the first is 0). Raises ValueError on empty input,
     mismatched shapes, non-finite values, or when no such partition exists (K*lo <= T <= K*hi

@@ -57,10 +57,10 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     fp = fingerprint(model)
     bs = config.calib_batch_size
     cached = config.interval > 1
-    need_features = cached and (config.schedule == "dps" or config.use_cache_dec)
+    need_features = (cached and (config.schedule == "dps" or config.use_cache_dec)) or config.vc
     feature_batches = inputs.batches(bs, limit=config.dps_samples) if need_features else []
     all_batches = inputs.batches(bs) if config.quantize else []
-    n_passes = len(feature_batches) + len(all_batches) * (2 if config.use_quant_dec else 1)
+    n_passes = len(feature_batches) + len(all_batches) * (2 if config.use_quant_dec else 1) + (1 if config.vc else 0)
     meta_diag: dict = {}
     tensors: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device
@@ -69,7 +69,7 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
         # 1. features of the uncached full-precision trajectory
         features = None
         if need_features:
-            rt = Runtime(T, frozenset(range(T)), recorder=[])
+            rt = Runtime(T, frozenset(range(T)), recorder=[], call_log=[] if config.vc else None)
             runs: list[list[torch.Tensor]] = []
             sess = install_session(pipe, model, adapter, site, rt, sampler)
             try:
@@ -82,6 +82,7 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
             finally:
                 sess.restore()
             features = [torch.cat([r[t] for r in runs], dim=0) for t in range(T)]
+            fp_log = rt.call_log
 
         # 2. schedule
         kind = config.schedule if cached else "uniform"
@@ -105,8 +106,12 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
             try:
                 qs = install_quant(model, rt, specs, attn, config.act_bits, config.per_step_act, search_weights=True)
                 sess.quant = qs
-                _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000, pipeline_kwargs, bar)
-                qs.finalize()
+                if config.calibration == "trajectory":
+                    _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000, pipeline_kwargs, bar)
+                else:
+                    meta_diag["calibration_selection"] = _select_and_observe(
+                        pipe, inputs, all_batches, num_inference_steps, config, pipeline_kwargs, bar, sess, device)
+                qs.finalize(fill_nearest=config.calibration != "trajectory")
                 consumers = adapter.cache_consumers(model, site) if config.use_quant_dec else {}
                 if consumers:
                     rt.quant_mode = "quant"
@@ -125,10 +130,22 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
                         fits[name] = {"mse_before": before, "mse_after": after}
                     meta_diag["quant_dec_fit"] = fits
                 tensors.update(qs.export())
+                if config.vc:
+                    rt.quant_mode = "quant"
+                    tensors["vc.scale"] = _fit_vc(sess, model, fp_log, T, config, device, meta_diag)
+                    bar.update(1)
             finally:
                 sess.restore()
             quant_meta = {"layers": specs, "attention": attn, "act_bits": config.act_bits,
                           "per_step_act": config.per_step_act, "dec_layers": sorted(consumers)}
+
+    if config.vc and not config.quantize:
+        rt = Runtime(T, frozenset(schedule), cache_dec=None if cache_dec is None else tuple(x.to(device) for x in cache_dec))
+        sess = install_session(pipe, model, adapter, site, rt, sampler)
+        try:
+            tensors["vc.scale"] = _fit_vc(sess, model, fp_log, T, config, device, meta_diag)
+        finally:
+            sess.restore()
 
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "cachequant_version": __version__,
@@ -140,6 +157,46 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
         "diagnostics": meta_diag, "torch_version": torch.__version__,
     }
     return Plan(meta, tensors)
+
+
+def _select_and_observe(pipe, inputs, batches, num_inference_steps, config, pipeline_kwargs, bar, sess, device):
+    """Logs the cached trajectories (full precision), selects `calib_select` entries by the
+    configured method, and replays only those with the quantizers observing."""
+    import time
+
+    from .pool import build_pool, replay_observe
+    from .select import select
+
+    rt = sess.runtime
+    rt.quant_mode, rt.call_log = "off", []
+    try:
+        _runs(pipe, inputs, batches, num_inference_steps, config.seed + 10_000, pipeline_kwargs, bar)
+        log = rt.call_log
+    finally:
+        rt.call_log = None
+    pool = build_pool(log, [len(b) for b in batches], rt.num_calls)
+    t = time.time()
+    chosen = select(config.calibration, pool.features, pool.steps, config.calib_select, lam=config.tap_lambda,
+                    seed=config.seed, clusters=config.tap_clusters)
+    t_sel = time.time() - t
+    per_step = replay_observe(sess, pool, chosen, device)
+    rt.quant_mode = "observe"
+    return {"method": config.calibration, "pool": len(pool.entries), "selected": int(len(chosen)),
+            "selection_seconds": t_sel, "per_step": {str(k): v for k, v in sorted(per_step.items())}}
+
+
+def _fit_vc(sess, model, fp_log, T, config, device, meta_diag) -> torch.Tensor:
+    """Variance compensation from the logged full-precision runs (teacher-forced replay)."""
+    from ..correction.vc import VCStats
+    from .pool import replay_vc_stats
+
+    channels = int(getattr(model.config, "in_channels", 0) or fp_log[0][3].shape[1])
+    st = VCStats(T, channels, gamma=config.vc_gamma)
+    replay_vc_stats(sess, fp_log, T, device, st)
+    scale = st.solve()
+    meta_diag["vc"] = {"min": float(scale.min()), "max": float(scale.max()),
+                       "trajectories": len(fp_log) // T}
+    return scale
 
 
 def _attach_quant_dec(qs, consumers: dict[str, int], rt: Runtime):

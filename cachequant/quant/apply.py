@@ -47,9 +47,9 @@ class QuantState:
             for k in OPERANDS:
                 yield f"attn.{name}.{k}", proc.quant[k]
 
-    def finalize(self) -> None:
+    def finalize(self, fill_nearest: bool = False) -> None:
         for _, q in self.act_quantizers():
-            q.finalize()
+            q.finalize(fill_nearest)
 
     def export(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -54,7 +54,15 @@ class ActQuant(nn.Module):
             self.lo[:], self.hi[:] = lo, hi
             self.seen[:] = True
 
-    def finalize(self) -> None:
+    def finalize(self, fill_nearest: bool = False) -> None:
+        """Ranges -> (scale, zero point). ``fill_nearest`` gives steps that were never observed the
+        range of the nearest observed step (used when calibration saw a selection of steps)."""
+        if fill_nearest and bool(self.seen.any()) and not bool(self.seen.all()):
+            obs = torch.nonzero(self.seen).flatten()
+            for t in torch.nonzero(~self.seen).flatten().tolist():
+                j = int(obs[torch.argmin((obs - t).abs())])
+                self.lo[t], self.hi[t] = self.lo[j], self.hi[j]
+            self.seen[:] = True
         s, z = params_from_range(self.lo, self.hi, self.bits)
         self.scale.copy_(torch.where(self.seen, s, torch.ones_like(s)))
         self.zero_point.copy_(torch.where(self.seen, z, torch.zeros_like(z)))

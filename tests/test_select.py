@@ -1,0 +1,58 @@
+"""Calibration-sample selection: TAP covers every cluster and every step range."""
+
+import numpy as np
+import pytest
+
+from cachequant.calibration.select import METHODS, select, tap_select
+
+
+def _pool(seed=0, steps=20, per_step=40):
+    """A pool shaped like cached trajectories: 4 well-separated data modes x 20 steps."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, 16)) * 10
+    feats, ts, modes = [], [], []
+    for t in range(steps):
+        for i in range(per_step):
+            m = i % 4
+            feats.append(centers[m] + rng.normal(size=16) + 0.05 * t)
+            ts.append(t)
+            modes.append(m)
+    return np.array(feats), np.array(ts), np.array(modes)
+
+
+def test_tap_picks_from_every_cluster_and_every_step_range():
+    feats, ts, modes = _pool()
+    idx, groups = tap_select(feats, ts, 80, lam=0.5, num_subsamples=3, fraction=1 / 5, clusters=24, seed=0,
+                             return_clusters=True)
+    assert len(idx) == 80 and len(set(idx)) == 80
+    # every cluster found by any parallel subsample contributes
+    assert all(np.intersect1d(g, idx).size > 0 for g in groups)
+    # every data mode and every quarter of the trajectory is represented
+    assert set(modes[idx]) == {0, 1, 2, 3}
+    assert set(ts[idx] // 5) == {0, 1, 2, 3}
+
+
+def test_tap_is_deterministic_and_lambda_matters():
+    feats, ts, _ = _pool(1)
+    a = tap_select(feats, ts, 40, lam=0.5, fraction=1 / 5, clusters=12, seed=3)
+    assert np.array_equal(a, tap_select(feats, ts, 40, lam=0.5, fraction=1 / 5, clusters=12, seed=3))
+    _, g_time = tap_select(feats, ts, 40, lam=0.0, fraction=1 / 5, clusters=12, seed=3, return_clusters=True)
+    # lambda = 0: clusters are pure time bands (each spans few steps)
+    assert max(np.ptp(ts[g]) for g in g_time if len(g)) <= 10
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_returns_distinct_valid_indices(method):
+    feats, ts, _ = _pool(2, steps=10, per_step=20)
+    idx = select(method, feats, ts, 30, clusters=10, seed=0)
+    assert len(idx) == 30 and len(set(idx)) == 30 and idx.min() >= 0 and idx.max() < len(feats)
+    if method == "uniform-per-step":
+        assert np.bincount(ts[idx]).tolist() == [3] * 10
+
+
+def test_bad_inputs():
+    feats, ts, _ = _pool(3, steps=2, per_step=4)
+    with pytest.raises(ValueError, match="must be one of"):
+        select("spectral", feats, ts, 2)
+    with pytest.raises(ValueError, match="lambda must be in"):
+        tap_select(feats, ts, 2, lam=1.5)
