@@ -22,6 +22,8 @@ class Runtime:
     """Index of the model call being executed."""
     calls: int = 0
     """Model calls made since the last reset."""
+    batch: int = 0
+    """Global index of the calibration batch being run (orders per-batch statistics)."""
     quant_mode: str = "off"
     """'off' (full precision), 'observe' (record activation ranges), 'quant' (quantized)."""
     cache: torch.Tensor | None = None

@@ -28,14 +28,18 @@ from ..plan import FORMAT, FORMAT_VERSION, Plan, fingerprint
 from ..quant.apply import attention_names, install_quant, layer_specs
 from ..runtime import Runtime
 from ..session import install_session, probe_sampler, session_of
+from ..distributed import broadcast, gather, merge_by_index, mine, rank_world
 from .inputs import make_inputs, quiet, run_batch
 
 
-def _runs(pipe, inputs, batches, num_inference_steps, seed, pipeline_kwargs, bar, on_end=None):
-    for i, batch in enumerate(batches):
+def _runs(pipe, inputs, batches, num_inference_steps, seed, pipeline_kwargs, bar, on_end=None, rt=None):
+    """Runs this rank's share of ``batches`` (global batch b is seeded ``seed + b``)."""
+    for i, batch in mine(batches):
+        if rt is not None:
+            rt.batch = i
         run_batch(pipe, inputs.kind, batch, num_inference_steps, seed + i, pipeline_kwargs)
         if on_end is not None:
-            on_end()
+            on_end(i)
         bar.update(1)
 
 
@@ -55,6 +59,7 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     inputs = make_inputs(pipe, prompts, class_labels, num_samples or config.num_calib_samples)
     pipeline_kwargs = dict(pipeline_kwargs or {})
     fp = fingerprint(model)
+    rank, world = rank_world()
     bs = config.calib_batch_size
     cached = config.interval > 1
     need_features = (cached and (config.schedule == "dps" or config.use_cache_dec)) or config.vc
@@ -63,37 +68,46 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     n_passes = len(feature_batches) + len(all_batches) * (2 if config.use_quant_dec else 1) + (1 if config.vc else 0)
     meta_diag: dict = {}
     tensors: dict[str, torch.Tensor] = {}
+    features = None
     device = next(model.parameters()).device
 
     with quiet(pipe), tqdm(total=n_passes, desc="cachequant calibrate", disable=not progress or n_passes == 0) as bar:
         # 1. features of the uncached full-precision trajectory
-        features = None
         if need_features:
             rt = Runtime(T, frozenset(range(T)), recorder=[], call_log=[] if config.vc else None)
-            runs: list[list[torch.Tensor]] = []
+            runs: dict[int, list[torch.Tensor]] = {}
+            fp_log: dict[int, list] = {}
             sess = install_session(pipe, model, adapter, site, rt, sampler)
             try:
-                def take():
+                def take(i):
                     if len(rt.recorder) != T:
                         raise RuntimeError(f"expected {T} model calls in one run, saw {len(rt.recorder)}")
-                    runs.append(list(rt.recorder))
+                    runs[i] = list(rt.recorder)
                     rt.recorder.clear()
+                    if rt.call_log is not None:
+                        fp_log[i] = list(rt.call_log)
+                        rt.call_log.clear()
                 _runs(pipe, inputs, feature_batches, num_inference_steps, config.seed, pipeline_kwargs, bar, take)
             finally:
                 sess.restore()
-            features = [torch.cat([r[t] for r in runs], dim=0) for t in range(T)]
-            fp_log = rt.call_log
+            parts = gather(runs)
+            if rank == 0:
+                ordered = merge_by_index(parts)
+                features = [torch.cat([r[t] for r in ordered], dim=0) for t in range(T)]
 
         # 2. schedule
-        kind = config.schedule if cached else "uniform"
-        schedule = make_schedule(kind, T, config.interval, features if kind == "dps" else None)
-        tensors["schedule"] = torch.tensor(schedule, dtype=torch.int64)
-        cache_dec = None
-        if config.use_cache_dec:
-            cache_dec = fit_cache_dec(features, schedule, adapter.channel_dim)
-            tensors["cache_dec.a"], tensors["cache_dec.b"] = cache_dec
-            meta_diag["cache_dec_fit"] = _cache_dec_residual(features, schedule, cache_dec, adapter.channel_dim)
+        schedule, cache_dec = None, None
+        if rank == 0:
+            kind = config.schedule if cached else "uniform"
+            schedule = make_schedule(kind, T, config.interval, features if kind == "dps" else None)
+            if config.use_cache_dec:
+                cache_dec = fit_cache_dec(features, schedule, adapter.channel_dim)
+                meta_diag["cache_dec_fit"] = _cache_dec_residual(features, schedule, cache_dec, adapter.channel_dim)
         del features
+        schedule, cache_dec = broadcast((schedule, cache_dec))
+        tensors["schedule"] = torch.tensor(schedule, dtype=torch.int64)
+        if cache_dec is not None:
+            tensors["cache_dec.a"], tensors["cache_dec.b"] = cache_dec
 
         # 3./4. quantization
         quant_meta = None
@@ -107,28 +121,34 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
                 qs = install_quant(model, rt, specs, attn, config.act_bits, config.per_step_act, search_weights=True)
                 sess.quant = qs
                 if config.calibration == "trajectory":
-                    _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000, pipeline_kwargs, bar)
+                    _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000, pipeline_kwargs, bar,
+                          rt=rt)
                 else:
                     meta_diag["calibration_selection"] = _select_and_observe(
                         pipe, inputs, all_batches, num_inference_steps, config, pipeline_kwargs, bar, sess, device)
-                qs.finalize(fill_nearest=config.calibration != "trajectory")
+                _finalize_ranges(qs, fill_nearest=config.calibration != "trajectory")
                 consumers = adapter.cache_consumers(model, site) if config.use_quant_dec else {}
                 if consumers:
                     rt.quant_mode = "quant"
                     stats, hooks = _attach_quant_dec(qs, consumers, rt)
                     try:
                         _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000,
-                              pipeline_kwargs, bar)
+                              pipeline_kwargs, bar, rt=rt)
                     finally:
                         for h in hooks:
                             h.remove()
-                    fits = {}
-                    for name, st in stats.items():
-                        a, b = st.solve()
+                    parts = gather(stats)
+                    fits, coeffs = {}, {}
+                    if rank == 0:
+                        for name in consumers:
+                            st = _sum_in_order([p[name] for p in parts])
+                            a, b = st.solve()
+                            coeffs[name] = (a, b)
+                            before, after = st.residual(a, b)
+                            fits[name] = {"mse_before": before, "mse_after": after}
+                        meta_diag["quant_dec_fit"] = fits
+                    for name, (a, b) in broadcast(coeffs).items():
                         qs.layers[name].dec_a, qs.layers[name].dec_b = a.to(device), b.to(device)
-                        before, after = st.residual(a, b)
-                        fits[name] = {"mse_before": before, "mse_after": after}
-                    meta_diag["quant_dec_fit"] = fits
                 tensors.update(qs.export())
                 if config.vc:
                     rt.quant_mode = "quant"
@@ -156,7 +176,36 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
                                              "pipeline_kwargs": {k: repr(v) for k, v in pipeline_kwargs.items()}},
         "diagnostics": meta_diag, "torch_version": torch.__version__,
     }
+    meta, tensors = broadcast((meta, {k: v.cpu() for k, v in tensors.items()}) if rank == 0 else None)
     return Plan(meta, tensors)
+
+
+def _finalize_ranges(qs, fill_nearest: bool) -> None:
+    """Rank 0 combines every rank's per-batch ranges (in batch order) and shares the result."""
+    hist = {key: q.history for key, q in qs.act_quantizers()}
+    parts = gather(hist)
+    exported = None
+    if rank_world()[0] == 0:
+        for key, q in qs.act_quantizers():
+            q.history = [h for p in parts for h in p[key]]
+        qs.finalize(fill_nearest)
+        exported = {k: v for k, v in qs.export().items() if k.startswith(("act.", "attn."))}
+    exported = broadcast(exported)
+    if rank_world()[0] != 0:
+        for key, q in qs.act_quantizers():
+            q.history = []
+            q.scale.copy_(exported[f"{key}.scale"].to(q.scale))
+            q.zero_point.copy_(exported[f"{key}.zero_point"].to(q.zero_point))
+            q.seen.copy_(exported[f"{key}.seen"].to(q.seen))
+
+
+def _sum_in_order(per_rank: list[dict]):
+    """Per-batch statistics objects from all ranks, accumulated in global batch order."""
+    items = sorted(((i, st) for d in per_rank for i, st in d.items()), key=lambda x: x[0])
+    total = items[0][1]
+    for _, st in items[1:]:
+        total.add(st)
+    return total
 
 
 def _select_and_observe(pipe, inputs, batches, num_inference_steps, config, pipeline_kwargs, bar, sess, device):
@@ -167,6 +216,9 @@ def _select_and_observe(pipe, inputs, batches, num_inference_steps, config, pipe
     from .pool import build_pool, replay_observe
     from .select import select
 
+    if rank_world()[1] > 1:
+        raise ValueError(f"calibration={config.calibration!r} selects from a pool on one process; run it without "
+                         "torchrun (the 'trajectory' calibration is the one that spreads over processes)")
     rt = sess.runtime
     rt.quant_mode, rt.call_log = "off", []
     try:
@@ -185,33 +237,42 @@ def _select_and_observe(pipe, inputs, batches, num_inference_steps, config, pipe
             "selection_seconds": t_sel, "per_step": {str(k): v for k, v in sorted(per_step.items())}}
 
 
-def _fit_vc(sess, model, fp_log, T, config, device, meta_diag) -> torch.Tensor:
-    """Variance compensation from the logged full-precision runs (teacher-forced replay)."""
+def _fit_vc(sess, model, fp_log: dict, T, config, device, meta_diag) -> torch.Tensor:
+    """Variance compensation from the logged full-precision runs (teacher-forced replay), one
+    statistics object per batch, combined on rank 0 in batch order."""
     from ..correction.vc import VCStats
     from .pool import replay_vc_stats
 
-    channels = int(getattr(model.config, "in_channels", 0) or fp_log[0][3].shape[1])
-    st = VCStats(T, channels, gamma=config.vc_gamma)
-    replay_vc_stats(sess, fp_log, T, device, st)
-    scale = st.solve()
-    meta_diag["vc"] = {"min": float(scale.min()), "max": float(scale.max()),
-                       "trajectories": len(fp_log) // T}
-    return scale
+    channels = int(model.config.in_channels)
+    stats = {}
+    for i, log in fp_log.items():
+        stats[i] = VCStats(T, channels, gamma=config.vc_gamma)
+        replay_vc_stats(sess, log, T, device, stats[i])
+    parts = gather(stats)
+    scale = None
+    if rank_world()[0] == 0:
+        scale = _sum_in_order(parts).solve()
+        meta_diag["vc"] = {"min": float(scale.min()), "max": float(scale.max()),
+                           "batches": sum(len(p) for p in parts)}
+    return broadcast(scale)
 
 
 def _attach_quant_dec(qs, consumers: dict[str, int], rt: Runtime):
-    stats, hooks = {}, []
+    """Forward pre-hooks accumulating the DEC statistics per consumer layer and per batch."""
+    stats: dict[str, dict[int, QuantDecStats]] = {}
+    hooks = []
     for name, c in consumers.items():
         layer = qs.layers[name]
-        st = QuantDecStats(rt.num_calls, layer.inner.weight.shape[0])
-        stats[name] = st
+        per_batch = stats[name] = {}
 
-        def pre(mod, inp, st=st, c=c):
+        def pre(mod, inp, per_batch=per_batch, c=c):
             x = inp[0]
             xq = mod.quantize_input(x, rt.step)
             target = mod.linear_op(x[:, :c], mod.inner.weight[:, :c], None)
             pred = mod.linear_op(xq[:, :c], mod.dequantized_weight()[:, :c], None)
-            st.update(rt.step, pred, target)
+            if rt.batch not in per_batch:
+                per_batch[rt.batch] = QuantDecStats(rt.num_calls, mod.inner.weight.shape[0])
+            per_batch[rt.batch].update(rt.step, pred, target)
 
         hooks.append(layer.register_forward_pre_hook(pre))
     return stats, hooks

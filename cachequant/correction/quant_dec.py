@@ -33,6 +33,10 @@ class QuantDecStats:
         self.spy[step] += (p * y).sum(1)
         self.syy[step] += (y * y).sum(1)
 
+    def add(self, other: "QuantDecStats") -> None:
+        for k in ("n", "sp", "sy", "spp", "spy", "syy"):
+            getattr(self, k).add_(getattr(other, k))
+
     def solve(self, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b), each (T, C_out); steps never observed get the identity (1, 0)."""
         n = self.n.clamp_min(1)[:, None]

@@ -43,6 +43,9 @@ class VCStats:
         self.sums[:, step] += torch.stack([torch.full((c,), float(p.shape[1]), dtype=torch.float64),
                                            p.sum(1), y.sum(1), (p * p).sum(1), (y * y).sum(1), (p * y).sum(1)])
 
+    def add(self, other: "VCStats") -> None:
+        self.sums.add_(other.sums)
+
     def solve(self) -> torch.Tensor:
         """(T, C) factors; steps/channels never observed (or with x̂ ≡ 0) get 1."""
         n, sp, sy, spp, syy, spy = self.sums

@@ -27,7 +27,7 @@ class QuantAttnProcessor(nn.Module):
     def _q(self, name: str, x: torch.Tensor) -> torch.Tensor:
         mode = self.runtime.quant_mode
         if mode == "observe":
-            self.quant[name].observe(x, self.runtime.step)
+            self.quant[name].observe(x, self.runtime.step, self.runtime.batch)
         elif mode == "quant":
             return self.quant[name](x, self.runtime.step)
         return x

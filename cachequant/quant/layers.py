@@ -39,24 +39,34 @@ class ActQuant(nn.Module):
         self.register_buffer("seen", torch.zeros(num_calls, dtype=torch.bool))
         self.register_buffer("scale", torch.ones(num_calls))
         self.register_buffer("zero_point", torch.zeros(num_calls))
+        self.history: list[tuple[int, int, float, float]] = []
 
-    def observe(self, x: torch.Tensor, step: int) -> None:
+    def observe(self, x: torch.Tensor, step: int, batch: int = 0) -> None:
+        """Records this batch's range for ``step``; ranges are combined in :meth:`finalize`."""
         lo, hi = activation_range(x, self.bits)
-        if self.per_step:
-            if self.seen[step]:
-                lo = _EMA * float(self.lo[step]) + (1 - _EMA) * lo
-                hi = _EMA * float(self.hi[step]) + (1 - _EMA) * hi
-            self.lo[step], self.hi[step] = lo, hi
-            self.seen[step] = True
-        else:
-            if self.seen.any():
-                lo, hi = min(lo, float(self.lo[0])), max(hi, float(self.hi[0]))
-            self.lo[:], self.hi[:] = lo, hi
-            self.seen[:] = True
+        self.history.append((step, batch, lo, hi))
 
     def finalize(self, fill_nearest: bool = False) -> None:
-        """Ranges -> (scale, zero point). ``fill_nearest`` gives steps that were never observed the
-        range of the nearest observed step (used when calibration saw a selection of steps)."""
+        """Ranges -> (scale, zero point).
+
+        Per step, the batches' ranges are combined by an exponential moving average in batch order
+        (sorted by batch index, so any split of the batches across processes gives the same
+        result); ``per_step=False`` takes the union over all steps and batches. ``fill_nearest``
+        gives steps never observed the range of the nearest observed step (for calibration on a
+        selection of steps).
+        """
+        by_step: dict[int, list] = {}
+        for step, batch, lo, hi in sorted(self.history, key=lambda h: h[1]):
+            by_step.setdefault(step, []).append((lo, hi))
+        if not self.per_step and by_step:
+            allr = [r for rs in by_step.values() for r in rs]
+            by_step = {t: [(min(r[0] for r in allr), max(r[1] for r in allr))] for t in range(len(self.lo))}
+        for step, ranges in by_step.items():
+            lo, hi = ranges[0]
+            for l2, h2 in ranges[1:]:
+                lo, hi = _EMA * lo + (1 - _EMA) * l2, _EMA * hi + (1 - _EMA) * h2
+            self.lo[step], self.hi[step] = lo, hi
+            self.seen[step] = True
         if fill_nearest and bool(self.seen.any()) and not bool(self.seen.all()):
             obs = torch.nonzero(self.seen).flatten()
             for t in torch.nonzero(~self.seen).flatten().tolist():
@@ -66,6 +76,7 @@ class ActQuant(nn.Module):
         s, z = params_from_range(self.lo, self.hi, self.bits)
         self.scale.copy_(torch.where(self.seen, s, torch.ones_like(s)))
         self.zero_point.copy_(torch.where(self.seen, z, torch.zeros_like(z)))
+        self.history = []
 
     def params(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not bool(self.seen[step]):
@@ -130,19 +141,19 @@ class _QuantBase(nn.Module):
         a, b = x[:, : self.split], x[:, self.split :]
         return torch.cat([self.act[0](a, step), self.act[1](b, step)], dim=1)
 
-    def observe(self, x: torch.Tensor, step: int) -> None:
+    def observe(self, x: torch.Tensor, step: int, batch: int = 0) -> None:
         if self.split is None:
-            self.act[0].observe(x, step)
+            self.act[0].observe(x, step, batch)
         else:
-            self.act[0].observe(x[:, : self.split], step)
-            self.act[1].observe(x[:, self.split :], step)
+            self.act[0].observe(x[:, : self.split], step, batch)
+            self.act[1].observe(x[:, self.split :], step, batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.runtime.quant_mode
         if mode == "quant":
             return BACKENDS[self.backend](self, x)
         if mode == "observe":
-            self.observe(x, self.runtime.step)
+            self.observe(x, self.runtime.step, self.runtime.batch)
         return self.inner(x)
 
     def linear_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
