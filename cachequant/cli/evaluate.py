@@ -8,7 +8,6 @@ image, weight storage. Runs on one process, or on K under ``torchrun`` (shards s
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import platform
@@ -21,28 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _init_distributed(device: str) -> tuple[int, int, str]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
+from ..distributed import barrier, init_from_env
 
 
 def weight_storage_bits(model: torch.nn.Module) -> int:
@@ -71,7 +49,7 @@ def run_evaluate(args) -> int:
     from ..utils.io import atomic_path
     from .main import _load_pipeline
 
-    rank, world, device = _init_distributed(args.device)
+    rank, world, device = init_from_env(args.device)
     pipe = _load_pipeline(args.model, device, args.scheduler)
     plan_meta = None
     if args.plan:
@@ -86,7 +64,9 @@ def run_evaluate(args) -> int:
                "seed": args.seed, "guidance_scale": args.guidance_scale}
     if rank == 0:
         check_run_config(out_dir, run_cfg)
-    _barrier(world)
+        for stale in out_dir.glob(".shard-*"):  # temporaries of a killed run: never complete, never read
+            stale.unlink(missing_ok=True)
+    barrier()
     if rank != 0:
         check_run_config(out_dir, run_cfg)
 
@@ -107,7 +87,7 @@ def run_evaluate(args) -> int:
                 bar.update(len(im))
             write_shard(shard_path(out_dir, s), np.concatenate(imgs), np.concatenate(labels), idx)
     t_sample = time.time() - t0
-    _barrier(world)
+    barrier()
     if rank != 0:
         return 0
 

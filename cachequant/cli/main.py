@@ -54,12 +54,20 @@ def cmd_calibrate(args) -> int:
 
     wb, ab = BITS[args.bits]
     cfg = cq.CacheQuantConfig(interval=args.interval, schedule=args.schedule, weight_bits=wb, act_bits=ab,
-                              dec=not args.no_dec, calib_batch_size=args.batch_size, seed=args.seed)
-    pipe = _load_pipeline(args.model, args.device, args.scheduler)
+                              dec=not args.no_dec, calib_batch_size=args.batch_size, seed=args.seed,
+                              calibration=args.calibration, calib_select=args.calib_select,
+                              tap_lambda=args.tap_lambda, vc=args.vc)
+    from ..distributed import barrier, init_from_env
+
+    rank, world, device = init_from_env(args.device)
+    pipe = _load_pipeline(args.model, device, args.scheduler)
     t = time.time()
-    plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, **_inputs(args))
-    plan.save(args.out)
-    print(f"plan written to {args.out} in {time.time() - t:.1f} s; full steps: {plan.schedule}")
+    plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, progress=rank == 0, **_inputs(args))
+    if rank == 0:
+        plan.save(args.out)
+        print(f"plan written to {args.out} in {time.time() - t:.1f} s ({world} process{'es' if world > 1 else ''}); "
+              f"full steps: {plan.schedule}")
+    barrier()
     return 0
 
 
@@ -142,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schedule", choices=["uniform", "quadratic", "dps"], default="dps")
     c.add_argument("--bits", choices=list(BITS), default="w8a8")
     c.add_argument("--no-dec", action="store_true", help="disable decoupled error correction")
+    c.add_argument("--calibration", default="trajectory",
+                   choices=["trajectory", "tap", "random", "uniform-per-step", "kmeans", "dbscan", "agglomerative"],
+                   help="which intermediate inputs calibrate the activation ranges (Q&C: tap)")
+    c.add_argument("--calib-select", type=int, default=256, help="entries selected from the pool (not 'trajectory')")
+    c.add_argument("--tap-lambda", type=float, default=0.5)
+    c.add_argument("--vc", action="store_true", help="variance compensation (Q&C)")
     c.add_argument("--prompts", help="text file (one prompt per line) or PartiPrompts.tsv")
     c.add_argument("--class-labels", help="comma-separated class ids")
     c.add_argument("--num-samples", type=int, default=None, help="calibration trajectories")
