@@ -13,8 +13,9 @@ from .calibration.calibrate import calibrate  # noqa: E402
 from .config import CacheQuantConfig  # noqa: E402
 from .errors import PlanError, PlanMismatchError  # noqa: E402
 from .plan import Plan, load_plan  # noqa: E402
+from . import zoo  # noqa: E402
 
 __all__ = [
     "CacheQuantConfig", "Plan", "PlanError", "PlanMismatchError", "accelerate", "calibrate", "dps_schedule",
-    "is_accelerated", "load_plan", "reset_steps", "restore", "__version__",
+    "is_accelerated", "load_plan", "reset_steps", "restore", "zoo", "__version__",
 ]

@@ -13,14 +13,17 @@ BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "fp": (None, None)}
 
 def _load_pipeline(spec: str, device: str, scheduler: str | None):
     from ..models.tiny import TINY, make_scheduler
+    from ..zoo import MODELS, load_pipeline
 
+    if spec in MODELS:
+        return load_pipeline(spec, scheduler=scheduler or "ddim").to(device)
     if spec in TINY:
         pipe = TINY[spec]() if scheduler is None else TINY[spec](scheduler=scheduler)
     else:
         path = Path(spec)
         if not path.exists():
-            raise SystemExit(f"error: --model {spec!r} is neither a built-in model ({', '.join(TINY)}) "
-                             "nor a local diffusers pipeline folder")
+            raise SystemExit(f"error: --model {spec!r} is neither a built-in model "
+                             f"({', '.join(list(MODELS) + list(TINY))}) nor a local diffusers pipeline folder")
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(str(path))
@@ -137,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def model_args(sp):
-        sp.add_argument("--model", default="tiny-ddim", help="tiny-ddim | tiny-sd | tiny-dit | path to a diffusers pipeline folder")
+        sp.add_argument("--model", default="cifar10-unet",
+                        help="cifar10-unet | cifar10-dit | tiny-ddim | tiny-sd | tiny-dit | a diffusers pipeline folder")
         sp.add_argument("--scheduler", choices=["ddim", "ddpm", "pndm", "dpm", "euler"], default=None,
                         help="replace the pipeline's scheduler (default: keep it)")
         sp.add_argument("--steps", type=int, default=50, help="num_inference_steps")
@@ -199,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=lambda a: __import__("cachequant.cli.evaluate", fromlist=["x"]).run_ref_stats(a))
 
     d = sub.add_parser("demo", help="the README's main job: calibrate, compare with full precision, save a grid")
-    d.add_argument("--model", default="tiny-ddim")
-    d.add_argument("--steps", type=int, default=50)
-    d.add_argument("--interval", type=int, default=5)
+    d.add_argument("--model", default="cifar10-unet")
+    d.add_argument("--steps", type=int, default=100)
+    d.add_argument("--interval", type=int, default=10)
     d.add_argument("--bits", choices=list(BITS), default="w8a8")
     d.add_argument("--num-images", type=int, default=8)
     d.add_argument("--out", default="cachequant-demo.png")
