@@ -22,7 +22,9 @@ class CalibInputs:
 def make_inputs(pipe: Any, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
                 num_samples: int) -> CalibInputs:
     wants_prompt = getattr(pipe, "text_encoder", None) is not None or getattr(pipe, "tokenizer", None) is not None
-    wants_class = type(pipe).__name__.startswith("DiT") or getattr(pipe, "_cachequant_class_conditional", False)
+    from ..metrics.sampling import is_class_conditional, num_classes
+
+    wants_class = is_class_conditional(pipe)
     if prompts is not None and class_labels is not None:
         raise ValueError("give either prompts or class_labels, not both")
     if prompts is not None:
@@ -43,15 +45,9 @@ def make_inputs(pipe: Any, prompts: Sequence[str] | None, class_labels: Sequence
         raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass prompts=[...] for calibration "
                          "(the reference work uses PartiPrompts)")
     if wants_class:
-        n_cls = _num_classes(pipe)
+        n_cls = num_classes(pipe)
         return CalibInputs("class", [i % n_cls for i in range(num_samples)])
     return CalibInputs("uncond", [None] * num_samples)
-
-
-def _num_classes(pipe: Any) -> int:
-    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    n = getattr(getattr(model, "config", None), "num_embeds_ada_norm", None)
-    return int(n) if n else 1000
 
 
 @contextmanager

@@ -11,7 +11,6 @@ initialised, rank r takes shards r, r + K, r + 2K, ...
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,13 +108,3 @@ def merge_shards(out_dir: Path, spec: ShardSpec) -> tuple[np.ndarray, np.ndarray
         images.append(d["images"])
         labels.append(d["labels"])
     return np.concatenate(images), np.concatenate(labels)
-
-
-def dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def world_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
