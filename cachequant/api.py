@@ -13,8 +13,13 @@ from .runtime import Runtime
 from .session import check_sampler, install_session, session_of
 
 
-def accelerate(pipe: Any, plan: Plan) -> Any:
+def accelerate(pipe: Any, plan: Plan, backend: str = "auto") -> Any:
     """Applies ``plan`` to ``pipe`` in place; the pipeline is then called exactly as before.
+
+    ``backend`` executes the quantized layers: ``fake`` (float reference, any device), ``int8`` /
+    ``fp8`` (fused Triton kernels on a CUDA GPU; attention matmuls then run in fused fp16/bf16
+    SDPA), or ``auto`` (``int8`` on a CUDA GPU of compute capability ≥ 8.0, else ``fake``). Layers a
+    kernel cannot run keep the reference path; ``kernel_report(pipe)`` lists them.
 
     Raises :class:`~cachequant.errors.PlanMismatchError` if the denoiser (class, architecture,
     weights) or the scheduler class differ from the calibrated ones; a different step count is
@@ -47,10 +52,35 @@ def accelerate(pipe: Any, plan: Plan) -> Any:
                                        search_weights=False)
             sess.quant.load(plan.tensors)
             rt.quant_mode = "quant"
+            _enable_backend(sess, model, rt, backend, device)
+        elif backend in ("int8", "fp8"):
+            raise ValueError(f"backend={backend!r} was asked for, but this plan has no quantization (cache only)")
     except Exception:
         sess.restore()
         raise
     return pipe
+
+
+def _enable_backend(sess, model, rt, backend: str, device) -> None:
+    from .kernels.backend import disable_kernels, enable_kernels, select_backend
+
+    kind = select_backend(backend, device)
+    sess.kernel_report = {"backend": "fake", "kernel_layers": 0, "fake_layers": {}}
+    if kind == "fake":
+        return
+    report = enable_kernels(model, sess.quant.layers, rt, kind)
+    sess.undo.append(lambda: disable_kernels(sess.quant.layers, rt))
+    sess.undo.extend(report.pop("undo"))
+    sess.kernel_report = report
+
+
+def kernel_report(pipe: Any) -> dict:
+    """Which backend runs the quantized layers, and the layers left on the reference path (why)."""
+    _, model = denoiser_of(pipe)
+    sess = session_of(model)
+    if sess is None:
+        raise RuntimeError("this pipeline is not accelerated by cachequant")
+    return dict(sess.kernel_report or {"backend": "none (no quantization)", "kernel_layers": 0, "fake_layers": {}})
 
 
 def restore(pipe: Any) -> Any:
@@ -76,4 +106,4 @@ def is_accelerated(pipe: Any) -> bool:
     return session_of(denoiser_of(pipe)[1]) is not None
 
 
-__all__ = ["accelerate", "restore", "reset_steps", "is_accelerated"]
+__all__ = ["accelerate", "restore", "reset_steps", "is_accelerated", "kernel_report"]

@@ -37,6 +37,11 @@ class Runtime:
     """(num_calls, C) variance-compensation factors for the predicted noise, or None."""
     call_log: list | None = None
     """When set, every model call is logged as (step, args, kwargs, output) on the CPU."""
+    step_t: torch.Tensor | None = None
+    """Device copy of ``step`` (int64, one element), set by kernel backends: GPU kernels and
+    CUDA-graph replays read the model-call index from memory instead of a baked-in constant."""
+    attn_sdpa: bool = False
+    """Kernel backends run attention matmuls with fused SDPA (fp16/bf16) instead of fake-quant."""
 
     def reset(self) -> None:
         self.calls = 0
@@ -66,5 +71,11 @@ class Runtime:
             a, b = self.cache_dec
             shape = [1] * x.dim()
             shape[channel_dim] = -1
-            x = x * a[self.step].to(x.dtype).view(shape) + b[self.step].to(x.dtype).view(shape)
+            x = x * self.at_step(a).to(x.dtype).view(shape) + self.at_step(b).to(x.dtype).view(shape)
         return x
+
+    def at_step(self, table: torch.Tensor) -> torch.Tensor:
+        """Row ``step`` of a per-call table; read through ``step_t`` when set (graph-safe)."""
+        if self.step_t is not None and table.device == self.step_t.device:
+            return table.index_select(0, self.step_t)[0]
+        return table[self.step]

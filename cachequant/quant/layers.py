@@ -40,6 +40,7 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.ones(num_calls))
         self.register_buffer("zero_point", torch.zeros(num_calls))
         self.history: list[tuple[int, int, float, float]] = []
+        self._seen_host: list[bool] | None = None  # host copy of `seen`: no GPU sync per call
 
     def observe(self, x: torch.Tensor, step: int, batch: int = 0) -> None:
         """Records this batch's range for ``step``; ranges are combined in :meth:`finalize`."""
@@ -77,9 +78,12 @@ class ActQuant(nn.Module):
         self.scale.copy_(torch.where(self.seen, s, torch.ones_like(s)))
         self.zero_point.copy_(torch.where(self.seen, z, torch.zeros_like(z)))
         self.history = []
+        self._seen_host = None
 
     def params(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not bool(self.seen[step]):
+        if self._seen_host is None:
+            self._seen_host = self.seen.tolist()
+        if not self._seen_host[step]:
             raise RuntimeError(
                 f"cachequant: an activation quantizer has no range for step {step}: the layer ran "
                 "on a step it never ran on during calibration (was the plan calibrated with the "

@@ -1,0 +1,421 @@
+"""Wall-clock benchmark on a GPU: cachequant (INT8 / FP8 kernels, CUDA graphs) side by side with
+fp16 eager, torch.compile, DeepCache, diffusers' caches and torchao, in one process.
+
+Full-size architectures are built from their configs with random weights (speed does not depend on
+weight values): SD 1.5's UNet + VAE (512², CFG 7.5, PNDM) and DiT-XL/2 + VAE (256², CFG 4.0, DDPM /
+DDIM). Text encoding is replaced by fixed random prompt embeddings (CLIP's tokenizer files cannot
+be fetched here; the text encoder runs once per image and costs ~1 % of a run). Each row: one
+warm-up run, then the median of ``--repeats`` timed end-to-end runs (denoising loop + VAE decode to
+a numpy image), and the peak allocated memory. cachequant plans are calibrated on the spot with
+one trajectory and a uniform schedule (calibration quality does not change speed).
+
+    python benchmarks/speed.py --model sd15 --batch 1 --out benchmarks/results/h200-sd15.json
+    python benchmarks/speed.py --kernels-only --out benchmarks/results/h200-kernels.json
+
+The table is printed last; rows that cannot run say why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cachequant as cq  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
+DIT_XL2 = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, patch_size=2,
+    sample_size=32, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+)
+
+
+TINY = {  # --tiny: same code paths on small configs, for a CPU smoke test of this script
+    "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                 attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "vae": dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, sample_size=16),
+    "dit": dict(num_attention_heads=2, attention_head_dim=16, num_layers=4, sample_size=8),
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(model: str, sampler: str, device: str, tiny: bool = False):
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel,
+                           PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+
+    torch.manual_seed(0)
+    dt = torch.float16 if device == "cuda" else torch.float32
+    cross = 32 if tiny else 768
+    if model == "sd15":
+        unet = UNet2DConditionModel(**{**SD15_UNET, **(TINY["unet"] if tiny else {})})
+        vae = AutoencoderKL(**{**SD_VAE, **(TINY["vae"] if tiny else {})})
+        sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        g = torch.Generator().manual_seed(1)
+        emb = (torch.randn(1, 77, cross, generator=g) * 0.5).to(device, dt)
+        neg = (torch.randn(1, 77, cross, generator=g) * 0.5).to(device, dt)
+
+        def encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **k):
+            n = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
+            return emb.expand(n, -1, -1), (neg.expand(n, -1, -1) if do_classifier_free_guidance else None)
+
+        pipe.encode_prompt = encode_prompt
+    else:
+        tr = DiTTransformer2DModel(**{**DIT_XL2, **(TINY["dit"] if tiny else {})})
+        vae = AutoencoderKL(**{**SD_VAE, "sample_size": 256, **(TINY["vae"] if tiny else {})})
+        kw = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+        sched = DDPMScheduler(**kw) if sampler == "ddpm" else DDIMScheduler(**kw)
+        pipe = DiTPipeline(transformer=tr, vae=vae, scheduler=sched)
+    pipe = pipe.to(device, dt)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_kwargs(model: str, batch: int, steps: int, tiny: bool = False) -> dict:
+    if model == "sd15":
+        side = 16 if tiny else 512
+        return dict(prompt=["a photo"] * batch, num_inference_steps=steps, guidance_scale=7.5, height=side,
+                    width=side, output_type="np")
+    return dict(class_labels=list(range(batch)), num_inference_steps=steps, guidance_scale=4.0, output_type="np")
+
+
+def time_runs(pipe, kw: dict, repeats: int, device: str) -> dict:
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    pipe(generator=torch.Generator(device).manual_seed(0), **kw)  # warm-up (captures graphs, compiles)
+    sync(device)
+    warm = time.perf_counter() - t0
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        pipe(generator=torch.Generator(device).manual_seed(i + 1), **kw)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm, "peak_mem_gib": peak}
+
+
+def calibrate_plan(pipe, model: str, steps: int, interval: int, bits: bool, cache: dict):
+    key = (interval, bits)
+    if key not in cache:
+        cfg = cq.CacheQuantConfig(interval=interval, schedule="uniform", weight_bits=8 if bits else None,
+                                  act_bits=8 if bits else None, quant_attention=False, num_calib_samples=1,
+                                  calib_batch_size=1, dps_samples=1)
+        inputs = {"prompts": ["a photo"]} if model == "sd15" else {"class_labels": [0]}
+        t0 = time.perf_counter()
+        cache[key] = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, **inputs)
+        cache[key].meta["bench_calib_s"] = time.perf_counter() - t0
+    return cache[key]
+
+
+def denoiser(pipe):
+    return pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
+
+
+def set_denoiser(pipe, m):
+    if hasattr(pipe, "unet") and pipe.unet is not None:
+        pipe.unet = m
+    else:
+        pipe.transformer = m
+
+
+def row_cq(pipe, model, steps, interval, kind, graphs, plans, **_):
+    plan = calibrate_plan(pipe, model, steps, interval, kind is not None, plans)
+    cq.accelerate(pipe, plan, backend=kind or "fake")
+    info = {"full_steps": len(plan.schedule), "calls": plan.num_calls, "calib_s": plan.meta["bench_calib_s"]}
+    if kind:
+        rep = cq.kernel_report(pipe)
+        info.update(kernel_layers=rep["kernel_layers"], fake_layers=len(rep["fake_layers"]))
+    if graphs and next(denoiser(pipe).parameters()).device.type == "cuda":
+        try:
+            cq.enable_cuda_graphs(pipe)
+        except Exception:
+            cq.restore(pipe)
+            raise
+    elif graphs:
+        info["graphs"] = "skipped (CPU smoke test)"
+    return info, lambda: cq.restore(pipe)
+
+
+def row_compile(pipe, model, **_):
+    orig = denoiser(pipe)
+    set_denoiser(pipe, torch.compile(orig))
+    return {}, lambda: set_denoiser(pipe, orig)
+
+
+def row_torchao(pipe, model, kind, **_):
+    from torchao.quantization import quantize_
+
+    if kind == "int8":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig as C
+    else:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig as C
+    orig = denoiser(pipe)
+    q = copy.deepcopy(orig)
+    quantize_(q, C())
+    set_denoiser(pipe, torch.compile(q))
+    return {"torchao": __import__("torchao").__version__}, lambda: set_denoiser(pipe, orig)
+
+
+def row_deepcache(pipe, model, interval, **_):
+    if model != "sd15":
+        raise RuntimeError("the DeepCache helper supports UNet pipelines only (DiT has no UNet)")
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    return {}, helper.disable
+
+
+def row_diffusers_cache(pipe, model, **_):
+    """diffusers' First-Block Cache (hooks API). DiTPipeline sets no cache context and has no
+    CacheMixin, so the context is set here and the hooks' state is reset at every run's
+    ``set_timesteps``; UNets have no transformer-block stack for it to hook."""
+    if model == "sd15":
+        raise RuntimeError("diffusers' caches (FirstBlockCache, PAB, FasterCache, MagCache, ...) hook transformer "
+                           "block stacks; UNet2DConditionModel is not supported")
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    m = denoiser(pipe)
+    apply_first_block_cache(m, FirstBlockCacheConfig(threshold=0.08))
+    registry = HookRegistry.check_if_exists_or_initialize(m)
+    sched = pipe.scheduler
+    original = sched.set_timesteps
+
+    def set_timesteps(*a, **k):
+        registry.reset_stateful_hooks()  # also clears the context
+        _set_cache_context(m, CacheContext("cond_uncond"))
+        return original(*a, **k)
+
+    sched.set_timesteps = set_timesteps
+
+    def undo():
+        sched.__dict__.pop("set_timesteps", None)
+        _set_cache_context(m, None)
+        for name in list(registry.hooks):
+            registry.remove_hook(name, recurse=True)
+
+    return {"cache": "FirstBlockCache(threshold=0.08)"}, undo
+
+
+def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
+    rows = [("fp16 eager", None, {})]
+    rows.append(("fp16 + CUDA graph (cachequant, no cache/quant)", row_cq, dict(interval=1, kind=None, graphs=True)))
+    for n in n_list:
+        rows.append((f"cachequant cache-only N={n} + graph", row_cq, dict(interval=n, kind=None, graphs=True)))
+    rows.append(("cachequant INT8 quant-only + graph", row_cq, dict(interval=1, kind="int8", graphs=True)))
+    rows.append(("cachequant FP8 quant-only + graph", row_cq, dict(interval=1, kind="fp8", graphs=True)))
+    for n in n_list:
+        rows.append((f"CacheQuant N={n} INT8 (eager)", row_cq, dict(interval=n, kind="int8", graphs=False)))
+        rows.append((f"CacheQuant N={n} INT8 + graph", row_cq, dict(interval=n, kind="int8", graphs=True)))
+        rows.append((f"CacheQuant N={n} FP8 + graph", row_cq, dict(interval=n, kind="fp8", graphs=True)))
+    for n in ([3, 5] if model == "sd15" else []):
+        rows.append((f"DeepCache N={n}", row_deepcache, dict(interval=n)))
+    rows.append(("diffusers FirstBlockCache", row_diffusers_cache, {}))
+    rows.append(("fp16 + torch.compile", row_compile, {}))
+    rows.append(("torchao int8 dynamic + compile", row_torchao, dict(kind="int8")))
+    rows.append(("torchao float8 dynamic + compile", row_torchao, dict(kind="fp8")))
+    return rows
+
+
+def kernel_microbench() -> list[dict]:
+    """Achieved TOPS of the INT8 / FP8 kernels on SD-sized GEMMs, against measured ceilings."""
+    import triton.testing as tt
+    from torch import nn
+
+    from cachequant.kernels.backend import enable_kernels, kernel_forward
+    from cachequant.quant.layers import wrap_module
+    from cachequant.runtime import Runtime
+
+    out = []
+    d = "cuda"
+    a = torch.randn(8192, 8192, device=d, dtype=torch.float16)
+    ms = tt.do_bench(lambda: a @ a)
+    out.append({"op": "ceiling fp16 matmul 8192³ (cuBLAS)", "tops": 2 * 8192**3 / ms / 1e9})
+    a8 = torch.randint(-128, 127, (8192, 8192), device=d, dtype=torch.int8)
+    ms = tt.do_bench(lambda: torch._int_mm(a8, a8.t()))
+    out.append({"op": "ceiling int8 torch._int_mm 8192³ (cuBLAS)", "tops": 2 * 8192**3 / ms / 1e9})
+    if torch.cuda.get_device_capability() >= (8, 9):
+        f8 = a.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=d)
+        ms = tt.do_bench(lambda: torch._scaled_mm(f8, f8.t(), one, one, out_dtype=torch.float16))
+        out.append({"op": "ceiling fp8 torch._scaled_mm 8192³", "tops": 2 * 8192**3 / ms / 1e9})
+    shapes = [("linear 8192x8192x8192", nn.Linear(8192, 8192), (8192, 8192)),
+              ("linear SD attn-proj 8192x320x320 (64² tokens, b2)", nn.Linear(320, 320), (2, 4096, 320)),
+              ("linear SD ff 8192x2560x320", nn.Linear(320, 2560), (2, 4096, 320)),
+              ("conv3x3 SD 320ch 64² b2", nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64)),
+              ("conv3x3 SD 640ch 32² b16", nn.Conv2d(640, 640, 3, padding=1), (16, 640, 32, 32)),
+              ("conv3x3 SD 1280ch 16² b16", nn.Conv2d(1280, 1280, 3, padding=1), (16, 1280, 16, 16)),
+              ("linear DiT-XL qkv 512x3456x1152 (b2)", nn.Linear(1152, 3456), (2, 256, 1152)),
+              ("linear DiT-XL ff 4096x4608x1152 (b16)", nn.Linear(1152, 4608), (16, 256, 1152))]
+    for name, mod, xs in shapes:
+        mod = mod.to(d, torch.float16)
+        x = torch.randn(*xs, device=d, dtype=torch.float16)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+            mod = mod.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            y = mod(x)
+        macs = y.numel() * (mod.weight[0].numel())
+        row = {"op": name, "macs": macs}
+        with torch.no_grad():
+            row["fp16_torch_tops"] = 2 * macs / tt.do_bench(lambda: mod(x)) / 1e9
+            for kind in ("int8", "fp8"):
+                rt = Runtime(1, frozenset([0]))
+                q = wrap_module(mod, 8, 8, rt).to(d)
+                q.init_weight_qparams()
+                rt.quant_mode = "observe"
+                q(x)
+                q.act[0].finalize()
+                rt.quant_mode = "quant"
+                enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False)
+                row[f"{kind}_kernel_tops"] = 2 * macs / tt.do_bench(lambda: kernel_forward(q, x)) / 1e9
+        out.append(row)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["sd15", "dit-xl2"], default="sd15")
+    ap.add_argument("--sampler", choices=["pndm", "ddpm", "ddim"], default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--intervals", type=int, nargs="+", default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rows", default=None, help="comma-separated substrings: run only matching rows")
+    ap.add_argument("--time-budget-s", type=float, default=1e9, help="stop starting rows after this")
+    ap.add_argument("--kernels-only", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="small configs on the CPU: a smoke test of this script")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)")
+    env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (--tiny smoke test)", "torch": torch.__version__, "python": platform.python_version(),
+           "command": " ".join(sys.argv)}
+    for mod in ("triton", "diffusers", "torchao"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            env[mod] = f"unavailable ({type(e).__name__}: {e})"
+    result: dict = {"env": env}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+
+    if args.kernels_only:
+        result["kernels"] = kernel_microbench()
+        save()
+        for r in result["kernels"]:
+            print(json.dumps(r))
+        return 0
+
+    sampler = args.sampler or ("pndm" if args.model == "sd15" else "ddpm")
+    steps = args.steps or {"pndm": 50, "ddpm": 250, "ddim": 50}[sampler]
+    n_list = args.intervals or ([5] if args.model == "sd15" else [2, 3])
+    pipe = build(args.model, sampler, device, args.tiny)
+    result.update(model=args.model, sampler=sampler, steps=steps, rows=[])
+    from cachequant.metrics.macs import count_ops
+
+    calls = []
+    h = denoiser(pipe).register_forward_pre_hook(lambda m, a: calls.append(1))
+    with torch.no_grad(), count_ops(denoiser(pipe)) as c:
+        pipe(**{**call_kwargs(args.model, 1, 2, args.tiny), "output_type": "latent"})
+    h.remove()
+    # Linear + conv MACs of one full model call per image (CFG doubles the batch); attention
+    # matmuls are not counted.
+    result["gmacs_per_image_call"] = c.macs / len(calls) / 2 / 1e9
+    plans: dict = {}
+    t_start = time.perf_counter()
+    base = {}
+    for batch in args.batch:
+        for name, fn, kw in rows_for(args.model, n_list):
+            if args.rows and not any(s.strip() in name for s in args.rows.split(",")):
+                continue
+            row = {"row": name, "batch": batch}
+            if time.perf_counter() - t_start > args.time_budget_s:
+                row["error"] = "not run: time budget of this device call"
+                result["rows"].append(row)
+                continue
+            undo = None
+            try:
+                info = {}
+                if fn is not None:
+                    info, undo = fn(pipe, args.model, steps=steps, plans=plans, **kw)
+                row.update(info)
+                with torch.no_grad():
+                    row.update(time_runs(pipe, call_kwargs(args.model, batch, steps, args.tiny), args.repeats, device))
+                row["s_per_image"] = row["median_s"] / batch
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {e}"[:400]
+                traceback.print_exc()
+            finally:
+                if undo is not None:
+                    try:
+                        undo()
+                    except Exception:  # noqa: BLE001
+                        traceback.print_exc()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            if name == "fp16 eager" and "median_s" in row:
+                base[("eager", batch)] = row["median_s"]
+            if name == "fp16 + torch.compile" and "median_s" in row:
+                base[("compile", batch)] = row["median_s"]
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
+    for row in result["rows"]:
+        for k in ("eager", "compile"):
+            b = base.get((k, row["batch"]))
+            if b and "median_s" in row:
+                row[f"speedup_vs_{k}"] = b / row["median_s"]
+    save()
+    print(f"\n{args.model} {sampler} {steps} steps on {env['gpu']} (torch {env['torch']}, triton {env['triton']})")
+    print(f"{'row':52s} {'batch':>5s} {'s/img':>8s} {'x eager':>8s} {'x compile':>9s} {'peak GiB':>8s}")
+    for r in result["rows"]:
+        if "median_s" in r:
+            print(f"{r['row']:52s} {r['batch']:5d} {r['s_per_image']:8.3f} {r.get('speedup_vs_eager', float('nan')):8.2f} "
+                  f"{r.get('speedup_vs_compile', float('nan')):9.2f} {r['peak_mem_gib']:8.2f}")
+        else:
+            print(f"{r['row']:52s} {r['batch']:5d}  {r['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Renders the JSON files of ``benchmarks/speed.py`` into the tables of ``benchmarks/results/<device>.md``.
+
+    python benchmarks/speed_report.py benchmarks/results/h200-*.json > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(x, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def kernels_table(rows: list[dict]) -> str:
+    out = ["| operation | fp16 (torch) TOPS | INT8 kernel TOPS | FP8 kernel TOPS |", "|---|---|---|---|"]
+    ceil = []
+    for r in rows:
+        if "tops" in r:
+            ceil.append(f"- {r['op']}: **{r['tops']:.0f}** TOPS")
+            continue
+        out.append(f"| {r['op']} | {fmt(r.get('fp16_torch_tops'), '.0f')} | {fmt(r.get('int8_kernel_tops'), '.0f')} | "
+                   f"{fmt(r.get('fp8_kernel_tops'), '.0f')} |")
+    return "Measured ceilings (same run):\n\n" + "\n".join(ceil) + "\n\n" + "\n".join(out)
+
+
+def rows_table(res: dict) -> str:
+    head = (f"**{res['model']}**, {res['sampler'].upper()} {res['steps']} steps, "
+            f"{res.get('gmacs_per_image_call', 0):.0f} GMACs (linear + conv) per image per full model call\n\n")
+    out = ["| row | batch | s / image | × fp16 eager | × fp16 compile | peak GiB | notes |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "median_s" not in r:
+            out.append(f"| {r['row']} | {r['batch']} | – | – | – | – | {r.get('error', '')} |")
+            continue
+        notes = []
+        if "full_steps" in r:
+            notes.append(f"{r['full_steps']}/{r['calls']} full steps")
+        if r.get("fake_layers"):
+            notes.append(f"{r['fake_layers']} layers on the reference path")
+        out.append(f"| {r['row']} | {r['batch']} | {r['s_per_image']:.3f} | {fmt(r.get('speedup_vs_eager'))} | "
+                   f"{fmt(r.get('speedup_vs_compile'))} | {r['peak_mem_gib']:.1f} | {'; '.join(notes)} |")
+    return head + "\n".join(out)
+
+
+def main(paths: list[str]) -> int:
+    for p in paths:
+        res = json.loads(Path(p).read_text())
+        env = res["env"]
+        print(f"### {Path(p).name}\n")
+        print(f"`{env['command']}` — {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
+              f"diffusers {env['diffusers']}, torchao {env['torchao']}\n")
+        print(kernels_table(res["kernels"]) if "kernels" in res else rows_table(res))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,114 @@
+"""Kernel backends for the quantized layers: registration, selection, enabling on a pipeline.
+
+``cq.accelerate(pipe, plan, backend=...)`` calls :func:`enable_kernels` after the plan is loaded.
+Every quantized layer the kernel supports is packed once and switched to the ``int8`` / ``fp8``
+backend; a layer it does not support keeps the fake-quant reference and is listed in the report
+(nothing is dropped silently). The per-call index reaches the kernels through ``Runtime.step_t``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..quant.layers import BACKENDS, QuantConv2d, _QuantBase
+from .pack import pack_layer, unsupported_reason
+
+KINDS = ("int8", "fp8")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def select_backend(requested: str, device: torch.device) -> str:
+    """``auto``: INT8 kernels on a CUDA GPU of compute capability ≥ 8.0 (the arithmetic that was
+    calibrated, including DEC), else the fake-quant reference; ``fp8`` needs capability ≥ 8.9."""
+    if requested not in ("auto", "fake") + KINDS:
+        raise ValueError(f"backend must be one of auto, fake, int8, fp8; got {requested!r}")
+    if requested == "fake":
+        return "fake"
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        if cuda and triton_available() and torch.cuda.get_device_capability(device) >= (8, 0):
+            return "int8"
+        return "fake"
+    if not triton_available():
+        raise RuntimeError(f"backend {requested!r} needs Triton: pip install triton (or a CUDA build of torch)")
+    if not cuda and not _interpreting():
+        raise RuntimeError(f"backend {requested!r} runs on a CUDA GPU; the model is on {device}. Use backend='fake' "
+                           "on the CPU (or TRITON_INTERPRET=1 to test the kernels there, slowly)")
+    if cuda and requested == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError("backend 'fp8' needs an Ada or Hopper GPU (compute capability >= 8.9); use 'int8'")
+    return requested
+
+
+def kernel_forward(layer: _QuantBase, x: torch.Tensor) -> torch.Tensor:
+    from .triton_qgemm import launch
+
+    pk = layer._packed
+    rt = layer.runtime
+    n = pk.w.shape[0]
+    if isinstance(layer, QuantConv2d):
+        x = x.contiguous(memory_format=torch.channels_last)
+        nb, c, h, w = x.shape
+        cv = pk.conv
+        oh = (h + 2 * cv["pad"] - cv["dil"] * (pk.kh - 1) - 1) // cv["stride"] + 1
+        ow = (w + 2 * cv["pad"] - cv["dil"] * (pk.kw - 1) - 1) // cv["stride"] + 1
+        y = torch.empty((nb, oh, ow, n), device=x.device, dtype=x.dtype)
+        launch(x, pk.w, y, rt.step_t, pk.act_s, pk.act_z, pk.w_s, pk.w_z, pk.w_sum, pk.bias, pk.dec_a, pk.dec_b,
+               nb * oh * ow, n, c, pk.split, rt.num_calls, (h, w, oh, ow, cv["stride"], cv["pad"], cv["dil"]),
+               pk.kh, pk.kw, pk.kind == "fp8")
+        return y.permute(0, 3, 1, 2)
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c).contiguous()
+    y = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
+    launch(x2, pk.w, y, rt.step_t, pk.act_s, pk.act_z, pk.w_s, pk.w_z, pk.w_sum, pk.bias, pk.dec_a, pk.dec_b,
+           x2.shape[0], n, c, pk.split, rt.num_calls, (1, 1, 1, 1, 1, 0, 1), 1, 1, pk.kind == "fp8")
+    return y.view(*x.shape[:-1], n)
+
+
+for _kind in KINDS:
+    BACKENDS[_kind] = kernel_forward
+
+
+def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtime, kind: str,
+                   channels_last: bool = True) -> dict[str, Any]:
+    """Packs every supported layer for ``kind`` and switches it over; returns a report."""
+    device = next(model.parameters()).device
+    runtime.step_t = torch.zeros(1, dtype=torch.int64, device=device)
+    runtime.attn_sdpa = True
+    on, off = [], {}
+    for name, layer in layers.items():
+        reason = unsupported_reason(layer)
+        if reason is not None:
+            off[name] = reason
+            continue
+        layer._packed = pack_layer(layer, kind)
+        layer.backend = kind
+        on.append(name)
+    undo = []
+    if channels_last and any(isinstance(layers[n], QuantConv2d) for n in on):
+        # NHWC activations end to end: the implicit-GEMM convs read and write them without copies.
+        model.to(memory_format=torch.channels_last)
+        undo.append(lambda: model.to(memory_format=torch.contiguous_format))
+    return {"backend": kind, "kernel_layers": len(on), "fake_layers": off, "undo": undo}
+
+
+def disable_kernels(layers: dict[str, _QuantBase], runtime) -> None:
+    for layer in layers.values():
+        layer.backend = "fake"
+        layer.__dict__.pop("_packed", None)
+    runtime.step_t = None
+    runtime.attn_sdpa = False
+

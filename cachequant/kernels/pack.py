@@ -1,0 +1,105 @@
+"""Packing a calibrated quantized layer into the operands of the Triton kernel.
+
+Policy lives in :mod:`cachequant.quant` (what the codes and ranges are); this module only lays the
+same numbers out for the kernel: K-major 8-bit weights in (kh, kw, c) order, shifted zero points,
+per-half weight column sums, per-call activation tables. Nothing here changes a value the plan
+defines, except the FP8 backend's own e4m3 rounding (documented in triton_qgemm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..quant.layers import _QuantBase
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass
+class Packed:
+    kind: str               # "int8" | "fp8"
+    w: torch.Tensor         # (N, KH·KW·C) int8 or float8_e4m3fn, K contiguous
+    w_s: torch.Tensor       # (N,) fp32
+    w_z: torch.Tensor | None    # (N,) int32, zw − 128 (int8 only)
+    w_sum: torch.Tensor | None  # (halves, N) int32, Σ_k w' per input half (int8 only)
+    act_s: torch.Tensor     # (halves, T) fp32
+    act_z: torch.Tensor     # (halves, T) fp32, z − 128 (int8); zeros (fp8)
+    bias: torch.Tensor | None
+    dec_a: torch.Tensor | None  # (T, N) fp32
+    dec_b: torch.Tensor | None
+    split: int              # 0 = one input part
+    kh: int
+    kw: int
+    conv: dict | None       # stride / padding / dilation for Conv2d
+
+
+def unsupported_reason(layer: _QuantBase) -> str | None:
+    """Why this layer cannot run on the kernel (it then keeps the fake-quant path), or None."""
+    inner = layer.inner
+    if layer.act_bits != 8:
+        return f"{layer.act_bits}-bit activations (kernels are A8)"
+    if layer.weight_bits > 8:
+        return f"{layer.weight_bits}-bit weights"
+    if isinstance(inner, nn.Conv2d):
+        if inner.groups != 1:
+            return "grouped convolution"
+        if inner.padding_mode != "zeros" or isinstance(inner.padding, str):
+            return f"padding {inner.padding!r} / mode {inner.padding_mode}"
+        if inner.stride[0] != inner.stride[1] or inner.padding[0] != inner.padding[1] or inner.dilation[0] != inner.dilation[1]:
+            return "non-square stride / padding / dilation"
+    if layer.split is not None and layer.split % 16:
+        return f"input split at channel {layer.split} (not a multiple of 16)"
+    return None
+
+
+def pack_layer(layer: _QuantBase, kind: str) -> Packed:
+    if kind not in ("int8", "fp8"):
+        raise ValueError(f"unknown kernel kind {kind!r}; use 'int8' or 'fp8'")
+    inner = layer.inner
+    dev = inner.weight.device
+    w = inner.weight.detach().float()
+    n = w.shape[0]
+    halves = 1 if layer.split is None else 2
+    if w.dim() == 4:
+        kh, kw = w.shape[2], w.shape[3]
+        w_khwc = w.permute(0, 2, 3, 1)  # (N, KH, KW, C)
+        conv = {"stride": inner.stride[0], "pad": inner.padding[0], "dil": inner.dilation[0]}
+    else:
+        kh = kw = 1
+        w_khwc = w[:, None, None, :]
+        conv = None
+    c = w_khwc.shape[-1]
+    ws = layer.w_scale.reshape(n).float()
+    wz = layer.w_zero_point.reshape(n).float()
+    scales = torch.stack([q.scale.float() for q in layer.act])          # (halves, T)
+    zeros = torch.stack([q.zero_point.float() for q in layer.act])
+    # Calls a layer never ran on during calibration (deep layers on cached steps) keep scale 1;
+    # the plan's schedule, checked by the session, guarantees they are not executed then either.
+    if kind == "int8":
+        codes = torch.clamp(torch.round(w_khwc / ws.view(n, 1, 1, 1)) + wz.view(n, 1, 1, 1), 0, 2**layer.weight_bits - 1)
+        wq = (codes - 128).to(torch.int8)
+        bounds = [(0, c)] if halves == 1 else [(0, layer.split), (layer.split, c)]
+        w_sum = torch.stack([wq[..., lo:hi].to(torch.int32).sum(dim=(1, 2, 3)) for lo, hi in bounds])
+        packed_w = wq.reshape(n, -1).contiguous()
+        w_s, w_z = ws, (wz - 128).to(torch.int32)
+        act_s, act_z = scales, zeros - 128
+    else:
+        wd = layer.dequantized_weight().float()
+        wd = wd.permute(0, 2, 3, 1) if wd.dim() == 4 else wd[:, None, None, :]
+        w_s = torch.clamp(wd.abs().amax(dim=(1, 2, 3)) / FP8_MAX, min=1e-12)
+        packed_w = (wd / w_s.view(n, 1, 1, 1)).to(torch.float8_e4m3fn).reshape(n, -1).contiguous()
+        w_z = w_sum = None
+        # The symmetric e4m3 scale covering the calibrated asymmetric range [(0 − z)s, (2^b − 1 − z)s].
+        qmax = 2**layer.act_bits - 1
+        act_s = torch.maximum(zeros * scales, (qmax - zeros) * scales) / FP8_MAX
+        act_z = torch.zeros_like(act_s)
+    bias = None if inner.bias is None else inner.bias.detach().float().contiguous()
+    dec_a = dec_b = None
+    if layer.has_dec:
+        dec_a, dec_b = layer.dec_a.float().contiguous(), layer.dec_b.float().contiguous()
+    to = lambda t: None if t is None else t.to(dev).contiguous()  # noqa: E731
+    return Packed(kind, packed_w.to(dev), to(w_s), to(w_z), to(w_sum), to(act_s), to(act_z), to(bias),
+                  to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv)

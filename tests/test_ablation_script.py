@@ -1,0 +1,80 @@
+"""benchmarks/ablation.py on the tiny UNet: sample is incremental and crash-tolerant, report renders
+every row (the GPU run of the real tables must not fail on bookkeeping)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("ablation_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def _sample(ablation, work: Path, only: str) -> int:
+    return ablation.main(["sample", "--table", "unet", "--model", "tiny-ddim", "--steps", "10", "--num-samples", "4",
+                          "--batch-size", "3", "--device", "cpu", "--work", str(work), "--only", only,
+                          "--calib-samples", "2", "--calib-batch-size", "2", "--dps-samples", "2", "--quiet"])
+
+
+def test_sample_resume_failure_and_report(ablation, tmp_path, monkeypatch):
+    work, out = tmp_path / "work", tmp_path / "results"
+    real = ablation.sample_variant
+
+    def flaky(pipe, table, variant, *a, **k):
+        if variant.slug == "w4a8":
+            raise RuntimeError("injected failure")
+        return real(pipe, table, variant, *a, **k)
+
+    monkeypatch.setattr(ablation, "sample_variant", flaky)
+    assert _sample(ablation, work, "w8a8,w4a8,cache-n5") == 1  # a failure is reported by the exit code ...
+    tdir = work / "unet"
+    for slug in ("fp", "w8a8", "cache-n5"):  # ... and does not stop the variants after it
+        info = json.loads((tdir / slug / "info.json").read_text())
+        assert info["status"] == "done" and info["num_samples"] == 4
+        with np.load(tdir / slug / "samples.npz") as z:
+            assert z["images"].shape == (4, 16, 16, 3) and z["images"].dtype == np.uint8
+        assert not (tdir / slug / "shards").exists()
+    assert "injected failure" in json.loads((tdir / "w4a8" / "error.json").read_text())["error"]
+    fp, w8, c5 = (json.loads((tdir / s / "info.json").read_text()) for s in ("fp", "w8a8", "cache-n5"))
+    assert fp["schedule"] is None and w8["schedule"] == list(range(10)) and len(c5["schedule"]) == 2
+    assert w8["bops_per_image"] < fp["bops_per_image"] and c5["macs_per_image"] < fp["macs_per_image"]
+    with np.load(tdir / "fp" / "samples.npz") as a, np.load(tdir / "cache-n5" / "samples.npz") as b:
+        assert not np.array_equal(a["images"], b["images"])
+
+    # rerun: done variants are skipped (files untouched), the failed one is retried and succeeds
+    monkeypatch.setattr(ablation, "sample_variant", real)
+    mtime = (tdir / "fp" / "samples.npz").stat().st_mtime_ns
+    assert _sample(ablation, work, "w8a8,w4a8,cache-n5") == 0
+    status = json.loads((tdir / "sample-status.json").read_text())
+    assert sorted(status["done_before"]) == ["cache-n5", "fp", "w8a8"] and status["done"] == ["w4a8"]
+    assert (tdir / "fp" / "samples.npz").stat().st_mtime_ns == mtime
+    assert not (tdir / "w4a8" / "error.json").exists()
+
+    # PSNR / SSIM of fp against itself is not a number to report; another variant gets real ones
+    m_fp = ablation._cpu_metrics(None, None, None, str(tdir / "fp" / "samples.npz"), str(tdir / "fp" / "samples.npz"))
+    assert m_fp["psnr_vs_fp"] is None and m_fp["is_fp_reference"]
+    m_w8 = ablation._cpu_metrics(None, None, None, str(tdir / "w8a8" / "samples.npz"), str(tdir / "fp" / "samples.npz"))
+    assert 5 < m_w8["psnr_vs_fp"] < 100 and 0 < m_w8["ssim_vs_fp"] < 1
+
+    assert ablation.main(["report", "--work", str(work), "--out", str(out)]) == 0
+    md = (out / "ablation.md").read_text()
+    assert "JPEG-q75" in md and "## Analysis" in md and "Smoke-test run: 10 steps" in md
+    for v in ablation.TABLES["unet"].variants:  # every row present, run or not
+        assert f"(`{v.slug}`)" in md
+    assert "not run (not sampled)" in md  # e.g. cache-n10
+    assert "| quant only W8A8 (`w8a8`) | – |" in md  # sampled, no metrics computed: dashes, not numbers
+    assert (out / "qandc.md").is_file() and (out / "ablation.png").stat().st_size > 1000
