@@ -138,4 +138,12 @@ def test_pipeline_images_match_fake_quant_path(make_pipe):
     assert rep["backend"] == "int8" and rep["kernel_layers"] > 0 and not rep["fake_layers"]
     out = run(pipe, "ddim", 4, n=1)
     cq.restore(pipe)
-    assert np.abs(out - ref).max() < 1e-3
+    if CUDA:
+        # GPU float arithmetic (cuDNN's TF32, other accumulation orders) flips codes that sit on a
+        # rounding boundary; the images then differ at the level of the quantization noise
+        # (benchmarks/kernel_parity.py measures that floor), not bit for bit.
+        from cachequant.metrics import psnr
+
+        assert psnr(out, ref) > 30
+    else:
+        assert np.abs(out - ref).max() < 1e-3
