@@ -293,15 +293,21 @@ def kernel_microbench() -> list[dict]:
         with torch.no_grad():
             row["fp16_torch_tops"] = 2 * macs / tt.do_bench(lambda: mod(x)) / 1e9
             for kind in ("int8", "fp8"):
-                rt = Runtime(1, frozenset([0]))
-                q = wrap_module(mod, 8, 8, rt).to(d)
-                q.init_weight_qparams()
-                rt.quant_mode = "observe"
-                q(x)
-                q.act[0].finalize()
-                rt.quant_mode = "quant"
-                enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False)
-                row[f"{kind}_kernel_tops"] = 2 * macs / tt.do_bench(lambda: kernel_forward(q, x)) / 1e9
+                for algo in ("two-pass", "fused"):
+                    try:
+                        rt = Runtime(1, frozenset([0]))
+                        q = wrap_module(mod, 8, 8, rt).to(d)
+                        q.init_weight_qparams()
+                        rt.quant_mode = "observe"
+                        q(x)
+                        q.act[0].finalize()
+                        rt.quant_mode = "quant"
+                        enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False, algo=algo)
+                        ms = tt.do_bench(lambda: kernel_forward(q, x))
+                        row[f"{kind}_{algo}_tops"] = 2 * macs / ms / 1e9
+                    except Exception as e:  # noqa: BLE001
+                        row[f"{kind}_{algo}_error"] = f"{type(e).__name__}: {e}"[:200]
+        print(json.dumps(row), flush=True)
         out.append(row)
     return out
 
@@ -398,14 +404,13 @@ def main() -> int:
             if name == "fp16 + torch.compile" and "median_s" in row:
                 base[("compile", batch)] = row["median_s"]
             result["rows"].append(row)
+            for r in result["rows"]:  # ratios so far: a run cut short still has them
+                for k in ("eager", "compile"):
+                    b = base.get((k, r["batch"]))
+                    if b and "median_s" in r:
+                        r[f"speedup_vs_{k}"] = b / r["median_s"]
             print(json.dumps(row), flush=True)
             save()
-    for row in result["rows"]:
-        for k in ("eager", "compile"):
-            b = base.get((k, row["batch"]))
-            if b and "median_s" in row:
-                row[f"speedup_vs_{k}"] = b / row["median_s"]
-    save()
     print(f"\n{args.model} {sampler} {steps} steps on {env['gpu']} (torch {env['torch']}, triton {env['triton']})")
     print(f"{'row':52s} {'batch':>5s} {'s/img':>8s} {'x eager':>8s} {'x compile':>9s} {'peak GiB':>8s}")
     for r in result["rows"]:

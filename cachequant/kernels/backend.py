@@ -53,9 +53,26 @@ def select_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def kernel_forward(layer: _QuantBase, x: torch.Tensor) -> torch.Tensor:
-    from .triton_qgemm import launch
+def _run(pk, x2d, y2d, rt, c: int, m_out: int, geom: tuple) -> None:
+    """x2d: (rows, C) activations (NHWC rows for a conv); y2d: (m_out, N) output."""
+    n = pk.w.shape[0]
+    fp8 = pk.kind == "fp8"
+    args = (pk.w, y2d, rt.step_t, pk.act_s, pk.act_z, pk.w_s, pk.w_z, pk.w_sum, pk.bias, pk.dec_a, pk.dec_b,
+            m_out, n, c, pk.split, rt.num_calls, geom, pk.kh, pk.kw, fp8)
+    if pk.algo == "fused":
+        from .triton_fused import launch_fused
 
+        launch_fused(x2d, *args)
+        return
+    from .triton_gemm import gemm
+    from .triton_quantize import quantize
+
+    q = torch.empty(x2d.shape, device=x2d.device, dtype=torch.uint8 if fp8 else torch.int8)
+    quantize(x2d, q, rt.step_t, pk.act_s, pk.act_z, pk.split, rt.num_calls, fp8)
+    gemm(q, *args)
+
+
+def kernel_forward(layer: _QuantBase, x: torch.Tensor) -> torch.Tensor:
     pk = layer._packed
     rt = layer.runtime
     n = pk.w.shape[0]
@@ -66,15 +83,13 @@ def kernel_forward(layer: _QuantBase, x: torch.Tensor) -> torch.Tensor:
         oh = (h + 2 * cv["pad"] - cv["dil"] * (pk.kh - 1) - 1) // cv["stride"] + 1
         ow = (w + 2 * cv["pad"] - cv["dil"] * (pk.kw - 1) - 1) // cv["stride"] + 1
         y = torch.empty((nb, oh, ow, n), device=x.device, dtype=x.dtype)
-        launch(x, pk.w, y, rt.step_t, pk.act_s, pk.act_z, pk.w_s, pk.w_z, pk.w_sum, pk.bias, pk.dec_a, pk.dec_b,
-               nb * oh * ow, n, c, pk.split, rt.num_calls, (h, w, oh, ow, cv["stride"], cv["pad"], cv["dil"]),
-               pk.kh, pk.kw, pk.kind == "fp8")
+        _run(pk, x.permute(0, 2, 3, 1).reshape(-1, c), y.view(-1, n), rt, c, nb * oh * ow,
+             (h, w, oh, ow, cv["stride"], cv["pad"], cv["dil"]))
         return y.permute(0, 3, 1, 2)
     c = x.shape[-1]
     x2 = x.reshape(-1, c).contiguous()
     y = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
-    launch(x2, pk.w, y, rt.step_t, pk.act_s, pk.act_z, pk.w_s, pk.w_z, pk.w_sum, pk.bias, pk.dec_a, pk.dec_b,
-           x2.shape[0], n, c, pk.split, rt.num_calls, (1, 1, 1, 1, 1, 0, 1), 1, 1, pk.kind == "fp8")
+    _run(pk, x2, y, rt, c, x2.shape[0], (1, 1, 1, 1, 1, 0, 1))
     return y.view(*x.shape[:-1], n)
 
 
@@ -83,8 +98,11 @@ for _kind in KINDS:
 
 
 def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtime, kind: str,
-                   channels_last: bool = True) -> dict[str, Any]:
-    """Packs every supported layer for ``kind`` and switches it over; returns a report."""
+                   channels_last: bool = True, algo: str = "two-pass") -> dict[str, Any]:
+    """Packs every supported layer for ``kind`` and switches it over; returns a report.
+
+    ``algo``: ``two-pass`` (default: a quantize pass, then an 8-bit GEMM on codes) or ``fused``
+    (quantization in the GEMM prologue; kept for comparison, slower on Hopper)."""
     device = next(model.parameters()).device
     runtime.step_t = torch.zeros(1, dtype=torch.int64, device=device)
     runtime.attn_sdpa = True
@@ -94,7 +112,7 @@ def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtim
         if reason is not None:
             off[name] = reason
             continue
-        layer._packed = pack_layer(layer, kind)
+        layer._packed = pack_layer(layer, kind, algo)
         layer.backend = kind
         on.append(name)
     undo = []
@@ -102,7 +120,7 @@ def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtim
         # NHWC activations end to end: the implicit-GEMM convs read and write them without copies.
         model.to(memory_format=torch.channels_last)
         undo.append(lambda: model.to(memory_format=torch.contiguous_format))
-    return {"backend": kind, "kernel_layers": len(on), "fake_layers": off, "undo": undo}
+    return {"backend": kind, "algo": algo, "kernel_layers": len(on), "fake_layers": off, "undo": undo}
 
 
 def disable_kernels(layers: dict[str, _QuantBase], runtime) -> None:

@@ -21,7 +21,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 @dataclass
 class Packed:
     kind: str               # "int8" | "fp8"
-    w: torch.Tensor         # (N, KH·KW·C) int8 or float8_e4m3fn, K contiguous
+    w: torch.Tensor         # (N, KH·KW·C) int8 codes, or e4m3 bytes as uint8; K contiguous
     w_s: torch.Tensor       # (N,) fp32
     w_z: torch.Tensor | None    # (N,) int32, zw − 128 (int8 only)
     w_sum: torch.Tensor | None  # (halves, N) int32, Σ_k w' per input half (int8 only)
@@ -34,6 +34,7 @@ class Packed:
     kh: int
     kw: int
     conv: dict | None       # stride / padding / dilation for Conv2d
+    algo: str = "two-pass"  # "two-pass" (quantize, then GEMM) | "fused" (quantize in the GEMM prologue)
 
 
 def unsupported_reason(layer: _QuantBase) -> str | None:
@@ -55,9 +56,11 @@ def unsupported_reason(layer: _QuantBase) -> str | None:
     return None
 
 
-def pack_layer(layer: _QuantBase, kind: str) -> Packed:
+def pack_layer(layer: _QuantBase, kind: str, algo: str = "two-pass") -> Packed:
     if kind not in ("int8", "fp8"):
         raise ValueError(f"unknown kernel kind {kind!r}; use 'int8' or 'fp8'")
+    if algo not in ("two-pass", "fused"):
+        raise ValueError(f"unknown kernel algorithm {algo!r}; use 'two-pass' or 'fused'")
     inner = layer.inner
     dev = inner.weight.device
     w = inner.weight.detach().float()
@@ -90,7 +93,7 @@ def pack_layer(layer: _QuantBase, kind: str) -> Packed:
         wd = layer.dequantized_weight().float()
         wd = wd.permute(0, 2, 3, 1) if wd.dim() == 4 else wd[:, None, None, :]
         w_s = torch.clamp(wd.abs().amax(dim=(1, 2, 3)) / FP8_MAX, min=1e-12)
-        packed_w = (wd / w_s.view(n, 1, 1, 1)).to(torch.float8_e4m3fn).reshape(n, -1).contiguous()
+        packed_w = (wd / w_s.view(n, 1, 1, 1)).to(torch.float8_e4m3fn).reshape(n, -1).contiguous().view(torch.uint8)
         w_z = w_sum = None
         # The symmetric e4m3 scale covering the calibrated asymmetric range [(0 − z)s, (2^b − 1 − z)s].
         qmax = 2**layer.act_bits - 1
@@ -102,4 +105,4 @@ def pack_layer(layer: _QuantBase, kind: str) -> Packed:
         dec_a, dec_b = layer.dec_a.float().contiguous(), layer.dec_b.float().contiguous()
     to = lambda t: None if t is None else t.to(dev).contiguous()  # noqa: E731
     return Packed(kind, packed_w.to(dev), to(w_s), to(w_z), to(w_sum), to(act_s), to(act_z), to(bias),
-                  to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv)
+                  to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv, algo)

@@ -1,6 +1,12 @@
-"""One Triton kernel for every quantized Linear / Conv2d: static W8A8 GEMM (INT8 or FP8 e4m3).
+"""The single-kernel variant (``algo="fused"``): activation quantization in the GEMM prologue.
 
-Fusion (the reason this exists; unfused quantize/dequantize makes 8-bit *slower* than fp16):
+Measured on an H200 (benchmarks/results): this kernel ran SD 1.5's UNet ~2.8× *slower* than cuBLAS
+fp16 — the A operand quantized in registers keeps Triton from staging it through shared memory
+for the pipelined tensor-core loop, and the quantization is redone for every N-tile. The default
+backend is therefore the two-pass kernel pair (:mod:`triton_quantize` + :mod:`triton_gemm`); this
+one stays as the reference design for comparison in the kernel benchmark.
+
+Fusion:
 
 * **prologue** — the fp16/bf16 activation tile is quantized in registers right after it is loaded,
   with the per-tensor scale of the *current model call*, read from device memory (``step_ptr``),
@@ -41,7 +47,7 @@ import triton.language as tl
 # Shape arguments that vary per call site are not specialised (one compile serves every
 # resolution / batch); N and C keep Triton's divisibility specialisation for vectorised loads.
 @triton.jit(do_not_specialize=["M", "SPLIT", "T", "H", "W", "OH", "OW", "STRIDE", "PAD", "DIL"])
-def _qgemm_kernel(
+def _fused_kernel(
     x_ptr, w_ptr, y_ptr,
     step_ptr, act_s_ptr, act_z_ptr,
     w_s_ptr, w_z_ptr, w_sum_ptr,
@@ -107,7 +113,7 @@ def _qgemm_kernel(
                              mask=mask_k[:, None] & mask_n[None, :], other=0)
                 if IS_FP8:
                     q8 = tl.minimum(tl.maximum(a / s, -448.0), 448.0).to(tl.float8e4nv)
-                    acc_f = tl.dot(q8, wt, acc_f)
+                    acc_f = tl.dot(q8, wt.to(tl.float8e4nv, bitcast=True), acc_f)
                 else:
                     # round(x / s) + z, clamped to [0, 255], shifted by −128: the reference's order of
                     # operations (rounding x/s + z instead can flip half-way codes).
@@ -153,14 +159,14 @@ def block_config(M: int, N: int, C: int, fp8: bool) -> dict:
     return {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": 3}
 
 
-def launch(x, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
+def launch_fused(x, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
            M: int, N: int, C: int, split: int, T: int, geom: tuple, kh: int, kw: int, fp8: bool) -> None:
     """Launches the kernel; tensors must already be packed (see :mod:`cachequant.kernels.pack`)."""
     H, W, OH, OW, stride, pad, dil = geom
     cfg = block_config(M, N, C, fp8)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     dummy = w_s
-    _qgemm_kernel[grid](
+    _fused_kernel[grid](
         x, w, y, step_t, act_s, act_z, w_s, w_z if w_z is not None else dummy,
         w_sum if w_sum is not None else dummy,
         bias if bias is not None else dummy, dec_a if dec_a is not None else dummy,

@@ -1,0 +1,159 @@
+"""Pass 2 of the default kernel pair: the 8-bit GEMM / implicit-GEMM convolution with the fused epilogue.
+
+Both operands are 8-bit codes streamed from memory (activation codes from :mod:`triton_quantize`,
+packed weights from :mod:`pack`), so Triton stages them through shared memory for the pipelined
+tensor-core loop. Conv2d is an implicit GEMM over NHWC codes: row m = (image, oh, ow), reduction
+k = (kh, kw, c); padding taps load the activation's zero code, which stands for x = 0 exactly.
+
+Epilogue (per output tile, once): integer zero-point corrections, dequantization (activation scale
+× per-output-channel weight scale), bias, and the quantization-DEC correction of the cached input
+slice ``O = a_t ⊙ O_cached + O_rest + bias + b_t`` (method-notes Eq. 9). With shifted codes
+``w' = w_q − 128``, ``q' = x_q − 128`` and zero points ``zw'``, ``z'``, over one input part::
+
+    Σ_k (w'_k − zw')(q'_k − z') = Σ w'q'  −  zw'·Σ_k q'  −  z'·Σ_k w'  +  K·zw'·z'
+
+all exact in int32. The row sums Σ_k q' come from the tensor cores too: one extra small MMA of the
+activation tile with a tile of ones, instead of a reduction on the CUDA cores inside the main loop.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT", "T", "H", "W", "OH", "OW", "STRIDE", "PAD", "DIL"])
+def _gemm_kernel(
+    q_ptr, w_ptr, y_ptr,
+    step_ptr, act_s_ptr, act_z_ptr,
+    w_s_ptr, w_z_ptr, w_sum_ptr,
+    bias_ptr, dec_a_ptr, dec_b_ptr,
+    M, N, C, SPLIT, T,
+    H, W, OH, OW, STRIDE, PAD, DIL,
+    KH: tl.constexpr, KW: tl.constexpr,
+    IS_FP8: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DEC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    step = tl.load(step_ptr)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    ow = offs_m % OW
+    t1 = offs_m // OW
+    oh = t1 % OH
+    nb = t1 // OH
+    ktot = KH * KW * C
+
+    w_s = tl.load(w_s_ptr + offs_n, mask=mask_n, other=0.0)
+    if not IS_FP8:
+        w_z = tl.load(w_z_ptr + offs_n, mask=mask_n, other=0)
+        ones = tl.full((BK, 16), 1, dtype=tl.int8)
+    out = tl.zeros((BM, BN), dtype=tl.float32)
+
+    for h in tl.static_range(2 if HAS_SPLIT else 1):
+        c_lo = h * SPLIT
+        c_hi = C
+        if HAS_SPLIT and h == 0:
+            c_hi = SPLIT
+        s = tl.load(act_s_ptr + h * T + step)
+        if IS_FP8:
+            acc_f = tl.zeros((BM, BN), dtype=tl.float32)
+            pad_code = tl.zeros((), dtype=tl.uint8)
+        else:
+            zf = tl.load(act_z_ptr + h * T + step)  # z' = z − 128 (integer-valued float)
+            pad_code = zf.to(tl.int8)
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+            rs_acc = tl.zeros((BM, 16), dtype=tl.int32)
+        for r in range(KH * KW):
+            kh = r // KW
+            kw = r % KW
+            ih = oh * STRIDE - PAD + kh * DIL
+            iw = ow * STRIDE - PAD + kw * DIL
+            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row = ((nb * H + ih) * W + iw) * C
+            for c0 in range(c_lo, c_hi, BK):
+                offs_k = c0 + tl.arange(0, BK)
+                if EVEN_K:
+                    a = tl.load(q_ptr + row[:, None] + offs_k[None, :], mask=valid[:, None], other=pad_code)
+                    wt = tl.load(w_ptr + offs_n[None, :] * ktot + (r * C + offs_k)[:, None],
+                                 mask=mask_n[None, :], other=0)
+                else:
+                    mask_k = offs_k < c_hi
+                    a = tl.load(q_ptr + row[:, None] + offs_k[None, :], mask=valid[:, None] & mask_k[None, :],
+                                other=0)
+                    # padding taps stand for x = 0 (the zero code); channels past the end count nothing
+                    a = tl.where(mask_k[None, :] & (~valid)[:, None], pad_code, a)
+                    wt = tl.load(w_ptr + offs_n[None, :] * ktot + (r * C + offs_k)[:, None],
+                                 mask=mask_k[:, None] & mask_n[None, :], other=0)
+                if IS_FP8:
+                    acc_f = tl.dot(a.to(tl.float8e4nv, bitcast=True), wt.to(tl.float8e4nv, bitcast=True), acc_f)
+                else:
+                    acc = tl.dot(a, wt, acc, out_dtype=tl.int32)
+                    rs_acc = tl.dot(a, ones, rs_acc, out_dtype=tl.int32)
+        if IS_FP8:
+            part = acc_f * (s * w_s)[None, :]
+        else:
+            rs = tl.sum(rs_acc, axis=1) // 16
+            zi = zf.to(tl.int32)
+            wsum = tl.load(w_sum_ptr + h * N + offs_n, mask=mask_n, other=0)
+            cnt = KH * KW * (c_hi - c_lo)
+            tot = acc - w_z[None, :] * rs[:, None] - zi * wsum[None, :] + (cnt * zi) * w_z[None, :]
+            part = tot.to(tl.float32) * (s * w_s)[None, :]
+        if HAS_DEC and h == 0:
+            dec_a = tl.load(dec_a_ptr + step * N + offs_n, mask=mask_n, other=0.0)
+            part = part * dec_a[None, :]
+        out += part
+
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_DEC:
+        out += tl.load(dec_b_ptr + step * N + offs_n, mask=mask_n, other=0.0)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def block_config(M: int, N: int, C: int, split: int) -> dict:
+    """Tile sizes by shape (no autotuning: a compile per shape × config would cost minutes at
+    start-up on SD's ~40 distinct shapes). BK is the largest of 128 / 64 / 32 dividing every input
+    part, so the common case runs without K masks (``EVEN_K``)."""
+    parts = [C] if not split else [split, C - split]
+    bk, even = 32, False
+    for cand in (128, 64, 32):
+        if all(p % cand == 0 for p in parts):
+            bk, even = cand, True
+            break
+    if not even:
+        bk = max(32, min(64, triton.next_power_of_2(max(parts))))
+    bm = 128 if M > 64 else max(16, triton.next_power_of_2(M))
+    bn = 128 if N >= 128 else max(32, triton.next_power_of_2(N))
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": even, "GROUP_M": 8, "num_warps": warps, "num_stages": 4}
+
+
+def gemm(q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
+         M: int, N: int, C: int, split: int, T: int, geom: tuple, kh: int, kw: int, fp8: bool) -> None:
+    H, W, OH, OW, stride, pad, dil = geom
+    cfg = block_config(M, N, C, split)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    dummy = w_s
+    _gemm_kernel[grid](
+        q, w, y, step_t, act_s, act_z, w_s, w_z if w_z is not None else dummy,
+        w_sum if w_sum is not None else dummy,
+        bias if bias is not None else dummy, dec_a if dec_a is not None else dummy,
+        dec_b if dec_b is not None else dummy,
+        M, N, C, split, T, H, W, OH, OW, stride, pad, dil,
+        KH=kh, KW=kw, IS_FP8=fp8, HAS_SPLIT=split > 0, HAS_BIAS=bias is not None, HAS_DEC=dec_a is not None,
+        **cfg,
+    )
