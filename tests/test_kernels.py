@@ -23,6 +23,17 @@ DEV = "cuda" if CUDA else "cpu"
 T = 3
 
 
+@pytest.fixture(autouse=True)
+def _exact_float_reference():
+    """The fake-quant reference must itself be fp32-exact: cuDNN's default TF32 convolutions carry
+    ~1e-3 relative error. (The H200 run of 2026-12-01 failed the 1e-4 bound on three conv shapes,
+    for both kernel algorithms alike, which points at the reference; not yet re-run on a GPU.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _layer(module, xshape, split=None, dec=False, weight_bits=8, seed=0, dtype=torch.float32):
     """A calibrated quantized layer and per-step inputs whose range drifts with the step."""
     g = torch.Generator().manual_seed(seed)
