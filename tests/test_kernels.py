@@ -162,3 +162,33 @@ def test_pipeline_images_match_fake_quant_path(make_pipe):
         assert psnr(out, ref) > 30
     else:
         assert np.abs(out - ref).max() < 1e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (runs on the device)")
+def test_cuda_graph_replay_equals_eager_kernel_path(make_pipe):
+    """Full and cached steps replayed as CUDA graphs give the eager kernel path's images."""
+    from conftest import run
+
+    pipe = make_pipe("ddim").to(DEV)
+    cfg = cq.CacheQuantConfig(interval=2, schedule="uniform", quant_attention=False, num_calib_samples=2,
+                              calib_batch_size=2, dps_samples=2)
+    plan = cq.calibrate(pipe, cfg, num_inference_steps=6, progress=False, num_samples=2)
+    cq.accelerate(pipe, plan, backend="int8")
+    eager = run(pipe, "ddim", 6, n=2)
+    cq.enable_cuda_graphs(pipe)
+    first = run(pipe, "ddim", 6, n=2)   # captures
+    second = run(pipe, "ddim", 6, n=2)  # replays only
+    cq.restore(pipe)
+    assert np.abs(first - eager).max() < 1e-5 and np.abs(second - eager).max() < 1e-5
+
+
+def test_cuda_graphs_refuse_reference_path_and_cpu(make_pipe):
+    pipe = make_pipe("ddim")
+    cfg = cq.CacheQuantConfig(interval=2, schedule="uniform", num_calib_samples=2, calib_batch_size=2, dps_samples=2)
+    plan = cq.calibrate(pipe, cfg, num_inference_steps=4, progress=False, num_samples=2)
+    cq.accelerate(pipe, plan, backend="fake")
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        cq.enable_cuda_graphs(pipe)
+    cq.restore(pipe)
+    with pytest.raises(RuntimeError, match="accelerated pipeline"):
+        cq.enable_cuda_graphs(pipe)

@@ -91,6 +91,7 @@ def pack_layer(layer: _QuantBase, kind: str, algo: str = "two-pass") -> Packed:
         act_s, act_z = scales, zeros - 128
     else:
         wd = layer.dequantized_weight().float()
+        layer._w_dq = None  # the reference path's cached copy: not needed while the kernel runs
         wd = wd.permute(0, 2, 3, 1) if wd.dim() == 4 else wd[:, None, None, :]
         w_s = torch.clamp(wd.abs().amax(dim=(1, 2, 3)) / FP8_MAX, min=1e-12)
         packed_w = (wd / w_s.view(n, 1, 1, 1)).to(torch.float8_e4m3fn).reshape(n, -1).contiguous().view(torch.uint8)
