@@ -502,7 +502,11 @@ def _cpu_metrics(feats: np.ndarray | None, mu: np.ndarray | None, sigma: np.ndar
 
     out: dict = {}
     if feats is not None:
-        out["fid"] = frechet_distance(*feature_stats(feats), mu, sigma)
+        # A failure here must not take PSNR / SSIM down with it (it did once: a SciPy API change).
+        try:
+            out["fid"] = frechet_distance(*feature_stats(feats), mu, sigma)
+        except Exception as e:  # noqa: BLE001
+            out["fid_error"] = f"{type(e).__name__}: {e}"[:300]
     if fp_samples is not None:
         a = np.load(samples, allow_pickle=False)["images"]
         b = np.load(fp_samples, allow_pickle=False)["images"]
@@ -676,7 +680,7 @@ def table_rows(data: dict) -> list[dict]:
             "bops_reduction": None if not (bops and fp_bops) else fp_bops / bops,
             "calib_s": info.get("calibration_seconds") if info else None,
             "num_samples": m.get("num_samples") or (info or {}).get("num_samples"),
-            "metrics_error": m.get("error"),
+            "metrics_error": m.get("error") or (f"FID: {m['fid_error']}" if m.get("fid_error") else None),
         })
     return out
 
