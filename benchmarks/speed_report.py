@@ -17,6 +17,7 @@ def fmt(x, spec: str = ".2f") -> str:
 def kernels_table(rows: list[dict]) -> str:
     out = ["| operation | fp16 (torch) TFLOP/s | INT8 two-pass | INT8 fused | FP8 two-pass | FP8 fused |",
            "|---|---|---|---|---|---|"]
+    graph = any("fp16_torch_graph_tops" in r for r in rows)
     ceil = []
     for r in rows:
         if "tops" in r:
@@ -24,6 +25,9 @@ def kernels_table(rows: list[dict]) -> str:
             continue
         cells = [fmt(r.get(f"{k}_{a}_tops"), ".0f") for k in ("int8", "fp8") for a in ("two-pass", "fused")]
         out.append(f"| {r['op']} | {fmt(r.get('fp16_torch_tops'), '.0f')} | " + " | ".join(cells) + " |")
+        if graph:
+            cells = [fmt(r.get(f"{k}_{a}_graph_tops"), ".0f") for k in ("int8", "fp8") for a in ("two-pass", "fused")]
+            out.append(f"| ↳ graph-replayed | {fmt(r.get('fp16_torch_graph_tops'), '.0f')} | " + " | ".join(cells) + " |")
     return "Measured ceilings (same run):\n\n" + "\n".join(ceil) + "\n\n" + "\n".join(out)
 
 
