@@ -1,0 +1,29 @@
+"""CPU smoke test of the GPU speed benchmark (benchmarks/speed.py --tiny): the rows run, failures
+are recorded per row instead of stopping the run, and the JSON carries the ratios the results
+file quotes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_tiny_rows(tmp_path):
+    out = tmp_path / "dit.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2",
+                        "--sampler", "ddim", "--steps", "4", "--repeats", "2", "--intervals", "2",
+                        "--rows", "fp16 eager,cache-only,FirstBlockCache", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows = {row["row"]: row for row in res["rows"]}
+    assert rows["fp16 eager"]["speedup_vs_eager"] == 1.0 and len(rows["fp16 eager"]["times_s"]) == 2
+    cached = rows["cachequant cache-only N=2 + graph"]
+    assert cached["full_steps"] == 2 and cached["calls"] == 4 and cached["median_s"] > 0
+    assert "graphs" in cached  # no CUDA here: graph capture is skipped, and the row says so
+    assert rows["diffusers FirstBlockCache"]["median_s"] > 0  # diffusers' own cache hooks, applied to DiT
+    assert not any(name.startswith("DeepCache") for name in rows)  # the UNet-only helper has no DiT rows
+    assert res["gmacs_per_image_call"] > 0
+    assert "fp16 eager" in r.stdout  # the table is printed last
