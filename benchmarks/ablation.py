@@ -538,19 +538,16 @@ class PRReference:
     def __call__(self, fake: np.ndarray, chunk: int = 1024) -> tuple[float, float, int]:
         import torch
 
-        from cachequant.metrics.prdc import _inside, _kth_radius
+        from cachequant.metrics.prdc import kth_radii, precision_recall
 
         n = min(len(fake), len(self.features))  # as `cachequant evaluate`: equal set sizes
         if n <= self.k:
             raise ValueError(f"precision/recall needs more than {self.k} samples, have {n}")
         if n not in self._cache:
             r = torch.as_tensor(np.asarray(self.features[:n]), dtype=torch.float64, device=self.device)
-            self._cache[n] = (r, _kth_radius(r, self.k, chunk))
+            self._cache[n] = (r, kth_radii(r, self.k, chunk))
         r, r_rad = self._cache[n]
-        f = torch.as_tensor(np.asarray(fake[:n]), dtype=torch.float64, device=self.device)
-        f_rad = _kth_radius(f, self.k, chunk)
-        precision = _inside(f, r, r_rad, chunk).double().mean().item()
-        recall = _inside(r, f, f_rad, chunk).double().mean().item()
+        precision, recall = precision_recall(r, fake[:n], self.k, chunk, device=self.device, real_radii=r_rad)
         return precision, recall, n
 
 

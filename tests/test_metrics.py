@@ -102,3 +102,17 @@ def test_evaluate_shards_resume_and_seed_determinism(tmp_path):
 
     assert main(["evaluate", "--model", "tiny-ddim", "--steps", "4", "--num-samples", "5", "--out-dir", str(a),
                  "--quiet"]) == 2
+
+
+def test_precision_recall_with_precomputed_reference_radii():
+    """One reference manifold reused across sample sets gives the same numbers as recomputing it."""
+    import torch
+
+    from cachequant.metrics.prdc import kth_radii
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(300, 16)), rng.normal(0.3, 1.2, size=(300, 16))
+    radii = kth_radii(torch.as_tensor(real, dtype=torch.float64), 3)
+    expected = precision_recall(real, fake)
+    assert precision_recall(real, fake, real_radii=radii) == expected
+    assert 0.0 < expected[0] < 1.0 and 0.0 < expected[1] < 1.0

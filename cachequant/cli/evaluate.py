@@ -112,7 +112,8 @@ def run_evaluate(args) -> int:
         metrics["fid_reference"] = str(ref.get("source", args.ref_stats))
         n = min(len(feats), len(ref["features"]))
         if n > 3:
-            metrics["precision"], metrics["recall"] = precision_recall(ref["features"][:n], feats[:n], k=3)
+            metrics["precision"], metrics["recall"] = precision_recall(ref["features"][:n], feats[:n], k=3,
+                                                                       device=device)
             metrics["pr_samples"] = n
     if args.fp_dir:
         fp = np.load(Path(args.fp_dir) / "samples.npz", allow_pickle=False)["images"]

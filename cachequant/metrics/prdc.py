@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 
-def _kth_radius(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+def kth_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
+    """Distance of every row of ``x`` to its k-th nearest neighbour within ``x`` (its ball's radius)."""
     radii = []
     for i in range(0, len(x), chunk):
         d = torch.cdist(x[i : i + chunk], x)
@@ -27,12 +28,17 @@ def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: 
     return torch.cat(out)
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+def precision_recall(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, k: int = 3, chunk: int = 1024,
+                     device: str | torch.device = "cpu", real_radii: torch.Tensor | None = None) -> tuple[float, float]:
+    """(precision, recall) of ``fake`` against ``real``, in float64 on ``device`` (a GPU makes the
+    10k × 10k distance matrices cheap). ``real_radii`` (from :func:`kth_radii`) skips recomputing
+    the reference manifold when one reference serves many sample sets."""
     if len(real) <= k or len(fake) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
-    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
-    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
-    r_rad, f_rad = _kth_radius(r, k, chunk), _kth_radius(f, k, chunk)
+    r = torch.as_tensor(real, dtype=torch.float64, device=device)
+    f = torch.as_tensor(fake, dtype=torch.float64, device=device)
+    r_rad = kth_radii(r, k, chunk) if real_radii is None else real_radii.to(device=device, dtype=torch.float64)
+    f_rad = kth_radii(f, k, chunk)
     precision = _inside(f, r, r_rad, chunk).double().mean().item()
     recall = _inside(r, f, f_rad, chunk).double().mean().item()
     return precision, recall
