@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cachequant as cq  # noqa: E402
 from cachequant.metrics import psnr, ssim  # noqa: E402
 from cachequant.metrics.sampling import sample_indices  # noqa: E402
+from cachequant.utils.io import atomic_path  # noqa: E402
 
 SETTINGS = {
     "cifar10-unet": dict(scheduler="ddim", steps=100, interval=10, kw={}),
@@ -49,11 +50,12 @@ def perturb(pipe) -> list:
     A quantized network is discontinuous (a code flips when its input crosses a rounding boundary),
     so *any* float-level difference — accumulation order, a fused epilogue — grows into this much
     image difference; a kernel that matches the reference up to float rounding lands at this floor."""
+    from cachequant.models.adapters import denoiser_of
     from cachequant.quant.layers import _QuantBase
 
     g = torch.Generator(pipe.device).manual_seed(1)
     hooks = []
-    for m in pipe.unet.modules() if hasattr(pipe, "unet") else pipe.transformer.modules():
+    for m in denoiser_of(pipe)[1].modules():
         if isinstance(m, _QuantBase):
             hooks.append(m.register_forward_hook(
                 lambda mod, i, o: o * (1 + 1e-6 * torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype))))
@@ -104,7 +106,8 @@ def main() -> int:
                         cq.restore(pipe)
                 print(json.dumps(row), flush=True)
                 result["rows"].append(row)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        with atomic_path(args.out) as tmp:  # rewritten after each model: a crash keeps the last whole file
+            tmp.write_text(json.dumps(result, indent=2))
     return 0
 
 

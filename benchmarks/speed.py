@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import statistics
 import sys
@@ -33,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cachequant as cq  # noqa: E402
+from cachequant.models.adapters import denoiser_of  # noqa: E402
+from cachequant.utils.io import atomic_path  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -139,14 +140,11 @@ def calibrate_plan(pipe, model: str, steps: int, interval: int, bits: bool, cach
 
 
 def denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
+    return denoiser_of(pipe)[1]
 
 
-def set_denoiser(pipe, m):
-    if hasattr(pipe, "unet") and pipe.unet is not None:
-        pipe.unet = m
-    else:
-        pipe.transformer = m
+def set_denoiser(pipe, m) -> None:
+    setattr(pipe, denoiser_of(pipe)[0], m)
 
 
 def row_cq(pipe, model, steps, interval, kind, graphs, plans, **_):
@@ -366,9 +364,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
 
     if args.kernels_only:
         result["kernels"] = kernel_microbench()

@@ -137,14 +137,19 @@ def test_backend_selection_and_errors():
         assert select_backend("auto", torch.device("cpu")) == "fake"
 
 
+def _tiny_unet_plan(make_pipe, steps: int, device: str = DEV, **cfg):
+    """The tiny UNet on ``device`` and a small cache (N = 2) + W8A8 + DEC plan for it."""
+    pipe = make_pipe("ddim").to(device)
+    cfg = cq.CacheQuantConfig(**{"interval": 2, "schedule": "uniform", "quant_attention": False,
+                                 "num_calib_samples": 2, "calib_batch_size": 2, "dps_samples": 2, **cfg})
+    return pipe, cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, num_samples=2)
+
+
 def test_pipeline_images_match_fake_quant_path(make_pipe):
     """End to end on the tiny UNet (cache + W8A8 + DEC): kernel path vs reference path."""
     from conftest import run
 
-    pipe = make_pipe("ddim").to(DEV)
-    cfg = cq.CacheQuantConfig(interval=2, schedule="uniform", quant_attention=False, num_calib_samples=2,
-                              calib_batch_size=2, dps_samples=2)
-    plan = cq.calibrate(pipe, cfg, num_inference_steps=4, progress=False, num_samples=2)
+    pipe, plan = _tiny_unet_plan(make_pipe, 4)
     cq.accelerate(pipe, plan, backend="fake")
     ref = run(pipe, "ddim", 4, n=1)
     cq.restore(pipe)
@@ -169,10 +174,7 @@ def test_cuda_graph_replay_equals_eager_kernel_path(make_pipe):
     """Full and cached steps replayed as CUDA graphs give the eager kernel path's images."""
     from conftest import run
 
-    pipe = make_pipe("ddim").to(DEV)
-    cfg = cq.CacheQuantConfig(interval=2, schedule="uniform", quant_attention=False, num_calib_samples=2,
-                              calib_batch_size=2, dps_samples=2)
-    plan = cq.calibrate(pipe, cfg, num_inference_steps=6, progress=False, num_samples=2)
+    pipe, plan = _tiny_unet_plan(make_pipe, 6)
     cq.accelerate(pipe, plan, backend="int8")
     eager = run(pipe, "ddim", 6, n=2)
     cq.enable_cuda_graphs(pipe)
@@ -183,9 +185,7 @@ def test_cuda_graph_replay_equals_eager_kernel_path(make_pipe):
 
 
 def test_cuda_graphs_refuse_reference_path_and_cpu(make_pipe):
-    pipe = make_pipe("ddim")
-    cfg = cq.CacheQuantConfig(interval=2, schedule="uniform", num_calib_samples=2, calib_batch_size=2, dps_samples=2)
-    plan = cq.calibrate(pipe, cfg, num_inference_steps=4, progress=False, num_samples=2)
+    pipe, plan = _tiny_unet_plan(make_pipe, 4, device="cpu", quant_attention=True)
     cq.accelerate(pipe, plan, backend="fake")
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         cq.enable_cuda_graphs(pipe)

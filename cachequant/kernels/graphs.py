@@ -92,4 +92,3 @@ def enable_cuda_graphs(pipe: Any) -> None:
         graphs.clear()
 
     sess.undo.append(undo)
-    sess.graphs = graphs

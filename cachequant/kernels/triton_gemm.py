@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import conv_rows, dec_scale, int8_dequant, store_output, tap_rows, tile_offsets
+
 
 @triton.jit(do_not_specialize=["M", "SPLIT", "T", "H", "W", "OH", "OW", "STRIDE", "PAD", "DIL"])
 def _gemm_kernel(
@@ -35,25 +37,11 @@ def _gemm_kernel(
     EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
     step = tl.load(step_ptr)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    ow = offs_m % OW
-    t1 = offs_m // OW
-    oh = t1 % OH
-    nb = t1 // OH
+    nb, oh, ow = conv_rows(offs_m, OH, OW)
     ktot = KH * KW * C
 
     w_s = tl.load(w_s_ptr + offs_n, mask=mask_n, other=0.0)
@@ -77,12 +65,7 @@ def _gemm_kernel(
             acc = tl.zeros((BM, BN), dtype=tl.int32)
             rs_acc = tl.zeros((BM, 16), dtype=tl.int32)
         for r in range(KH * KW):
-            kh = r // KW
-            kw = r % KW
-            ih = oh * STRIDE - PAD + kh * DIL
-            iw = ow * STRIDE - PAD + kw * DIL
-            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row = ((nb * H + ih) * W + iw) * C
+            valid, row = tap_rows(r, KW, nb, oh, ow, mask_m, H, W, C, STRIDE, PAD, DIL)
             for c0 in range(c_lo, c_hi, BK):
                 offs_k = c0 + tl.arange(0, BK)
                 if EVEN_K:
@@ -106,22 +89,12 @@ def _gemm_kernel(
             part = acc_f * (s * w_s)[None, :]
         else:
             rs = tl.sum(rs_acc, axis=1) // 16
-            zi = zf.to(tl.int32)
-            wsum = tl.load(w_sum_ptr + h * N + offs_n, mask=mask_n, other=0)
-            cnt = KH * KW * (c_hi - c_lo)
-            tot = acc - w_z[None, :] * rs[:, None] - zi * wsum[None, :] + (cnt * zi) * w_z[None, :]
-            part = tot.to(tl.float32) * (s * w_s)[None, :]
+            part = int8_dequant(acc, rs, w_z, zf, w_sum_ptr, h, N, offs_n, mask_n, KH * KW * (c_hi - c_lo), s * w_s)
         if HAS_DEC and h == 0:
-            dec_a = tl.load(dec_a_ptr + step * N + offs_n, mask=mask_n, other=0.0)
-            part = part * dec_a[None, :]
+            part = dec_scale(part, dec_a_ptr, step, N, offs_n, mask_n)
         out += part
 
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    if HAS_DEC:
-        out += tl.load(dec_b_ptr + step * N + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    store_output(out, y_ptr, bias_ptr, dec_b_ptr, step, offs_m, offs_n, M, N, HAS_BIAS, HAS_DEC)
 
 
 def block_config(M: int, N: int, C: int, split: int) -> dict:

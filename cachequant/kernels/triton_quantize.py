@@ -16,6 +16,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import fp8_code, int8_code
+
+
+@triton.jit
+def _per_part(ptr, T, step, offs_c, SPLIT, HAS_SPLIT: tl.constexpr):
+    """This call's value from a (parts, T) table: per channel when the input is a concatenation."""
+    v = tl.load(ptr + step)
+    if HAS_SPLIT:
+        v = tl.where(offs_c < SPLIT, v, tl.load(ptr + T + step))[None, :]
+    return v
+
 
 @triton.jit(do_not_specialize=["M", "SPLIT", "T"])
 def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, T,
@@ -27,24 +38,11 @@ def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, 
     offs_c = pid_c * BC + tl.arange(0, BC)
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
-    s0 = tl.load(act_s_ptr + step)
-    if HAS_SPLIT:
-        s1 = tl.load(act_s_ptr + T + step)
-        s = tl.where(offs_c < SPLIT, s0, s1)[None, :]
-    else:
-        s = s0
+    s = _per_part(act_s_ptr, T, step, offs_c, SPLIT, HAS_SPLIT)
     if IS_FP8:
-        y = tl.minimum(tl.maximum(x / s, -448.0), 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        y = fp8_code(x, s).to(tl.uint8, bitcast=True)
     else:
-        z0 = tl.load(act_z_ptr + step)
-        if HAS_SPLIT:
-            z1 = tl.load(act_z_ptr + T + step)
-            z = tl.where(offs_c < SPLIT, z0, z1)[None, :]
-        else:
-            z = z0
-        y = tl.minimum(tl.maximum(x / s, -512.0), 512.0)
-        y = (y + 12582912.0) - 12582912.0  # 1.5·2^23: round half to even, as torch.round
-        y = (tl.minimum(tl.maximum(y + (z + 128.0), 0.0), 255.0) - 128.0).to(tl.int8)
+        y = int8_code(x, s, _per_part(act_z_ptr, T, step, offs_c, SPLIT, HAS_SPLIT)).to(tl.int8)
     tl.store(q_ptr + offs_m[:, None] * C + offs_c[None, :], y, mask=mask)
 
 
