@@ -103,19 +103,20 @@ def _cache_quant_variants(intervals_cache: list[int], intervals_joint: list[int]
 def _qandc_variants() -> list[Variant]:
     """Q&C's ablations at N = 3, W8A8; the baseline is uniform caching + W8A8 with the default
     calibration (``CacheQuantConfig.calibration = "trajectory"``: every step of every calibration
-    trajectory), no DEC."""
+    trajectory), no DEC. The main rows and the union with CacheQuant come first, the comparisons
+    after them, so that a time-budgeted run samples what matters most first."""
     base = dict(interval=3, schedule="uniform", dec=False)
     vs = [Variant("fp", "full precision", None),
           Variant("baseline", "cache N=3 + W8A8 (trajectory calibration)", dict(base)),
           Variant("tap", "+ TAP", dict(base, calibration="tap")),
           Variant("vc", "+ VC", dict(base, vc=True)),
-          Variant("tap-vc", "+ TAP + VC", dict(base, calibration="tap", vc=True))]
+          Variant("tap-vc", "+ TAP + VC", dict(base, calibration="tap", vc=True)),
+          Variant("union", "DPS + DEC + TAP + VC", dict(interval=3, schedule="dps", dec=True, calibration="tap",
+                                                        vc=True))]
     for m in ("random", "kmeans", "dbscan", "agglomerative", "tap"):
         vs.append(Variant(f"calib-{m}", f"calibration selection: {m}", dict(base, calibration=m)))
     for lam in (0.3, 0.4, 0.5, 0.6, 0.7):
         vs.append(Variant(f"tap-lam{lam}", f"TAP λ={lam}", dict(base, calibration="tap", tap_lambda=lam)))
-    vs.append(Variant("union", "DPS + DEC + TAP + VC", dict(interval=3, schedule="dps", dec=True, calibration="tap",
-                                                            vc=True)))
     return vs
 
 
@@ -183,7 +184,9 @@ def environment(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         dev_name = torch.cuda.get_device_name(torch.device(device))
     else:
-        dev_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        from cachequant.utils.cpus import usable_cpus
+
+        dev_name = f"CPU ({platform.processor() or platform.machine()}, {usable_cpus()} usable cores)"
     return {"device": dev_name, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "cachequant": cq.__version__, "python": platform.python_version(),
             "cuda": torch.version.cuda, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
@@ -411,6 +414,10 @@ def run_sample(args) -> int:
                     "skipped_time_budget": [], "failed": {}}
     status_path = tdir / "sample-status.json"
     write_json(status_path, status)
+    # metrics right after each variant: the CPU parts overlap with the next variant's sampling, and a
+    # session that ends early still has the metrics of what it sampled
+    metrics = None if not args.ref_stats else MetricsRunner(work, table, args.ref_stats, args.device,
+                                                            quiet=args.quiet)
     t_start = time.time()
     pipe = None
     for v in variants:
@@ -418,6 +425,8 @@ def run_sample(args) -> int:
         if is_done(vdir):
             status["done_before"].append(v.slug)
             print(f"[{table.name}/{v.slug}] already done, skipped", flush=True)
+            if metrics is not None:
+                metrics.submit(v)
             continue
         if args.time_budget_s is not None and time.time() - t_start > args.time_budget_s:
             status["skipped_time_budget"].append(v.slug)
@@ -433,6 +442,8 @@ def run_sample(args) -> int:
             status["shared"][v.slug] = ref
             print(f"[{table.name}/{v.slug}] identical to {ref}: shares its samples", flush=True)
             write_json(status_path, status)
+            if metrics is not None:
+                metrics.submit(v)
             continue
         print(f"[{table.name}/{v.slug}] {v.label}", flush=True)
         try:
@@ -454,8 +465,12 @@ def run_sample(args) -> int:
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
         write_json(status_path, status)
+        if metrics is not None and v.slug in status["done"]:
+            metrics.submit(v)
     status["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     status["wall_seconds"] = time.time() - t_start
+    if metrics is not None and metrics.finish():
+        status["failed"]["metrics"] = f"{metrics.failed} variant(s), see their metrics.json"
     write_json(status_path, status)
     print(json.dumps({k: status[k] for k in ("done_before", "done", "shared", "skipped_time_budget", "failed")}))
     return 1 if status["failed"] else 0
@@ -527,6 +542,12 @@ def _limit_threads(n: int) -> None:
     threadpool_limits(limits=n)
 
 
+def _timed_cpu_metrics(*args) -> tuple[dict, float]:
+    t0 = time.time()
+    out = _cpu_metrics(*args)
+    return out, time.time() - t0
+
+
 class PRReference:
     """Reference features and their k-NN radii on the device, computed once per metrics run; the
     package's own precision/recall code (``metrics.prdc``) run on GPU tensors."""
@@ -551,68 +572,135 @@ class PRReference:
         return precision, recall, n
 
 
+class MetricsRunner:
+    """Metrics of a table's variants, one variant at a time: the device parts (Inception features,
+    precision / recall) at once, the CPU parts (Fréchet distance's sqrtm, PSNR / SSIM) in a process
+    pool, and every variant's ``metrics.json`` written as soon as a part of it is known, with a
+    timing line per step. A run killed midway keeps what it finished. (The first version wrote
+    nothing before the end and sized its BLAS threads by the host's core count; on a 16-CPU
+    container it was killed after 4 minutes with nothing to show.)
+
+    Used by ``metrics`` over a whole table and by ``sample --ref-stats`` after each variant, so that
+    the CPU parts overlap with the sampling of the next variant."""
+
+    def __init__(self, work: Path, table: Table, ref_stats: str, device: str, inception_batch: int = 500,
+                 workers: int | None = None, force: bool = False, quiet: bool = False):
+        from cachequant.metrics.fid import load_reference
+        from cachequant.utils.cpus import usable_cpus
+
+        self.work, self.table, self.device = work, table, device
+        self.inception_batch, self.force, self.quiet = inception_batch, force, quiet
+        self.tdir = work / table.name
+        self.ref = load_reference(ref_stats)
+        self.ref_id = {"path": str(ref_stats), "source": str(self.ref.get("source", "")),
+                       "count": int(self.ref.get("count", 0)), "sha1": file_hash(Path(ref_stats))}
+        self.pr = PRReference(self.ref["features"], device)
+        cpus = usable_cpus()
+        self.workers = max(1, min(workers or max(1, cpus // 2), cpus))
+        self.threads = max(1, cpus // self.workers)  # BLAS threads per worker: no oversubscription
+        self._pool = None
+        self._by_samples: dict[str, Any] = {}  # variants sharing samples share one CPU computation
+        self._pending: list[tuple[Path, dict, Any]] = []
+        self.failed = 0
+
+    def _fp(self) -> tuple[str | None, str | None]:
+        fp_dir = resolve_samples(self.work, self.tdir / "fp")
+        if fp_dir is None:
+            return None, None
+        return str(fp_dir / "samples.npz"), file_hash(fp_dir / "samples.npz")
+
+    def _log(self, slug: str, msg: str) -> None:
+        print(f"[{self.table.name}/{slug}] metrics: {msg}", flush=True)
+
+    def submit(self, v: Variant) -> bool:
+        """Device part now, CPU part queued; False when there is nothing (new) to compute."""
+        import multiprocessing as mp
+
+        vdir = self.tdir / v.slug
+        sdir = resolve_samples(self.work, vdir)
+        if sdir is None:
+            return False
+        fp_samples, fp_hash = self._fp()
+        samples = str(sdir / "samples.npz")
+        key = {"samples_sha1": file_hash(sdir / "samples.npz"), "fp_sha1": fp_hash, "reference": self.ref_id}
+        old = read_json(vdir / "metrics.json")
+        if old and old.get("key") == key and not old.get("pending") and not self.force:
+            return False
+        try:
+            t0 = time.time()
+            feats = features_of(sdir, self.device, self.inception_batch, self.quiet)
+            _sync(self.device)
+            t1 = time.time()
+            p, r, n = self.pr(feats)
+            t2 = time.time()
+        except Exception as e:  # noqa: BLE001 - one variant's failure must not cost the others
+            write_json(vdir / "metrics.json", {"key": None, "error": f"{type(e).__name__}: {e}",
+                                               "traceback": traceback.format_exc()})
+            self._log(v.slug, f"FAILED: {type(e).__name__}: {e}")
+            self.failed += 1
+            return False
+        base = {"key": key, "variant": v.slug, "samples": str(sdir.relative_to(self.work)),
+                "num_samples": len(feats), "precision": p, "recall": r, "pr_k": 3, "pr_samples": n,
+                "fid_reference": self.ref_id["source"], "pending": ["fid", "psnr_vs_fp", "ssim_vs_fp"],
+                "seconds": {"inception": t1 - t0, "precision_recall": t2 - t1}}
+        write_json(vdir / "metrics.json", base)  # precision / recall survive a kill during the CPU part
+        self._log(v.slug, f"inception {t1 - t0:.1f} s, precision {p:.3f} / recall {r:.3f} ({t2 - t1:.1f} s)")
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_limit_threads, initargs=(self.threads,))
+        if samples not in self._by_samples:
+            self._by_samples[samples] = self._pool.submit(_timed_cpu_metrics, feats, self.ref["mu"],
+                                                          self.ref["sigma"], samples, fp_samples)
+        self._pending.append((vdir, base, self._by_samples[samples]))
+        self._collect(block=False)
+        return True
+
+    def _collect(self, block: bool) -> None:
+        keep = []
+        for vdir, base, fut in self._pending:
+            if not block and not fut.done():
+                keep.append((vdir, base, fut))
+                continue
+            try:
+                out, secs = fut.result()
+                base.update(out)
+                base["seconds"]["fid_psnr_ssim"] = secs
+                errs = [k for k in out if k.endswith("_error")]
+                self._log(base["variant"], f"FID {out.get('fid', float('nan')):.2f}, PSNR / SSIM vs fp "
+                          f"{out.get('psnr_vs_fp')} / {out.get('ssim_vs_fp')} ({secs:.1f} s)"
+                          + (f"; errors: {', '.join(errs)}" if errs else ""))
+            except Exception as e:  # noqa: BLE001
+                base["error"] = f"{type(e).__name__}: {e}"
+                self._log(base["variant"], f"FAILED in the CPU part: {base['error']}")
+                self.failed += 1
+            base.pop("pending", None)
+            write_json(vdir / "metrics.json", base)
+        self._pending = keep
+
+    def finish(self) -> int:
+        """Waits for the CPU parts, writes ``<table>.json``; returns the number of failures."""
+        self._collect(block=True)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        write_json(self.work / f"{self.table.name}.json",
+                   gather_table(self.work, self.table, env=environment(self.device)))
+        print(f"written {self.work / (self.table.name + '.json')}", flush=True)
+        return self.failed
+
+
 def run_metrics(args) -> int:
     """FID / precision / recall vs the reference statistics, PSNR / SSIM vs the table's fp."""
     import torch
-    from tqdm.auto import tqdm
-
-    from cachequant.metrics.fid import load_reference
 
     table = TABLES[args.table]
-    work = Path(args.work)
-    tdir = work / table.name
-    ref = load_reference(args.ref_stats)
-    ref_id = {"path": str(args.ref_stats), "source": str(ref.get("source", "")), "count": int(ref.get("count", 0)),
-              "sha1": file_hash(Path(args.ref_stats))}
-    pr = PRReference(ref["features"], args.device)
-    fp_dir = resolve_samples(work, tdir / "fp")
-    fp_samples = None if fp_dir is None else str(fp_dir / "samples.npz")
-    fp_hash = None if fp_dir is None else file_hash(fp_dir / "samples.npz")
-    jobs = []
-    for v in tqdm(table.variants, desc=f"{table.name}: inception + precision/recall", disable=args.quiet):
-        vdir = tdir / v.slug
-        sdir = resolve_samples(work, vdir)
-        if sdir is None:
-            continue
-        shash = file_hash(sdir / "samples.npz")
-        key = {"samples_sha1": shash, "fp_sha1": fp_hash, "reference": ref_id}
-        old = read_json(vdir / "metrics.json")
-        if old and old.get("key") == key and not args.force:
-            continue
-        try:
-            feats = features_of(sdir, args.device, args.inception_batch, args.quiet)
-            p, r, n = pr(feats)
-            base = {"key": key, "variant": v.slug, "samples": str(sdir.relative_to(work)), "num_samples": len(feats),
-                    "precision": p, "recall": r, "pr_k": 3, "pr_samples": n, "fid_reference": ref_id["source"]}
-            jobs.append((vdir, base, feats, str(sdir / "samples.npz")))
-        except Exception as e:  # noqa: BLE001
-            write_json(vdir / "metrics.json", {"key": None, "error": f"{type(e).__name__}: {e}",
-                                               "traceback": traceback.format_exc()})
+    runner = MetricsRunner(Path(args.work), table, args.ref_stats, args.device, args.inception_batch,
+                           args.workers, args.force, args.quiet)
+    for v in table.variants:
+        runner.submit(v)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    workers = max(1, min(args.workers, len({j[3] for j in jobs})))
-    failed = 0
-    if jobs:
-        import multiprocessing as mp
-
-        threads = max(1, (os.cpu_count() or 1) // workers)  # BLAS threads per worker: no oversubscription
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_limit_threads,
-                                 initargs=(threads,)) as ex:
-            by_samples: dict[str, Any] = {}  # variants sharing samples share one computation
-            for vdir, base, feats, s in jobs:
-                if s not in by_samples:
-                    by_samples[s] = ex.submit(_cpu_metrics, feats, ref["mu"], ref["sigma"], s, fp_samples)
-            futs = [(vdir, base, by_samples[s]) for vdir, base, feats, s in jobs]
-            for vdir, base, fut in tqdm(futs, desc=f"{table.name}: FID + PSNR/SSIM", disable=args.quiet):
-                try:
-                    base.update(fut.result())
-                except Exception as e:  # noqa: BLE001
-                    base["error"] = f"{type(e).__name__}: {e}"
-                    failed += 1
-                write_json(vdir / "metrics.json", base)
-    write_json(work / f"{table.name}.json", gather_table(work, table, env=environment(args.device)))
-    print(f"written {work / (table.name + '.json')}")
-    return 1 if failed else 0
+    return 1 if runner.finish() else 0
 
 
 def gather_table(work: Path, table: Table, env: dict | None = None) -> dict:
@@ -846,6 +934,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="fake", choices=["fake", "int8", "fp8", "auto"],
                    help="quantized-layer execution; the tables use the fake-quant reference (8-bit attention "
                         "matmuls included, as in the reference work)")
+    s.add_argument("--ref-stats", default=None,
+                   help="reference .npz from `cachequant ref-stats`: compute each variant's metrics as soon as it "
+                        "is sampled (as the `metrics` step would)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=run_sample)
 
@@ -855,8 +946,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ref-stats", required=True, help=".npz from `cachequant ref-stats`")
     m.add_argument("--device", default="cuda")
     m.add_argument("--inception-batch", type=int, default=500)
-    m.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
-                   help="processes for the CPU parts (sqrtm, SSIM)")
+    m.add_argument("--workers", type=int, default=None,
+                   help="processes for the CPU parts (sqrtm, SSIM); default: half the usable CPUs")
     m.add_argument("--force", action="store_true", help="recompute metrics that are up to date")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(fn=run_metrics)

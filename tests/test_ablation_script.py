@@ -16,18 +16,21 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_script", SCRIPT)
+    # importable by its own name from benchmarks/: the metrics' spawned workers unpickle its functions
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("ablation", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     yield mod
     sys.modules.pop(spec.name, None)
+    sys.path.remove(str(SCRIPT.parent))
 
 
-def _sample(ablation, work: Path, only: str) -> int:
+def _sample(ablation, work: Path, only: str, *extra: str) -> int:
     return ablation.main(["sample", "--table", "unet", "--model", "tiny-ddim", "--steps", "10", "--num-samples", "4",
                           "--batch-size", "3", "--device", "cpu", "--work", str(work), "--only", only,
-                          "--calib-samples", "2", "--calib-batch-size", "2", "--dps-samples", "2", "--quiet"])
+                          "--calib-samples", "2", "--calib-batch-size", "2", "--dps-samples", "2", "--quiet", *extra])
 
 
 def test_sample_resume_failure_and_report(ablation, tmp_path, monkeypatch):
@@ -78,3 +81,41 @@ def test_sample_resume_failure_and_report(ablation, tmp_path, monkeypatch):
     assert "not run (not sampled)" in md  # e.g. cache-n10
     assert "| quant only W8A8 (`w8a8`) | – |" in md  # sampled, no metrics computed: dashes, not numbers
     assert (out / "qandc.md").is_file() and (out / "ablation.png").stat().st_size > 1000
+
+
+def _fake_features(sdir, device, batch_size, quiet):
+    """Stand-in for the Inception network (its weights are not in CI): a fixed projection of the pixels."""
+    images = np.load(sdir / "samples.npz")["images"].reshape(4, -1).astype(np.float64) / 255
+    return (images @ np.random.default_rng(0).standard_normal((images.shape[1], 16))).astype(np.float32)
+
+
+def test_metrics_are_written_per_variant_while_sampling(ablation, tmp_path, monkeypatch):
+    from cachequant.metrics.fid import save_reference
+
+    work, ref = tmp_path / "work", tmp_path / "ref.npz"
+    rng = np.random.default_rng(1)
+    save_reference(ref, rng.standard_normal((8, 16)).astype(np.float32) * 3, source="synthetic")
+    monkeypatch.setattr(ablation, "features_of", _fake_features)
+    assert _sample(ablation, work, "w8a8", "--ref-stats", str(ref)) == 0
+    tdir = work / "unet"
+    m = {s: json.loads((tdir / s / "metrics.json").read_text()) for s in ("fp", "w8a8")}
+    for slug, mm in m.items():
+        assert "pending" not in mm and "error" not in mm, (slug, mm)
+        assert np.isfinite(mm["fid"]) and mm["fid"] > 0
+        assert 0 <= mm["precision"] <= 1 and 0 <= mm["recall"] <= 1 and mm["pr_samples"] == 4
+        assert set(mm["seconds"]) == {"inception", "precision_recall", "fid_psnr_ssim"}
+    assert m["fp"]["is_fp_reference"] and 5 < m["w8a8"]["psnr_vs_fp"] < 100
+    table = json.loads((work / "unet.json").read_text())
+    assert {r["variant"]: r["metrics"]["fid"] for r in table["rows"] if r["metrics"]} == \
+        {s: m[s]["fid"] for s in m}
+
+    # the `metrics` step skips what is up to date, and redoes a variant whose CPU part was cut short
+    mtime = (tdir / "fp" / "metrics.json").stat().st_mtime_ns
+    cut = dict(m["w8a8"], pending=["fid", "psnr_vs_fp", "ssim_vs_fp"])
+    del cut["fid"]
+    (tdir / "w8a8" / "metrics.json").write_text(json.dumps(cut))
+    assert ablation.main(["metrics", "--table", "unet", "--work", str(work), "--ref-stats", str(ref),
+                          "--device", "cpu", "--workers", "1", "--quiet"]) == 0
+    assert (tdir / "fp" / "metrics.json").stat().st_mtime_ns == mtime
+    redone = json.loads((tdir / "w8a8" / "metrics.json").read_text())
+    assert "pending" not in redone and redone["fid"] == pytest.approx(m["w8a8"]["fid"])

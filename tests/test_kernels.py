@@ -192,3 +192,56 @@ def test_cuda_graphs_refuse_reference_path_and_cpu(make_pipe):
     cq.restore(pipe)
     with pytest.raises(RuntimeError, match="accelerated pipeline"):
         cq.enable_cuda_graphs(pipe)
+
+
+@pytest.mark.parametrize("bits,zp", [(8, 0.0), (8, 37.0), (8, 255.0), (4, 3.0)])
+def test_one_pass_fake_quant_is_bit_identical_to_the_torch_ops(bits, zp):
+    """The reference path's fused kernel (fp32 CUDA activations) must change no bit: ties at half a
+    step, values far outside the range, zeros and NaN included."""
+    from cachequant.kernels.triton_fakequant import fake_quant_fused
+    from cachequant.quant.quantizer import fake_quant
+
+    g = torch.Generator().manual_seed(bits + int(zp))
+    s = torch.tensor(0.0173, device=DEV)
+    z = torch.tensor(zp, device=DEV)
+    x = torch.randn(3, 4099, generator=g) * 2.0  # not a multiple of the block size
+    ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * s.cpu()
+    x = torch.cat([x.flatten(), ties, torch.tensor([0.0, -0.0, 1e30, -1e30, 7e6, float("nan")])]).to(DEV)
+    ref = fake_quant(x, s, z, bits)
+    out = fake_quant_fused(x, s, z, bits)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    fin = ~torch.isnan(ref)
+    assert torch.equal(out[fin], ref[fin])  # bitwise, not approximately
+    xt = x[:-1].reshape(-1, 2)[::2].t()  # a non-contiguous view keeps its shape
+    assert torch.equal(fake_quant_fused(xt, s, z, bits), fake_quant(xt, s, z, bits))
+    with pytest.raises(ValueError, match="fp32"):
+        fake_quant_fused(x.half(), s, z, bits)
+
+
+@pytest.mark.skipif(not CUDA, reason="the reference path only takes the fused kernel on CUDA (runs on the device)")
+def test_reference_path_images_unchanged_by_the_fused_fake_quant(make_pipe, monkeypatch):
+    from conftest import run
+
+    pipe, plan = _tiny_unet_plan(make_pipe, 4, quant_attention=True)
+    cq.accelerate(pipe, plan, backend="fake")
+    monkeypatch.setenv("CACHEQUANT_FAKE_QUANT_KERNEL", "0")
+    torch_ops = run(pipe, "ddim", 4, n=2)
+    monkeypatch.setenv("CACHEQUANT_FAKE_QUANT_KERNEL", "1")
+    fused = run(pipe, "ddim", 4, n=2)
+    cq.restore(pipe)
+    assert np.array_equal(fused, torch_ops)
+
+
+def test_fake_quant_speed_script_runs_and_checks_bits(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_quant_speed.py"
+    spec = importlib.util.spec_from_file_location("fake_quant_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "fq.json"
+    assert mod.main(["--device", DEV, "--scale-down", "20000", "--reps", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 and all(r["bit_identical"] and r["fused_ms"] > 0 for r in rows)

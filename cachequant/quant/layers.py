@@ -11,6 +11,8 @@ kernel is one more registry entry.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable
 
 import torch
@@ -21,6 +23,24 @@ from ..runtime import Runtime
 from .quantizer import activation_range, fake_quant, params_from_range, quantize_codes, weight_qparams
 
 _EMA = 0.9
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fused_fake_quant() -> bool:
+    """fp32 CUDA activations take the one-pass Triton fake-quant kernel (bit-identical to the torch
+    ops, see :mod:`cachequant.kernels.triton_fakequant`) unless ``CACHEQUANT_FAKE_QUANT_KERNEL=0``."""
+    flag = os.environ.get("CACHEQUANT_FAKE_QUANT_KERNEL", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"CACHEQUANT_FAKE_QUANT_KERNEL must be 0 or 1, got {flag!r}")
+    return flag == "1" and _triton_available()
 
 
 class ActQuant(nn.Module):
@@ -93,6 +113,11 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         s, z = self.params(step)
+        if x.is_cuda and x.dtype == torch.float32 and _fused_fake_quant():
+            from ..kernels.triton_fakequant import fake_quant_fused, supported
+
+            if supported(x, s, z):
+                return fake_quant_fused(x, s, z, self.bits)  # bit-identical, one pass instead of six
         return fake_quant(x, s.to(x.dtype), z.to(x.dtype), self.bits)
 
 
