@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         gb = 2 * x.numel() * 4 / 1e9
         rows.append({"tensor": name, "elements": x.numel(), "torch_ops_ms": t_torch, "fused_ms": t_fused,
                      "fused_GBps": gb / (t_fused / 1e3), "speedup": t_torch / t_fused, "bit_identical": same})
-        del x
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     print(f"fake quantization, fp32, 8-bit, {dev}, torch {torch.__version__}")
     print("| tensor | elements | torch ops (ms) | one pass (ms) | one pass GB/s | × | same bits |")
