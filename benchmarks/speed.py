@@ -126,6 +126,53 @@ def time_runs(pipe, kw: dict, repeats: int, device: str) -> dict:
     return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm, "peak_mem_gib": peak}
 
 
+# Kernel categories of --profile, matched in order on the lower-cased kernel name.
+KERNEL_CATEGORIES = [
+    ("cachequant 8-bit GEMM", ("_gemm_kernel", "_fused_kernel")),
+    ("cachequant activation quantize", ("_quantize_kernel",)),
+    ("cachequant fake quant", ("_fake_quant_kernel",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("float GEMM / conv (cuBLAS, cuDNN, CUTLASS)", ("gemm", "cutlass", "sm90_", "sm80_", "xmma", "conv", "cudnn",
+                                                  "implicit", "nvjet", "cublas")),
+    ("norm", ("norm",)),
+]
+
+
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    for cat, keys in KERNEL_CATEGORIES:
+        if any(k in n for k in keys):
+            return cat
+    return "other (elementwise, softmax, copies, ...)"
+
+
+def profile_run(pipe, kw: dict, device: str) -> dict:
+    """One more run under torch.profiler: GPU kernel time per category, the number of kernels, and
+    how much of the wall time the GPU was idle (launch / host overhead). This is what the results
+    file's roofline reasoning quotes: where a step's time goes, measured."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        pipe(generator=torch.Generator(device).manual_seed(0), **kw)
+        sync(device)
+        wall = time.perf_counter() - t0
+    by_cat: dict[str, float] = {}
+    launches = 0
+    busy = 0.0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.time_range.elapsed_us()
+        by_cat[kernel_category(e.name)] = by_cat.get(kernel_category(e.name), 0.0) + us / 1e3
+        busy += us / 1e3
+        launches += 1
+    return {"wall_ms": wall * 1e3, "gpu_kernel_ms": busy, "gpu_idle_fraction": max(0.0, 1 - busy / (wall * 1e3)),
+            "kernels": launches, "ms_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))}
+
+
 def calibrate_plan(pipe, model: str, steps: int, interval: int, bits: bool, cache: dict):
     key = (interval, bits)
     if key not in cache:
@@ -345,6 +392,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rows", default=None, help="comma-separated substrings: run only matching rows")
     ap.add_argument("--time-budget-s", type=float, default=1e9, help="stop starting rows after this")
+    ap.add_argument("--profile", action="store_true",
+                    help="per row, one extra run under torch.profiler: GPU time per kernel category, GPU idle share")
     ap.add_argument("--kernels-only", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small configs on the CPU: a smoke test of this script")
     ap.add_argument("--out", required=True)
@@ -409,6 +458,8 @@ def main() -> int:
                 row.update(info)
                 with torch.no_grad():
                     row.update(time_runs(pipe, call_kwargs(args.model, batch, steps, args.tiny), args.repeats, device))
+                    if args.profile:
+                        row["profile"] = profile_run(pipe, call_kwargs(args.model, batch, steps, args.tiny), device)
                 row["s_per_image"] = row["median_s"] / batch
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"[:400]

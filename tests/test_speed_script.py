@@ -14,7 +14,7 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     out = tmp_path / "dit.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2",
                         "--sampler", "ddim", "--steps", "4", "--repeats", "2", "--intervals", "2",
-                        "--rows", "fp16 eager,cache-only,FirstBlockCache", "--out", str(out)],
+                        "--rows", "fp16 eager,cache-only,FirstBlockCache", "--profile", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -27,3 +27,21 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     assert not any(name.startswith("DeepCache") for name in rows)  # the UNet-only helper has no DiT rows
     assert res["gmacs_per_image_call"] > 0
     assert "fp16 eager" in r.stdout  # the table is printed last
+    prof = rows["fp16 eager"]["profile"]  # no CUDA kernels on the CPU: the structure, not the shares
+    assert prof["wall_ms"] > 0 and prof["kernels"] == 0 and 0 <= prof["gpu_idle_fraction"] <= 1
+
+
+def test_profile_kernel_categories():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_script", ROOT / "benchmarks" / "speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cat = mod.kernel_category
+    assert cat("_gemm_kernel") == cat("_fused_kernel") == "cachequant 8-bit GEMM"
+    assert cat("_quantize_kernel") == "cachequant activation quantize"
+    assert cat("_fake_quant_kernel") == "cachequant fake quant"
+    assert cat("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64").startswith("float GEMM")
+    assert cat("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert cat("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel").startswith("other")
+    assert cat("group_norm_nhwc_kernel") == "norm"

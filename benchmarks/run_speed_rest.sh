@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The rows of the speed issue that run_speed_suite.sh did not cover, in parts that each fit one
+# ≤ 10-minute device call next to other work:
+#   profile   SD 1.5 batch 1: where the time of a graph-captured step goes (--profile: GPU time per
+#             kernel category, GPU idle share), fp16 vs the 8-bit kernel paths
+#   ddpm250   DiT-XL/2, DDPM 250 steps, batch 1 (the issue's DiT target: N = 2 W8A8 ≥ 4× fp16 eager)
+#   batch8    SD 1.5 and DiT-XL/2 DDIM 50 at batch 8
+#   torchao   torchao int8 / float8 dynamic + compile (compilation alone took > 2 min before)
+# Usage: benchmarks/run_speed_rest.sh OUT_DIR PART [PART ...]   (PYTHONPATH must reach cachequant,
+# diffusers, torchao, DeepCache)
+set -u
+out=${1:?usage: run_speed_rest.sh OUT_DIR PART [PART ...]}; shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+s=benchmarks/speed.py
+for part in "$@"; do
+  echo "== $part"
+  case $part in
+    profile) timeout 200 python3 $s --model sd15 --batch 1 --repeats 3 --time-budget-s 160 --profile \
+        --rows "fp16 + CUDA,INT8 quant-only,FP8 quant-only,N=5 INT8 + graph,N=5 FP8 + graph,DeepCache N=5" \
+        --out "$out/sd15-profile.json" ;;
+    ddpm250) timeout 240 python3 $s --model dit-xl2 --sampler ddpm --batch 1 --repeats 5 --time-budget-s 200 \
+        --rows "fp16 eager,fp16 + CUDA,cache-only N=2,INT8 quant-only,FP8 quant-only,N=2 INT8 + graph,N=2 FP8 + graph,N=3 FP8 + graph" \
+        --out "$out/dit-ddpm250.json" ;;
+    batch8) timeout 200 python3 $s --model sd15 --batch 8 --repeats 3 --time-budget-s 160 \
+        --rows "fp16 eager,fp16 + CUDA,N=5 INT8 + graph,N=5 FP8 + graph,DeepCache N=5" --out "$out/sd15-b8.json"
+      timeout 120 python3 $s --model dit-xl2 --sampler ddim --batch 8 --repeats 3 --time-budget-s 90 \
+        --rows "fp16 eager,fp16 + CUDA,N=2 FP8 + graph,N=3 FP8 + graph" --out "$out/dit-ddim50-b8.json" ;;
+    torchao) timeout 500 python3 $s --model sd15 --batch 1 --repeats 3 --time-budget-s 400 \
+        --rows "fp16 eager,torchao" --out "$out/sd15-torchao.json" ;;
+    *) echo "unknown part $part (profile, ddpm250, batch8, torchao)"; exit 2 ;;
+  esac 2>&1 | grep -v '^{' | tail -14
+done
