@@ -13,13 +13,17 @@ from .runtime import Runtime
 from .session import check_sampler, install_session, session_of
 
 
-def accelerate(pipe: Any, plan: Plan, backend: str = "auto") -> Any:
+def accelerate(pipe: Any, plan: Plan, backend: str = "auto", keep_float_weights: bool = True) -> Any:
     """Applies ``plan`` to ``pipe`` in place; the pipeline is then called exactly as before.
 
     ``backend`` executes the quantized layers: ``fake`` (float reference, any device), ``int8`` /
     ``fp8`` (fused Triton kernels on a CUDA GPU; attention matmuls then run in fused fp16/bf16
     SDPA), or ``auto`` (``int8`` on a CUDA GPU of compute capability ≥ 8.0, else ``fake``). Layers a
     kernel cannot run keep the reference path; ``kernel_report(pipe)`` lists them.
+
+    ``keep_float_weights=False`` (kernel backends only) frees the float weights of the layers that
+    run on a kernel, so that the accelerated model holds 8-bit weights instead of both; the
+    pipeline then cannot be restored (``restore`` raises), reload it instead.
 
     Raises :class:`~cachequant.errors.PlanMismatchError` if the denoiser (class, architecture,
     weights) or the scheduler class differ from the calibrated ones; a different step count is
@@ -33,7 +37,6 @@ def accelerate(pipe: Any, plan: Plan, backend: str = "auto") -> Any:
     adapter = adapter_for(model)
     plan.check_model(model)
     check_sampler(plan.meta["sampler"], pipe.scheduler)
-    config = plan.config
     device = next(model.parameters()).device
     cache_dec = None
     if "cache_dec.a" in plan.tensors:
@@ -52,25 +55,36 @@ def accelerate(pipe: Any, plan: Plan, backend: str = "auto") -> Any:
                                        search_weights=False)
             sess.quant.load(plan.tensors)
             rt.quant_mode = "quant"
-            _enable_backend(sess, model, rt, backend, device)
+            _enable_backend(sess, model, rt, backend, device, keep_float_weights)
         elif backend in ("int8", "fp8"):
             raise ValueError(f"backend={backend!r} was asked for, but this plan has no quantization (cache only)")
+        elif not keep_float_weights:
+            raise ValueError("keep_float_weights=False was asked for, but this plan has no quantization (cache "
+                             "only): there are no 8-bit weights to run on")
     except Exception:
         sess.restore()
         raise
     return pipe
 
 
-def _enable_backend(sess, model, rt, backend: str, device) -> None:
-    from .kernels.backend import disable_kernels, enable_kernels, select_backend
+def _enable_backend(sess, model, rt, backend: str, device, keep_float_weights: bool = True) -> None:
+    from .kernels.backend import disable_kernels, drop_float_weights, enable_kernels, select_backend
 
     kind = select_backend(backend, device)
     sess.kernel_report = {"backend": "fake", "kernel_layers": 0, "fake_layers": {}}
     if kind == "fake":
+        if not keep_float_weights:
+            raise ValueError(f"keep_float_weights=False needs a kernel backend (int8 / fp8), but backend={backend!r} "
+                             f"runs the fake-quant reference here (device {device}), which computes from the float "
+                             "weights")
         return
     report = enable_kernels(model, sess.quant.layers, rt, kind)
     sess.undo.append(lambda: disable_kernels(sess.quant.layers, rt))
     sess.undo.extend(report.pop("undo"))
+    if not keep_float_weights:
+        report["float_weight_bytes_dropped"] = drop_float_weights(sess.quant.layers)
+        sess.restorable = ("the float weights of the kernel layers were dropped (accelerate(..., "
+                           "keep_float_weights=False)); reload the pipeline instead of restoring it")
     sess.kernel_report = report
 
 
@@ -80,7 +94,12 @@ def kernel_report(pipe: Any) -> dict:
     sess = session_of(model)
     if sess is None:
         raise RuntimeError("this pipeline is not accelerated by cachequant")
-    return dict(sess.kernel_report or {"backend": "none (no quantization)", "kernel_layers": 0, "fake_layers": {}})
+    rep = dict(sess.kernel_report or {"backend": "none (no quantization)", "kernel_layers": 0, "fake_layers": {}})
+    if sess.quant is not None:
+        from .kernels.backend import weight_bytes
+
+        rep.update(weight_bytes(sess.quant.layers))
+    return rep
 
 
 def restore(pipe: Any) -> Any:

@@ -91,6 +91,8 @@ class Session:
     run_step: Callable[[tuple, dict], Any] | None = None
     kernel_report: dict | None = None
     undo: list[Callable[[], None]] = field(default_factory=list)
+    restorable: str | None = None
+    """None, or why :meth:`restore` would leave a broken model (it then raises instead)."""
 
     def check_timesteps(self, scheduler) -> None:
         check_sampler(self.sampler, scheduler, [int(t) for t in scheduler.timesteps])
@@ -109,6 +111,8 @@ class Session:
         self.undo.append(lambda: scheduler.__dict__.pop("set_timesteps", None))
 
     def restore(self) -> None:
+        if self.restorable is not None:
+            raise RuntimeError(f"cannot restore this pipeline: {self.restorable}")
         if self.quant is not None:
             self.quant.restore()
         for fn in reversed(self.undo):

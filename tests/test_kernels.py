@@ -245,3 +245,30 @@ def test_fake_quant_speed_script_runs_and_checks_bits(tmp_path):
     assert mod.main(["--device", DEV, "--scale-down", "20000", "--reps", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3 and all(r["bit_identical"] and r["fused_ms"] > 0 for r in rows)
+
+
+def test_dropping_float_weights_keeps_images_and_frees_memory(make_pipe):
+    """keep_float_weights=False: the kernel layers hold only their 8-bit copies, images are the same
+    bits as with the float weights kept, and restore() refuses rather than leaving a broken model."""
+    from conftest import run
+
+    pipe, plan = _tiny_unet_plan(make_pipe, 4)
+    with pytest.raises(ValueError, match="kernel backend"):
+        cq.accelerate(pipe, plan, backend="fake", keep_float_weights=False)
+    assert not cq.is_accelerated(pipe)  # the failed call left nothing installed
+    cq.accelerate(pipe, plan, backend="int8")
+    kept = run(pipe, "ddim", 4, n=1)
+    before = cq.kernel_report(pipe)
+    cq.restore(pipe)
+    cq.accelerate(pipe, plan, backend="int8", keep_float_weights=False)
+    after = cq.kernel_report(pipe)
+    dropped = run(pipe, "ddim", 4, n=1)
+    assert np.array_equal(dropped, kept)
+    assert after["float_weight_bytes_dropped"] > 0
+    assert after["float_weight_bytes"] == before["float_weight_bytes"] - after["float_weight_bytes_dropped"]
+    assert after["packed_weight_bytes"] == before["packed_weight_bytes"] > 0
+    assert after["packed_weight_bytes"] * 4 == after["float_weight_bytes_dropped"]  # fp32 weights → 8-bit codes
+    with pytest.raises(RuntimeError, match="reload the pipeline"):
+        cq.restore(pipe)
+    assert cq.is_accelerated(pipe)  # still usable after the refused restore
+    assert np.array_equal(run(pipe, "ddim", 4, n=1), kept)

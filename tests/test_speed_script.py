@@ -14,7 +14,7 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     out = tmp_path / "dit.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2",
                         "--sampler", "ddim", "--steps", "4", "--repeats", "2", "--intervals", "2",
-                        "--rows", "fp16 eager,cache-only,FirstBlockCache", "--profile", "--out", str(out)],
+                        "--rows", "fp16 eager,cache-only,FirstBlockCache,INT8 + graph, 8-bit", "--profile", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -23,6 +23,9 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     cached = rows["cachequant cache-only N=2 + graph"]
     assert cached["full_steps"] == 2 and cached["calls"] == 4 and cached["median_s"] > 0
     assert "graphs" in cached  # no CUDA here: graph capture is skipped, and the row says so
+    lean = rows["CacheQuant N=2 INT8 + graph, 8-bit weights only"]  # Triton's interpreter on the CPU
+    assert lean["median_s"] > 0 and lean["kernel_layers"] > 0, lean
+    assert 0 < lean["packed_weight_gib"] * 4 <= lean["float_weight_gib_dropped"] * 1.0001  # fp32 → 8 bit
     assert rows["diffusers FirstBlockCache"]["median_s"] > 0  # diffusers' own cache hooks, applied to DiT
     assert not any(name.startswith("DeepCache") for name in rows)  # the UNet-only helper has no DiT rows
     assert res["gmacs_per_image_call"] > 0

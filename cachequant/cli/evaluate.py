@@ -9,7 +9,7 @@ image, weight storage. Runs on one process, or on K under ``torchrun`` (shards s
 from __future__ import annotations
 
 import json
-import os
+import math
 import platform
 import sys
 import time
@@ -31,7 +31,8 @@ def weight_storage_bits(model: torch.nn.Module) -> int:
     counted: set[int] = set()
     for m in model.modules():
         if isinstance(m, _QuantBase):
-            total += m.inner.weight.numel() * m.weight_bits
+            shape = getattr(m, "dropped_weight_shape", None)  # float copy freed after packing
+            total += (math.prod(shape) if shape is not None else m.inner.weight.numel()) * m.weight_bits
             counted.add(id(m.inner.weight))
     for p in model.parameters():
         if id(p) not in counted:
@@ -54,7 +55,8 @@ def run_evaluate(args) -> int:
     plan_meta = None
     if args.plan:
         plan = cq.load_plan(args.plan)
-        cq.accelerate(pipe, plan, backend=getattr(args, "backend", "auto"))
+        cq.accelerate(pipe, plan, backend=getattr(args, "backend", "auto"),
+                      keep_float_weights=not getattr(args, "drop_float_weights", False))
         plan_meta = {"path": str(args.plan), "config": plan.meta["config"], "schedule": plan.schedule,
                      "backend": cq.kernel_report(pipe)["backend"]}
     kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}

@@ -8,6 +8,7 @@ backend; a layer it does not support keeps the fake-quant reference and is liste
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ from .pack import pack_layer, unsupported_reason
 KINDS = ("int8", "fp8")
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -114,6 +116,7 @@ def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtim
             continue
         layer._packed = pack_layer(layer, kind, algo)
         layer.backend = kind
+        layer._w_dq = None  # the reference path's dequantized copy: not read while the kernel runs
         on.append(name)
     undo = []
     if channels_last and any(isinstance(layers[n], QuantConv2d) for n in on):
@@ -121,6 +124,32 @@ def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtim
         model.to(memory_format=torch.channels_last)
         undo.append(lambda: model.to(memory_format=torch.contiguous_format))
     return {"backend": kind, "algo": algo, "kernel_layers": len(on), "fake_layers": off, "undo": undo}
+
+
+def weight_bytes(layers: dict[str, _QuantBase]) -> dict[str, int]:
+    """Bytes of the quantized layers' weights as held now: the kernels' packed 8-bit copies and the
+    float originals (absent once dropped)."""
+    packed = sum(layer._packed.w.numel() * layer._packed.w.element_size()
+                 for layer in layers.values() if getattr(layer, "_packed", None) is not None)
+    floats = sum(layer.inner.weight.numel() * layer.inner.weight.element_size() for layer in layers.values())
+    return {"packed_weight_bytes": packed, "float_weight_bytes": floats}
+
+
+def drop_float_weights(layers: dict[str, _QuantBase]) -> int:
+    """Frees the float weights of every layer that runs on a kernel (the packed 8-bit copy is all
+    the kernel reads) and returns the bytes freed. Without this a W8A8 model holds fp16 *and* 8-bit
+    weights: more memory than fp16 alone. The price: the pipeline cannot be restored afterwards.
+    Layers left on the reference path keep theirs."""
+    freed = 0
+    for layer in layers.values():
+        if layer.backend == "fake":
+            continue
+        w = layer.inner.weight
+        freed += w.numel() * w.element_size()
+        layer.dropped_weight_shape = tuple(w.shape)
+        layer.inner.weight = torch.nn.Parameter(w.detach().new_empty(0), requires_grad=False)
+        layer._w_dq = None
+    return freed
 
 
 def disable_kernels(layers: dict[str, _QuantBase], runtime) -> None:

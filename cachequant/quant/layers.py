@@ -11,7 +11,6 @@ kernel is one more registry entry.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Callable
 
@@ -25,22 +24,15 @@ from .quantizer import activation_range, fake_quant, params_from_range, quantize
 _EMA = 0.9
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _fused_fake_quant() -> bool:
     """fp32 CUDA activations take the one-pass Triton fake-quant kernel (bit-identical to the torch
     ops, see :mod:`cachequant.kernels.triton_fakequant`) unless ``CACHEQUANT_FAKE_QUANT_KERNEL=0``."""
     flag = os.environ.get("CACHEQUANT_FAKE_QUANT_KERNEL", "1")
     if flag not in ("0", "1"):
         raise ValueError(f"CACHEQUANT_FAKE_QUANT_KERNEL must be 0 or 1, got {flag!r}")
-    return flag == "1" and _triton_available()
+    from ..kernels.backend import triton_available  # late: the kernels package imports this module
+
+    return flag == "1" and triton_available()
 
 
 class ActQuant(nn.Module):
