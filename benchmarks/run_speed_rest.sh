@@ -2,7 +2,8 @@
 # The rows of the speed issue that run_speed_suite.sh did not cover, in parts that each fit one
 # ≤ 10-minute device call next to other work:
 #   profile   SD 1.5 batch 1: where the time of a graph-captured step goes (--profile: GPU time per
-#             kernel category, GPU idle share), fp16 vs the 8-bit kernel paths
+#             kernel category, GPU idle share), fp16 vs the 8-bit kernel paths, W4A8, and the
+#             memory with only the 8-/4-bit weights kept
 #   ddpm250   DiT-XL/2, DDPM 250 steps, batch 1 (the issue's DiT target: N = 2 W8A8 ≥ 4× fp16 eager)
 #   batch8    SD 1.5 and DiT-XL/2 DDIM 50 at batch 8
 #   torchao   torchao int8 / float8 dynamic + compile (compilation alone took > 2 min before)
@@ -17,7 +18,7 @@ for part in "$@"; do
   echo "== $part"
   case $part in
     profile) timeout 200 python3 $s --model sd15 --batch 1 --repeats 3 --time-budget-s 160 --profile \
-        --rows "fp16 + CUDA,INT8 quant-only,FP8 quant-only,N=5 INT8 + graph,N=5 FP8 + graph,DeepCache N=5" \
+        --rows "fp16 + CUDA,INT8 quant-only,FP8 quant-only,W4A8,N=5 INT8 + graph,N=5 FP8 + graph,DeepCache N=5" \
         --out "$out/sd15-profile.json" ;;
     ddpm250) timeout 240 python3 $s --model dit-xl2 --sampler ddpm --batch 1 --repeats 5 --time-budget-s 200 \
         --rows "fp16 eager,fp16 + CUDA,cache-only N=2,INT8 quant-only,FP8 quant-only,N=2 INT8 + graph,N=2 FP8 + graph,N=3 FP8 + graph" \

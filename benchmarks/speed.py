@@ -173,10 +173,12 @@ def profile_run(pipe, kw: dict, device: str) -> dict:
             "kernels": launches, "ms_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))}
 
 
-def calibrate_plan(pipe, model: str, steps: int, interval: int, bits: bool, cache: dict):
-    key = (interval, bits)
+def calibrate_plan(pipe, model: str, steps: int, interval: int, wbits: int | None, cache: dict):
+    """A plan with ``wbits``-bit weights and 8-bit activations (None: cache only), calibrated once."""
+    key = (interval, wbits)
+    bits = wbits is not None
     if key not in cache:
-        cfg = cq.CacheQuantConfig(interval=interval, schedule="uniform", weight_bits=8 if bits else None,
+        cfg = cq.CacheQuantConfig(interval=interval, schedule="uniform", weight_bits=wbits,
                                   act_bits=8 if bits else None, quant_attention=False, num_calib_samples=1,
                                   calib_batch_size=1, dps_samples=1)
         inputs = {"prompts": ["a photo"]} if model == "sd15" else {"class_labels": [0]}
@@ -194,8 +196,8 @@ def set_denoiser(pipe, m) -> None:
     setattr(pipe, denoiser_of(pipe)[0], m)
 
 
-def row_cq(pipe, model, steps, interval, kind, graphs, plans, **_):
-    plan = calibrate_plan(pipe, model, steps, interval, kind is not None, plans)
+def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, **_):
+    plan = calibrate_plan(pipe, model, steps, interval, wbits if kind is not None else None, plans)
     cq.accelerate(pipe, plan, backend=kind or "fake")
     info = {"full_steps": len(plan.schedule), "calls": plan.num_calls, "calib_s": plan.meta["bench_calib_s"]}
     if kind:
@@ -212,11 +214,11 @@ def row_cq(pipe, model, steps, interval, kind, graphs, plans, **_):
     return info, lambda: cq.restore(pipe)
 
 
-def row_cq_lean(pipe, model, steps, interval, kind, plans, **_):
+def row_cq_lean(pipe, model, steps, interval, kind, plans, wbits=8, **_):
     """As ``row_cq`` with graphs, on a copy of the denoiser whose float weights are dropped after
     packing (``keep_float_weights=False``): the memory a deployment holds. The original waits on
     the CPU meanwhile, so the peak memory is the lean model's."""
-    plan = calibrate_plan(pipe, model, steps, interval, True, plans)
+    plan = calibrate_plan(pipe, model, steps, interval, wbits, plans)
     orig = denoiser(pipe)
     dev = next(orig.parameters()).device
     lean = copy.deepcopy(orig)
@@ -320,6 +322,10 @@ def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
     for kind in ("int8", "fp8"):
         rows.append((f"CacheQuant N={n_list[0]} {kind.upper()} + graph, 8-bit weights only", row_cq_lean,
                      dict(interval=n_list[0], kind=kind)))
+    # W4A8: 4-bit weight codes packed two per byte in the INT8 kernel
+    rows.append(("cachequant W4A8 quant-only + graph", row_cq, dict(interval=1, kind="int8", graphs=True, wbits=4)))
+    rows.append((f"CacheQuant N={n_list[0]} W4A8 + graph, 4-bit weights only", row_cq_lean,
+                 dict(interval=n_list[0], kind="int8", wbits=4)))
     for n in ([3, 5] if model == "sd15" else []):
         rows.append((f"DeepCache N={n}", row_deepcache, dict(interval=n)))
     rows.append(("diffusers FirstBlockCache", row_diffusers_cache, {}))

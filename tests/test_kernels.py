@@ -97,10 +97,25 @@ def test_int8_kernel_equals_fake_quant_reference(name, make, xshape, kw, algo):
     assert _compare(q, rt, xs, "int8", algo) < 1e-4
 
 
-def test_int8_kernel_w4a8_weights():
+W4_SHAPES = [
+    ("conv3x3-packed", lambda: nn.Conv2d(32, 16, 3, padding=1), (2, 32, 5, 5), {}, True),
+    ("linear-packed-dec-split", lambda: nn.Linear(128, 40), (21, 128), {"split": 64, "dec": True}, True),
+    ("conv3x3-split-packed", lambda: nn.Conv2d(128, 24, 3, padding=1), (1, 128, 5, 4), {"split": 64}, True),
+    ("conv3x3-c48-unpacked", lambda: nn.Conv2d(48, 16, 3, padding=1), (2, 48, 4, 4), {}, False),  # 48 % 32 ≠ 0
+]
+
+
+@pytest.mark.parametrize("name,make,xshape,kw,packed", W4_SHAPES, ids=[s[0] for s in W4_SHAPES])
+def test_int8_kernel_w4a8_weights(name, make, xshape, kw, packed):
+    """W4A8: 4-bit weight codes two per byte (half the weight bytes) where the input parts allow
+    the unmasked K loop, one per byte elsewhere; both equal the fake-quant reference."""
     torch.manual_seed(0)
-    q, rt, xs = _layer(nn.Conv2d(32, 16, 3, padding=1), (2, 32, 5, 5), weight_bits=4)
+    q, rt, xs = _layer(make(), xshape, weight_bits=4, **kw)
     assert _compare(q, rt, xs, "int8") < 1e-4
+    pk = q._packed
+    assert pk.w4 == packed
+    ktot = q.inner.weight[0].numel()
+    assert pk.w.shape == (q.inner.weight.shape[0], ktot // 2 if packed else ktot)
 
 
 @pytest.mark.skipif(not CUDA, reason="Triton's interpreter has no fp8 arithmetic; runs on the GPU (device)")

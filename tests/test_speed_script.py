@@ -14,7 +14,7 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     out = tmp_path / "dit.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2",
                         "--sampler", "ddim", "--steps", "4", "--repeats", "2", "--intervals", "2",
-                        "--rows", "fp16 eager,cache-only,FirstBlockCache,INT8 + graph, 8-bit", "--profile", "--out", str(out)],
+                        "--rows", "fp16 eager,cache-only,FirstBlockCache,INT8 + graph, 8-bit,W4A8 + graph", "--profile", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -26,6 +26,8 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     lean = rows["CacheQuant N=2 INT8 + graph, 8-bit weights only"]  # Triton's interpreter on the CPU
     assert lean["median_s"] > 0 and lean["kernel_layers"] > 0, lean
     assert 0 < lean["packed_weight_gib"] * 4 <= lean["float_weight_gib_dropped"] * 1.0001  # fp32 → 8 bit
+    w4 = rows["CacheQuant N=2 W4A8 + graph, 4-bit weights only"]
+    assert w4["median_s"] > 0 and w4["packed_weight_gib"] * 4 < w4["float_weight_gib_dropped"], w4  # < 8 bits
     assert rows["diffusers FirstBlockCache"]["median_s"] > 0  # diffusers' own cache hooks, applied to DiT
     assert not any(name.startswith("DeepCache") for name in rows)  # the UNet-only helper has no DiT rows
     assert res["gmacs_per_image_call"] > 0

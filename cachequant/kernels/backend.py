@@ -71,7 +71,7 @@ def _run(pk, x2d, y2d, rt, c: int, m_out: int, geom: tuple) -> None:
 
     q = torch.empty(x2d.shape, device=x2d.device, dtype=torch.uint8 if fp8 else torch.int8)
     quantize(x2d, q, rt.step_t, pk.act_s, pk.act_z, pk.split, rt.num_calls, fp8)
-    gemm(q, *args)
+    gemm(q, *args, w4=pk.w4)
 
 
 def kernel_forward(layer: _QuantBase, x: torch.Tensor) -> torch.Tensor:

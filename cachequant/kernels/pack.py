@@ -21,7 +21,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 @dataclass
 class Packed:
     kind: str               # "int8" | "fp8"
-    w: torch.Tensor         # (N, KH·KW·C) int8 codes, or e4m3 bytes as uint8; K contiguous
+    w: torch.Tensor         # (N, KH·KW·C) int8 codes, or e4m3 bytes as uint8, or (N, KH·KW·C / 2)
+                            # 4-bit codes two per byte (w4); K contiguous
     w_s: torch.Tensor       # (N,) fp32
     w_z: torch.Tensor | None    # (N,) int32, zw − 128 (int8 only)
     w_sum: torch.Tensor | None  # (halves, N) int32, Σ_k w' per input half (int8 only)
@@ -35,6 +36,7 @@ class Packed:
     kw: int
     conv: dict | None       # stride / padding / dilation for Conv2d
     algo: str = "two-pass"  # "two-pass" (quantize, then GEMM) | "fused" (quantize in the GEMM prologue)
+    w4: bool = False        # 4-bit weight codes packed two per byte (W4A8, two-pass INT8 only)
 
 
 def unsupported_reason(layer: _QuantBase) -> str | None:
@@ -81,13 +83,23 @@ def pack_layer(layer: _QuantBase, kind: str, algo: str = "two-pass") -> Packed:
     zeros = torch.stack([q.zero_point.float() for q in layer.act])
     # Calls a layer never ran on during calibration (deep layers on cached steps) keep scale 1;
     # the plan's schedule, checked by the session, guarantees they are not executed then either.
+    w4 = False
     if kind == "int8":
         codes = torch.clamp(torch.round(w_khwc / ws.view(n, 1, 1, 1)) + wz.view(n, 1, 1, 1), 0, 2**layer.weight_bits - 1)
-        wq = (codes - 128).to(torch.int8)
+        w4 = layer.weight_bits <= 4 and algo == "two-pass" and packs_w4(c, layer.split or 0)
+        # 4-bit codes keep their value (0..15, zero point unshifted); 8-bit ones are shifted by −128
+        # into int8. The kernel's zero-point algebra is the same for any shift.
+        shift = 0 if w4 else 128
+        wq = (codes - shift).to(torch.int8)
         bounds = [(0, c)] if halves == 1 else [(0, layer.split), (layer.split, c)]
         w_sum = torch.stack([wq[..., lo:hi].to(torch.int32).sum(dim=(1, 2, 3)) for lo, hi in bounds])
-        packed_w = wq.reshape(n, -1).contiguous()
-        w_s, w_z = ws, (wz - 128).to(torch.int32)
+        flat = wq.reshape(n, -1)
+        if w4:
+            u = flat.to(torch.uint8)  # codes 0..15
+            packed_w = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+        else:
+            packed_w = flat.contiguous()
+        w_s, w_z = ws, (wz - shift).to(torch.int32)
         act_s, act_z = scales, zeros - 128
     else:
         wd = layer.dequantized_weight().float()
@@ -106,4 +118,12 @@ def pack_layer(layer: _QuantBase, kind: str, algo: str = "two-pass") -> Packed:
         dec_a, dec_b = layer.dec_a.float().contiguous(), layer.dec_b.float().contiguous()
     to = lambda t: None if t is None else t.to(dev).contiguous()  # noqa: E731
     return Packed(kind, packed_w.to(dev), to(w_s), to(w_z), to(w_sum), to(act_s), to(act_z), to(bias),
-                  to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv, algo)
+                  to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv, algo, w4)
+
+
+def packs_w4(c: int, split: int) -> bool:
+    """4-bit weights are stored two per byte when every input part is a multiple of the K block
+    (the unmasked kernel path, whose byte offsets are then even); else one code per byte."""
+    from .triton_gemm import k_block
+
+    return k_block(c, split)[1]

@@ -24,6 +24,17 @@ import triton.language as tl
 from .triton_common import conv_rows, dec_scale, int8_dequant, store_output, tap_rows, tile_offsets
 
 
+@triton.jit
+def unpack_w4(w_ptr, offs_n, mask_n, ktot, kb0, BK: tl.constexpr):
+    """A (BK, BN) int8 tile of 4-bit weight codes stored two per byte along K (even k in the low
+    nibble): BK/2 bytes per column are read, half the traffic of 8-bit codes."""
+    kb = kb0 + tl.arange(0, BK // 2)
+    b = tl.load(w_ptr + offs_n[None, :] * (ktot // 2) + kb[:, None], mask=mask_n[None, :], other=0)
+    lo = (b & 15).to(tl.int8)
+    hi = (b >> 4).to(tl.int8)
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, lo.shape[1]))
+
+
 @triton.jit(do_not_specialize=["M", "SPLIT", "T", "H", "W", "OH", "OW", "STRIDE", "PAD", "DIL"])
 def _gemm_kernel(
     q_ptr, w_ptr, y_ptr,
@@ -34,7 +45,7 @@ def _gemm_kernel(
     H, W, OH, OW, STRIDE, PAD, DIL,
     KH: tl.constexpr, KW: tl.constexpr,
     IS_FP8: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DEC: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, W4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
@@ -70,8 +81,11 @@ def _gemm_kernel(
                 offs_k = c0 + tl.arange(0, BK)
                 if EVEN_K:
                     a = tl.load(q_ptr + row[:, None] + offs_k[None, :], mask=valid[:, None], other=pad_code)
-                    wt = tl.load(w_ptr + offs_n[None, :] * ktot + (r * C + offs_k)[:, None],
-                                 mask=mask_n[None, :], other=0)
+                    if W4:
+                        wt = unpack_w4(w_ptr, offs_n, mask_n, ktot, (r * C + c0) // 2, BK)
+                    else:
+                        wt = tl.load(w_ptr + offs_n[None, :] * ktot + (r * C + offs_k)[:, None],
+                                     mask=mask_n[None, :], other=0)
                 else:
                     mask_k = offs_k < c_hi
                     a = tl.load(q_ptr + row[:, None] + offs_k[None, :], mask=valid[:, None] & mask_k[None, :],
@@ -97,18 +111,20 @@ def _gemm_kernel(
     store_output(out, y_ptr, bias_ptr, dec_b_ptr, step, offs_m, offs_n, M, N, HAS_BIAS, HAS_DEC)
 
 
-def block_config(M: int, N: int, C: int, split: int) -> dict:
-    """Tile sizes by shape (no autotuning: a compile per shape × config would cost minutes at
-    start-up on SD's ~40 distinct shapes). BK is the largest of 128 / 64 / 32 dividing every input
-    part, so the common case runs without K masks (``EVEN_K``)."""
+def k_block(C: int, split: int) -> tuple[int, bool]:
+    """(BK, EVEN_K): the largest of 128 / 64 / 32 dividing every input part, so the common case runs
+    without K masks; else a masked BK."""
     parts = [C] if not split else [split, C - split]
-    bk, even = 32, False
     for cand in (128, 64, 32):
         if all(p % cand == 0 for p in parts):
-            bk, even = cand, True
-            break
-    if not even:
-        bk = max(32, min(64, triton.next_power_of_2(max(parts))))
+            return cand, True
+    return max(32, min(64, triton.next_power_of_2(max(parts)))), False
+
+
+def block_config(M: int, N: int, C: int, split: int) -> dict:
+    """Tile sizes by shape (no autotuning: a compile per shape × config would cost minutes at
+    start-up on SD's ~40 distinct shapes); BK from :func:`k_block`."""
+    bk, even = k_block(C, split)
     bm = 128 if M > 64 else max(16, triton.next_power_of_2(M))
     bn = 128 if N >= 128 else max(32, triton.next_power_of_2(N))
     warps = 8 if bm * bn >= 128 * 128 else 4
@@ -116,9 +132,13 @@ def block_config(M: int, N: int, C: int, split: int) -> dict:
 
 
 def gemm(q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
-         M: int, N: int, C: int, split: int, T: int, geom: tuple, kh: int, kw: int, fp8: bool) -> None:
+         M: int, N: int, C: int, split: int, T: int, geom: tuple, kh: int, kw: int, fp8: bool,
+         w4: bool = False) -> None:
     H, W, OH, OW, stride, pad, dil = geom
     cfg = block_config(M, N, C, split)
+    if w4 and (fp8 or not cfg["EVEN_K"]):
+        raise ValueError("4-bit packed weights need the INT8 kernel and input parts divisible by 32 "
+                         "(pack.pack_layer only packs such layers)")
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     dummy = w_s
     _gemm_kernel[grid](
@@ -128,5 +148,5 @@ def gemm(q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
         dec_b if dec_b is not None else dummy,
         M, N, C, split, T, H, W, OH, OW, stride, pad, dil,
         KH=kh, KW=kw, IS_FP8=fp8, HAS_SPLIT=split > 0, HAS_BIAS=bias is not None, HAS_DEC=dec_a is not None,
-        **cfg,
+        W4=w4, **cfg,
     )
