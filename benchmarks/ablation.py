@@ -9,7 +9,7 @@ skips what is done, a crash in one variant is recorded and the next variant runs
 
 Tables: ``unet`` (cifar10-unet, DDIM 100), ``dit-ddpm250`` / ``dit-ddim50`` (cifar10-dit, guidance
 1.5, labels = index % 10) and ``qandc`` (cifar10-dit, DDIM 50, N = 3, W8A8: the Q&C paper's
-ablations on our model).
+ablations on our model), ``qandc-unet`` (its main rows on cifar10-unet, N = 10).
 
 Why it is built this way: GPU time is scarce, so (1) every variant samples the *same* seeds as
 ``cachequant evaluate`` (``cachequant.metrics.sampling``: sample *i* gets its own generator and
@@ -99,6 +99,18 @@ def _cache_quant_variants(intervals_cache: list[int], intervals_joint: list[int]
     return vs
 
 
+def _qandc_unet_variants() -> list[Variant]:
+    """Does Q&C transfer to the UNet? Its main rows at the UNet table's N = 10, W8A8."""
+    base = dict(interval=10, schedule="uniform", dec=False)
+    return [Variant("fp", "full precision", None),
+            Variant("baseline", "cache N=10 + W8A8 (trajectory calibration)", dict(base)),
+            Variant("tap", "+ TAP", dict(base, calibration="tap")),
+            Variant("vc", "+ VC", dict(base, vc=True)),
+            Variant("tap-vc", "+ TAP + VC", dict(base, calibration="tap", vc=True)),
+            Variant("union", "DPS + DEC + TAP + VC", dict(interval=10, schedule="dps", dec=True, calibration="tap",
+                                                          vc=True))]
+
+
 def _qandc_variants() -> list[Variant]:
     """Q&C's ablations at N = 3, W8A8; the baseline is uniform caching + W8A8 with the default
     calibration (``CacheQuantConfig.calibration = "trajectory"``: every step of every calibration
@@ -128,9 +140,11 @@ TABLES: dict[str, Table] = {
                         _cache_quant_variants([2, 3, 5], [2, 3], w4=False)),
     "qandc": Table("qandc", "Q&C ablations: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5", "cifar10-dit",
                    "ddim", 50, 1.5, _qandc_variants()),
+    "qandc-unet": Table("qandc-unet", "Q&C on the UNet: CIFAR-10 UNet, DDIM 100 steps, N = 10, W8A8", "cifar10-unet",
+                        "ddim", 100, None, _qandc_unet_variants()),
 }
 
-REPORT_FILES = {"ablation": ["unet", "dit-ddpm250", "dit-ddim50"], "qandc": ["qandc"]}
+REPORT_FILES = {"ablation": ["unet", "dit-ddpm250", "dit-ddim50"], "qandc": ["qandc", "qandc-unet"]}
 
 JPEG_NOTE = ("The CIFAR FID here is against the JPEG-q75 re-encoding of CIFAR-10 (`shared/data/cifar10`), computed "
              "with the early-stage shipped models: it is not comparable to published CIFAR-10 FIDs.")
