@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -383,6 +384,10 @@ def kernel_microbench() -> list[dict]:
               ("conv3x3 SD 320ch 64² b2", nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64)),
               ("conv3x3 SD 640ch 32² b16", nn.Conv2d(640, 640, 3, padding=1), (16, 640, 32, 32)),
               ("conv3x3 SD 1280ch 16² b16", nn.Conv2d(1280, 1280, 3, padding=1), (16, 1280, 16, 16)),
+              # batch 1 with CFG: the deep blocks' few output tiles, where split-K applies
+              ("conv3x3 SD 1280ch 16² b2", nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 16, 16)),
+              ("conv3x3 SD 1280ch 8² b2", nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 8, 8)),
+              ("linear SD cross-attn k 154x1280x768 (b2)", nn.Linear(768, 1280), (2, 77, 768)),
               ("linear DiT-XL qkv 512x3456x1152 (b2)", nn.Linear(1152, 3456), (2, 256, 1152)),
               ("linear DiT-XL ff 4096x4608x1152 (b16)", nn.Linear(1152, 4608), (16, 256, 1152))]
     for name, mod, xs in shapes:
@@ -402,7 +407,9 @@ def kernel_microbench() -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 row["fp16_torch_graph_error"] = f"{type(e).__name__}: {e}"[:200]
             for kind in ("int8", "fp8"):
-                for algo in ("two-pass", "fused"):
+                for algo in ("two-pass", "two-pass-nosplit", "fused"):
+                    # two-pass-nosplit: the same kernel with split-K off, to see what splitting buys
+                    os.environ["CACHEQUANT_SPLIT_K"] = "1" if algo == "two-pass-nosplit" else "auto"
                     try:
                         rt = Runtime(1, frozenset([0]))
                         q = wrap_module(mod, 8, 8, rt).to(d)
@@ -411,12 +418,15 @@ def kernel_microbench() -> list[dict]:
                         q(x)
                         q.act[0].finalize()
                         rt.quant_mode = "quant"
-                        enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False, algo=algo)
+                        enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False,
+                                       algo="fused" if algo == "fused" else "two-pass")
                         ms = tt.do_bench(lambda: kernel_forward(q, x))
                         row[f"{kind}_{algo}_tops"] = 2 * macs / ms / 1e9
                         row[f"{kind}_{algo}_graph_tops"] = 2 * macs / graph_ms(lambda: kernel_forward(q, x)) / 1e9
                     except Exception as e:  # noqa: BLE001
                         row[f"{kind}_{algo}_error"] = f"{type(e).__name__}: {e}"[:200]
+                    finally:
+                        os.environ.pop("CACHEQUANT_SPLIT_K", None)
         print(json.dumps(row), flush=True)
         out.append(row)
     return out

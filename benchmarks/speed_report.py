@@ -15,18 +15,22 @@ def fmt(x, spec: str = ".2f") -> str:
 
 
 def kernels_table(rows: list[dict]) -> str:
-    out = ["| operation | fp16 (torch) TFLOP/s | INT8 two-pass | INT8 fused | FP8 two-pass | FP8 fused |",
-           "|---|---|---|---|---|---|"]
+    algos = ["two-pass", "fused"]
+    if any(f"{k}_two-pass-nosplit_tops" in r for r in rows for k in ("int8", "fp8")):
+        algos.insert(1, "two-pass-nosplit")  # the same kernel with split-K off
+    names = [f"{k.upper()} {a.replace('two-pass-nosplit', 'two-pass, no split-K')}" for k in ("int8", "fp8")
+             for a in algos]
+    out = ["| operation | fp16 (torch) TFLOP/s | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
     graph = any("fp16_torch_graph_tops" in r for r in rows)
     ceil = []
     for r in rows:
         if "tops" in r:
             ceil.append(f"- {r['op']}: **{r['tops']:.0f}** TOPS")
             continue
-        cells = [fmt(r.get(f"{k}_{a}_tops"), ".0f") for k in ("int8", "fp8") for a in ("two-pass", "fused")]
+        cells = [fmt(r.get(f"{k}_{a}_tops"), ".0f") for k in ("int8", "fp8") for a in algos]
         out.append(f"| {r['op']} | {fmt(r.get('fp16_torch_tops'), '.0f')} | " + " | ".join(cells) + " |")
         if graph:
-            cells = [fmt(r.get(f"{k}_{a}_graph_tops"), ".0f") for k in ("int8", "fp8") for a in ("two-pass", "fused")]
+            cells = [fmt(r.get(f"{k}_{a}_graph_tops"), ".0f") for k in ("int8", "fp8") for a in algos]
             out.append(f"| ↳ graph-replayed | {fmt(r.get('fp16_torch_graph_tops'), '.0f')} | " + " | ".join(cells) + " |")
     return "Measured ceilings (same run):\n\n" + "\n".join(ceil) + "\n\n" + "\n".join(out)
 

@@ -287,3 +287,50 @@ def test_dropping_float_weights_keeps_images_and_frees_memory(make_pipe):
         cq.restore(pipe)
     assert cq.is_accelerated(pipe)  # still usable after the refused restore
     assert np.array_equal(run(pipe, "ddim", 4, n=1), kept)
+
+
+SPLIT_K_SHAPES = [
+    ("conv3x3-taps-split-dec", lambda: nn.Conv2d(128, 24, 3, padding=1), (1, 128, 3, 3), {"split": 64, "dec": True}),
+    ("linear-k-blocks-split-dec", lambda: nn.Linear(768, 40), (9, 768), {"split": 384, "dec": True}),
+    ("linear-k-blocks", lambda: nn.Linear(768, 24, bias=False), (5, 768), {}),
+]
+
+
+@pytest.mark.parametrize("forced", ["2", "3"])
+@pytest.mark.parametrize("name,make,xshape,kw", SPLIT_K_SHAPES, ids=[s[0] for s in SPLIT_K_SHAPES])
+def test_split_k_equals_reference(name, make, xshape, kw, forced, monkeypatch):
+    """Split-K (over filter taps for a conv, over K blocks for a GEMM): the partial sums, the
+    zero-point terms counted once, bias and DEC offset once, add up to the reference."""
+    from cachequant.kernels.triton_gemm import block_config, split_k
+
+    monkeypatch.setenv("CACHEQUANT_SPLIT_K", forced)
+    torch.manual_seed(0)
+    q, rt, xs = _layer(make(), xshape, **kw)
+    c = q.inner.weight.shape[1]
+    taps = q.inner.weight[0, 0].numel() if q.inner.weight.dim() == 4 else 1
+    k, tap_split = split_k(9, q.inner.weight.shape[0], c, taps, block_config(9, 1, c, kw.get("split") or 0), 132)
+    assert k == int(forced) and tap_split == (taps > 1)  # the shape really is split
+    assert _compare(q, rt, xs, "int8") < 1e-4
+    split_out = [_kernel_out(q, rt, xs, t) for t in range(T)]
+    monkeypatch.setenv("CACHEQUANT_SPLIT_K", "1")
+    for t in range(T):  # integer partial sums: the split changes no bit of the result
+        assert torch.equal(split_out[t], _kernel_out(q, rt, xs, t))
+
+
+@torch.no_grad()
+def _kernel_out(q, rt, xs, t):
+    rt.step = t
+    rt.step_t.fill_(t)
+    return kernel_forward(q, xs[t])
+
+
+def test_split_k_choice():
+    from cachequant.kernels.triton_gemm import block_config, split_k
+
+    def choose(M, N, C, taps):
+        return split_k(M, N, C, taps, block_config(M, N, C, 0), 132)
+
+    assert choose(128, 1280, 1280, 9) == (9, True)     # SD 8×8 conv at batch 2: 10 tiles → every tap
+    assert choose(8192, 320, 320, 9) == (1, False)     # 64² conv: 192 tiles, the GPU is full
+    assert choose(154, 1280, 768, 1) == (3, False)     # cross-attention k/v: K blocks
+    assert choose(16, 64, 64, 1) == (1, False)         # one K block: nothing to split

@@ -57,13 +57,17 @@ def fp8_code(x, s):
 
 
 @triton.jit
-def int8_dequant(acc, rs, w_z, zf, w_sum_ptr, h, N, offs_n, mask_n, cnt, scale):
-    """Σ (w' − zw')(q' − z') = Σw'q' − zw'·Σq' − z'·Σw' + K·zw'·z' (exact in int32), times
-    activation scale × weight scale (``scale``, per output channel)."""
+def int8_total(acc, rs, w_z, zf, w_sum_ptr, h, N, offs_n, mask_n, cnt):
+    """Σ (w' − zw')(q' − z') = Σw'q' − zw'·Σq' − z'·Σw' + K·zw'·z', exact in int32."""
     zi = zf.to(tl.int32)
     wsum = tl.load(w_sum_ptr + h * N + offs_n, mask=mask_n, other=0)
-    tot = acc - w_z[None, :] * rs[:, None] - zi * wsum[None, :] + (cnt * zi) * w_z[None, :]
-    return tot.to(tl.float32) * scale[None, :]
+    return acc - w_z[None, :] * rs[:, None] - zi * wsum[None, :] + (cnt * zi) * w_z[None, :]
+
+
+@triton.jit
+def int8_dequant(acc, rs, w_z, zf, w_sum_ptr, h, N, offs_n, mask_n, cnt, scale):
+    """:func:`int8_total` times activation scale × weight scale (``scale``, per output channel)."""
+    return int8_total(acc, rs, w_z, zf, w_sum_ptr, h, N, offs_n, mask_n, cnt).to(tl.float32) * scale[None, :]
 
 
 @triton.jit
@@ -84,4 +88,5 @@ def store_output(out, y_ptr, bias_ptr, dec_b_ptr, step, offs_m, offs_n, M, N,
         out += tl.load(dec_b_ptr + step * N + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+
 

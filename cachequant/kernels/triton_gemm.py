@@ -18,10 +18,14 @@ activation tile with a tile of ones, instead of a reduction on the CUDA cores in
 
 from __future__ import annotations
 
+import functools
+import os
+
+import torch
 import triton
 import triton.language as tl
 
-from .triton_common import conv_rows, dec_scale, int8_dequant, store_output, tap_rows, tile_offsets
+from .triton_common import conv_rows, dec_scale, int8_total, store_output, tap_rows, tile_offsets
 
 
 @triton.jit
@@ -46,9 +50,28 @@ def _gemm_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     IS_FP8: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DEC: tl.constexpr,
     EVEN_K: tl.constexpr, W4: tl.constexpr,
+    SPLIT_K: tl.constexpr, TAP_SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
+    # Split-K: program (tile, kp) reduces every SPLIT_K-th filter tap (convs) or K block (GEMMs)
+    # and adds its raw per-part sums into a workspace (int32 for INT8: exact, so the result does not
+    # depend on the split); :func:`_split_k_epilogue` then does what the epilogue below does. With
+    # SPLIT_K = 1 the loops below are the plain ones.
+    if SPLIT_K > 1:
+        kp = tl.program_id(1)
+    else:
+        kp = 0
+    if TAP_SPLIT:
+        r_lo = kp
+        c_off = 0
+        r_step = SPLIT_K
+        c_step = BK
+    else:
+        r_lo = 0
+        c_off = kp * BK
+        r_step = 1
+        c_step = BK * SPLIT_K
     step = tl.load(step_ptr)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -75,9 +98,9 @@ def _gemm_kernel(
             pad_code = zf.to(tl.int8)
             acc = tl.zeros((BM, BN), dtype=tl.int32)
             rs_acc = tl.zeros((BM, 16), dtype=tl.int32)
-        for r in range(KH * KW):
+        for r in range(r_lo, KH * KW, r_step):
             valid, row = tap_rows(r, KW, nb, oh, ow, mask_m, H, W, C, STRIDE, PAD, DIL)
-            for c0 in range(c_lo, c_hi, BK):
+            for c0 in range(c_lo + c_off, c_hi, c_step):
                 offs_k = c0 + tl.arange(0, BK)
                 if EVEN_K:
                     a = tl.load(q_ptr + row[:, None] + offs_k[None, :], mask=valid[:, None], other=pad_code)
@@ -99,15 +122,52 @@ def _gemm_kernel(
                 else:
                     acc = tl.dot(a, wt, acc, out_dtype=tl.int32)
                     rs_acc = tl.dot(a, ones, rs_acc, out_dtype=tl.int32)
-        if IS_FP8:
-            part = acc_f * (s * w_s)[None, :]
-        else:
+        if not IS_FP8:
             rs = tl.sum(rs_acc, axis=1) // 16
-            part = int8_dequant(acc, rs, w_z, zf, w_sum_ptr, h, N, offs_n, mask_n, KH * KW * (c_hi - c_lo), s * w_s)
+            if SPLIT_K > 1:
+                zf = zf * (kp == 0)  # the K-independent zero-point terms: once, in the first split only
+            tot = int8_total(acc, rs, w_z, zf, w_sum_ptr, h, N, offs_n, mask_n, KH * KW * (c_hi - c_lo))
+        if SPLIT_K > 1:
+            ws = y_ptr + h * M * N + offs_m[:, None] * N + offs_n[None, :]
+            wmask = mask_m[:, None] & mask_n[None, :]
+            if IS_FP8:
+                tl.atomic_add(ws, acc_f, mask=wmask)
+            else:
+                tl.atomic_add(ws, tot, mask=wmask)
+        else:
+            if IS_FP8:
+                part = acc_f * (s * w_s)[None, :]
+            else:
+                part = tot.to(tl.float32) * (s * w_s)[None, :]
+            if HAS_DEC and h == 0:
+                part = dec_scale(part, dec_a_ptr, step, N, offs_n, mask_n)
+            out += part
+
+    if SPLIT_K == 1:
+        store_output(out, y_ptr, bias_ptr, dec_b_ptr, step, offs_m, offs_n, M, N, HAS_BIAS, HAS_DEC)
+
+
+@triton.jit(do_not_specialize=["M", "T"])
+def _split_k_epilogue(ws_ptr, y_ptr, step_ptr, act_s_ptr, w_s_ptr, bias_ptr, dec_a_ptr, dec_b_ptr, M, N, T,
+                      HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DEC: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
+    """The split-K GEMM's epilogue over its summed workspace: the same float operations, in the same
+    order, as the unsplit kernel's, so the INT8 result is bit-identical to it."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    step = tl.load(step_ptr)
+    w_s = tl.load(w_s_ptr + offs_n, mask=mask_n, other=0.0)
+    out = tl.zeros((BM, BN), dtype=tl.float32)
+    for h in tl.static_range(2 if HAS_SPLIT else 1):
+        s = tl.load(act_s_ptr + h * T + step)
+        part = tl.load(ws_ptr + h * M * N + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        part = part.to(tl.float32) * (s * w_s)[None, :]
         if HAS_DEC and h == 0:
             part = dec_scale(part, dec_a_ptr, step, N, offs_n, mask_n)
         out += part
-
     store_output(out, y_ptr, bias_ptr, dec_b_ptr, step, offs_m, offs_n, M, N, HAS_BIAS, HAS_DEC)
 
 
@@ -119,6 +179,37 @@ def k_block(C: int, split: int) -> tuple[int, bool]:
         if all(p % cand == 0 for p in parts):
             return cand, True
     return max(32, min(64, triton.next_power_of_2(max(parts)))), False
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132  # the interpreter: an H100/H200's count, so the CPU tests take the GPU's decisions
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_k(M: int, N: int, C: int, taps: int, cfg: dict, sms: int) -> tuple[int, bool]:
+    """(SPLIT_K, TAP_SPLIT). Batch-1 shapes deep in a UNet (M = 128–512 rows, K up to 1280·9) give
+    only 10–40 output tiles for 132 SMs; splitting the reduction fills the GPU. A conv splits over
+    its filter taps, a GEMM over K blocks (at least 2 per split). ``CACHEQUANT_SPLIT_K=n`` forces n
+    (capped by what the shape allows), for tests and measurements."""
+    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    limit = taps if taps > 1 else max(1, triton.cdiv(C, cfg["BK"]) // 2)
+    forced = os.environ.get("CACHEQUANT_SPLIT_K", "auto")
+    if forced != "auto":
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"CACHEQUANT_SPLIT_K must be 'auto' or a positive integer, got {forced!r}")
+        want = int(forced)
+    elif 2 * tiles > sms:
+        want = 1
+    else:
+        want = triton.cdiv(sms, tiles)
+    k = max(1, min(want, limit, 16))
+    return k, k > 1 and taps > 1
 
 
 def block_config(M: int, N: int, C: int, split: int) -> dict:
@@ -139,14 +230,23 @@ def gemm(q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
     if w4 and (fp8 or not cfg["EVEN_K"]):
         raise ValueError("4-bit packed weights need the INT8 kernel and input parts divisible by 32 "
                          "(pack.pack_layer only packs such layers)")
-    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    sk, tap_split = split_k(M, N, C, kh * kw, cfg, num_sms(y.device))
+    out = y
+    if sk > 1:  # per-part raw sums, added up by the splits: int32 (exact) for INT8, fp32 for FP8
+        out = torch.zeros((2 if split else 1, M, N), device=y.device, dtype=torch.float32 if fp8 else torch.int32)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]), sk)
     dummy = w_s
     _gemm_kernel[grid](
-        q, w, y, step_t, act_s, act_z, w_s, w_z if w_z is not None else dummy,
+        q, w, out, step_t, act_s, act_z, w_s, w_z if w_z is not None else dummy,
         w_sum if w_sum is not None else dummy,
         bias if bias is not None else dummy, dec_a if dec_a is not None else dummy,
         dec_b if dec_b is not None else dummy,
         M, N, C, split, T, H, W, OH, OW, stride, pad, dil,
         KH=kh, KW=kw, IS_FP8=fp8, HAS_SPLIT=split > 0, HAS_BIAS=bias is not None, HAS_DEC=dec_a is not None,
-        W4=w4, **cfg,
+        W4=w4, SPLIT_K=sk, TAP_SPLIT=tap_split, **cfg,
     )
+    if sk > 1:
+        _split_k_epilogue[(triton.cdiv(M, 64), triton.cdiv(N, 64))](
+            out, y, step_t, act_s, w_s, bias if bias is not None else dummy, dec_a if dec_a is not None else dummy,
+            dec_b if dec_b is not None else dummy, M, N, T,
+            HAS_SPLIT=split > 0, HAS_BIAS=bias is not None, HAS_DEC=dec_a is not None, BM=64, BN=64)
