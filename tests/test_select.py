@@ -56,3 +56,16 @@ def test_bad_inputs():
         select("spectral", feats, ts, 2)
     with pytest.raises(ValueError, match="lambda must be in"):
         tap_select(feats, ts, 2, lam=1.5)
+
+
+def test_tap_clusters_decide_when_the_pool_is_small_next_to_the_selection():
+    """The ablation's proportions (1,600 pool entries, 256 to select, fraction 1/20): the parallel
+    subsamples must hold more than the selection, so the clustering (and λ) choose the samples
+    instead of a random top-up."""
+    feats, ts, _ = _pool(4, steps=40, per_step=40)
+    idx, groups = tap_select(feats, ts, 256, lam=0.5, seed=0, return_clusters=True)
+    candidates = np.unique(np.concatenate(groups))
+    assert len(candidates) >= 2 * 256 * 0.8  # random subsamples overlap a little
+    assert np.isin(idx, candidates).all()  # nothing topped up at random
+    lo, hi = (set(tap_select(feats, ts, 256, lam=lam, seed=0)) for lam in (0.1, 0.9))
+    assert len(lo ^ hi) > 0.2 * 256  # λ changes the selection

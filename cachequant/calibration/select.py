@@ -3,7 +3,8 @@
 TAP — temporal-aware parallel clustering (Q&C §3.1): caching makes samples along a trajectory
 redundant, so the calibration set should cover the pool's structure in *data and time*:
 
-1. draw P random subsamples of the pool (each a fraction of it, e.g. 1/20), in parallel threads;
+1. draw P random subsamples of the pool (each a fraction of it, e.g. 1/20, and together at least
+   twice the number to select), in parallel threads;
 2. per subsample, W = λ·S_data + (1 − λ)·S_time with Gaussian kernels
    S_data[i, j] = exp(−‖f_i − f_j‖² / (2σ_d²)),  S_time[i, j] = exp(−(t_i − t_j)² / (2σ_t²)),
    σ_d² = median of the pairwise squared feature distances (the usual median heuristic, so λ
@@ -14,6 +15,12 @@ redundant, so the calibration set should cover the pool's structure in *data and
 4. the P clusterings are combined by taking all their clusters together, and the calibration set
    is drawn uniformly across clusters (the same quota from each, without replacement; repeats
    across subsamples are skipped).
+
+Why "at least twice": the paper's pool is large next to its selection (800 from many thousands),
+so P subsamples of 1/20 hold far more than the selection. Ours is often small (32 trajectories ×
+50 steps = 1,600 entries, 256 to select). There, 3 × 80 subsampled entries are fewer than the
+selection: every one of them was chosen and the rest drawn at random, so neither the clustering
+nor λ decided anything. A first run of the Q&C table on 2026-12-01 had exactly this.
 
 Alternatives for comparison: ``random``, ``uniform-per-step`` (the same number from every step:
 the reference default), and scikit-learn's ``kmeans``, ``dbscan``, ``agglomerative`` on the
@@ -79,7 +86,8 @@ def tap_select(features: np.ndarray, steps: np.ndarray, num: int, *, lam: float 
     feats = np.asarray(features, dtype=np.float64).reshape(n, -1)
     steps = np.asarray(steps, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    m = min(n, max(int(round(n * fraction)), 2 * clusters // max(num_subsamples, 1), 8))
+    p = max(num_subsamples, 1)
+    m = min(n, max(int(round(n * fraction)), 2 * clusters // p, -(-2 * num // p), 8))
     subs = [np.sort(rng.choice(n, size=m, replace=False)) for _ in range(num_subsamples)]
     k = max(2, min(m, -(-clusters // num_subsamples)))  # the P clusterings together give ~`clusters`
 
