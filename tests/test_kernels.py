@@ -242,8 +242,14 @@ def test_reference_path_images_unchanged_by_the_fused_fake_quant(make_pipe, monk
     monkeypatch.setenv("CACHEQUANT_FAKE_QUANT_KERNEL", "0")
     torch_ops = run(pipe, "ddim", 4, n=2)
     monkeypatch.setenv("CACHEQUANT_FAKE_QUANT_KERNEL", "1")
+    import cachequant.kernels.triton_fakequant as fq
+
+    calls = []
+    real = fq.fake_quant_fused
+    monkeypatch.setattr(fq, "fake_quant_fused", lambda *a: calls.append(1) or real(*a))
     fused = run(pipe, "ddim", 4, n=2)
     cq.restore(pipe)
+    assert calls  # the kernel really ran (not the torch ops twice)
     assert np.array_equal(fused, torch_ops)
 
 
