@@ -779,6 +779,7 @@ def table_rows(data: dict) -> list[dict]:
             "calib_s": info.get("calibration_seconds") if info else None,
             "num_samples": m.get("num_samples") or (info or {}).get("num_samples"),
             "metrics_error": m.get("error") or (f"FID: {m['fid_error']}" if m.get("fid_error") else None),
+            "metrics_pending": m.get("pending"),
         })
     return out
 
@@ -805,6 +806,8 @@ def render_table(data: dict) -> list[str]:
         if r["same_as"] and r["calib_s"] is not None:
             cal += " (shared)"
         err = f" (metrics failed: {r['metrics_error']})" if r["metrics_error"] else ""
+        if r["metrics_pending"]:
+            err += f" ({', '.join(r['metrics_pending'])} not computed: the metrics run stopped first)"
         psnr, ssim = _fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f")
         if r["variant"] == "fp":
             psnr = ssim = "(reference)"
@@ -832,7 +835,9 @@ def render_report(work: Path, out: Path, name: str, tables: list[str], title: st
     Analysis section for the human who reads the numbers."""
     datas = []
     for t in tables:
-        d = read_json(work / f"{t}.json") or gather_table(work, TABLES[t])  # no metrics yet: sampling info only
+        # always from the per-variant files: a metrics run cut short leaves <table>.json stale or absent
+        env = (read_json(work / f"{t}.json") or {}).get("metrics_environment")
+        d = gather_table(work, TABLES[t], env=env)
         datas.append(d)
     envs = [(d.get("sample_status") or {}).get("environment") for d in datas]
     envs = [e for e in envs if e]
