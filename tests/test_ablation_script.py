@@ -114,6 +114,9 @@ def test_metrics_are_written_per_variant_while_sampling(ablation, tmp_path, monk
     cut = dict(m["w8a8"], pending=["fid", "psnr_vs_fp", "ssim_vs_fp"])
     del cut["fid"]
     (tdir / "w8a8" / "metrics.json").write_text(json.dumps(cut))
+    assert ablation.main(["report", "--work", str(work), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "ablation.md").read_text()  # the report reads the variants' files, not unet.json
+    assert "not computed: the metrics run stopped first" in md and f"{m['fp']['fid']:.2f}" in md
     assert ablation.main(["metrics", "--table", "unet", "--work", str(work), "--ref-stats", str(ref),
                           "--device", "cpu", "--workers", "1", "--quiet"]) == 0
     assert (tdir / "fp" / "metrics.json").stat().st_mtime_ns == mtime
