@@ -226,7 +226,9 @@ def run_key(table: Table, variant: Variant, args, steps: int, model: str) -> dic
     """Everything the images of a variant depend on; equal keys = identical samples (shared)."""
     return {"model": model, "scheduler": table.scheduler, "steps": steps, "guidance_scale": table.guidance_scale,
             "num_samples": args.num_samples, "seed": args.seed, "config": full_config(variant, calib_settings(args)),
-            "backend": getattr(args, "backend", "fake")}
+            "backend": getattr(args, "backend", "fake"),
+            # kernel backends only (the reference path always runs the plan's attention)
+            **({"kernel_attention": args.kernel_attention} if getattr(args, "backend", "fake") != "fake" else {})}
 
 
 def key_hash(key: dict) -> str:
@@ -345,7 +347,7 @@ def sample_variant(pipe, table: Table, variant: Variant, args, steps: int, model
     kw = {} if table.guidance_scale is None else {"guidance_scale": table.guidance_scale}
     _, model_mod = denoiser_of(pipe)
     if plan is not None:
-        cq.accelerate(pipe, plan, backend=args.backend)
+        cq.accelerate(pipe, plan, backend=args.backend, kernel_attention=args.kernel_attention)
     try:
         with torch.inference_mode():
             with count_ops(model_mod) as ops:  # one image, as `cachequant evaluate` counts
@@ -952,6 +954,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="fake", choices=["fake", "int8", "fp8", "auto"],
                    help="quantized-layer execution; the tables use the fake-quant reference (8-bit attention "
                         "matmuls included, as in the reference work)")
+    s.add_argument("--kernel-attention", default="8bit", choices=["8bit", "sdpa"],
+                   help="with --backend int8/fp8: keep the plans' 8-bit attention matmuls (default: the tables "
+                        "then compute what the reference computes, at kernel speed for the linear / conv layers) "
+                        "or run fused float SDPA")
     s.add_argument("--ref-stats", default=None,
                    help="reference .npz from `cachequant ref-stats`: compute each variant's metrics as soon as it "
                         "is sampled (as the `metrics` step would)")

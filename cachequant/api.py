@@ -13,13 +13,18 @@ from .runtime import Runtime
 from .session import check_sampler, install_session, session_of
 
 
-def accelerate(pipe: Any, plan: Plan, backend: str = "auto", keep_float_weights: bool = True) -> Any:
+def accelerate(pipe: Any, plan: Plan, backend: str = "auto", keep_float_weights: bool = True,
+               kernel_attention: str = "sdpa") -> Any:
     """Applies ``plan`` to ``pipe`` in place; the pipeline is then called exactly as before.
 
     ``backend`` executes the quantized layers: ``fake`` (float reference, any device), ``int8`` /
     ``fp8`` (fused Triton kernels on a CUDA GPU; attention matmuls then run in fused fp16/bf16
     SDPA), or ``auto`` (``int8`` on a CUDA GPU of compute capability ≥ 8.0, else ``fake``). Layers a
     kernel cannot run keep the reference path; ``kernel_report(pipe)`` lists them.
+
+    ``kernel_attention`` (kernel backends): ``sdpa`` (default) runs attention in fused float SDPA;
+    ``8bit`` keeps the plan's 8-bit attention matmuls, so that the kernel path computes what the
+    fake-quant reference computes (quality tables at kernel speed).
 
     ``keep_float_weights=False`` (kernel backends only) frees the float weights of the layers that
     run on a kernel, so that the accelerated model holds 8-bit weights instead of both; the
@@ -29,6 +34,8 @@ def accelerate(pipe: Any, plan: Plan, backend: str = "auto", keep_float_weights:
     weights) or the scheduler class differ from the calibrated ones; a different step count is
     caught when the pipeline is called.
     """
+    if kernel_attention not in ("sdpa", "8bit"):
+        raise ValueError(f"kernel_attention must be 'sdpa' or '8bit', got {kernel_attention!r}")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a cachequant.Plan (from cq.calibrate or cq.load_plan), got {type(plan).__name__}")
     attr, model = denoiser_of(pipe)
@@ -55,7 +62,7 @@ def accelerate(pipe: Any, plan: Plan, backend: str = "auto", keep_float_weights:
                                        search_weights=False)
             sess.quant.load(plan.tensors)
             rt.quant_mode = "quant"
-            _enable_backend(sess, model, rt, backend, device, keep_float_weights)
+            _enable_backend(sess, model, rt, backend, device, keep_float_weights, kernel_attention)
         elif backend in ("int8", "fp8"):
             raise ValueError(f"backend={backend!r} was asked for, but this plan has no quantization (cache only)")
         elif not keep_float_weights:
@@ -67,7 +74,8 @@ def accelerate(pipe: Any, plan: Plan, backend: str = "auto", keep_float_weights:
     return pipe
 
 
-def _enable_backend(sess, model, rt, backend: str, device, keep_float_weights: bool = True) -> None:
+def _enable_backend(sess, model, rt, backend: str, device, keep_float_weights: bool = True,
+                    kernel_attention: str = "sdpa") -> None:
     from .kernels.backend import disable_kernels, drop_float_weights, enable_kernels, select_backend
 
     kind = select_backend(backend, device)
@@ -78,7 +86,7 @@ def _enable_backend(sess, model, rt, backend: str, device, keep_float_weights: b
                              f"runs the fake-quant reference here (device {device}), which computes from the float "
                              "weights")
         return
-    report = enable_kernels(model, sess.quant.layers, rt, kind)
+    report = enable_kernels(model, sess.quant.layers, rt, kind, attention=kernel_attention)
     sess.undo.append(lambda: disable_kernels(sess.quant.layers, rt))
     sess.undo.extend(report.pop("undo"))
     if not keep_float_weights:

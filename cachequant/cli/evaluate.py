@@ -56,7 +56,8 @@ def run_evaluate(args) -> int:
     if args.plan:
         plan = cq.load_plan(args.plan)
         cq.accelerate(pipe, plan, backend=getattr(args, "backend", "auto"),
-                      keep_float_weights=not getattr(args, "drop_float_weights", False))
+                      keep_float_weights=not getattr(args, "drop_float_weights", False),
+                      kernel_attention=getattr(args, "kernel_attention", "sdpa"))
         plan_meta = {"path": str(args.plan), "config": plan.meta["config"], "schedule": plan.schedule,
                      "backend": cq.kernel_report(pipe)["backend"]}
     kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}

@@ -99,7 +99,7 @@ def cmd_generate(args) -> int:
     pipe = _load_pipeline(args.model, args.device, args.scheduler)
     if args.plan:
         cq.accelerate(pipe, cq.load_plan(args.plan), backend=args.backend,
-                      keep_float_weights=not args.drop_float_weights)
+                      keep_float_weights=not args.drop_float_weights, kernel_attention=args.kernel_attention)
     images = _generate_images(pipe, args, args.seed)
     save_grid([images], args.out, scale=args.scale)
     print(f"{len(images)} images written to {args.out}")
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", choices=["auto", "fake", "int8", "fp8"], default="auto",
                         help="how quantized layers run: fake-quant reference, Triton INT8/FP8 kernels (CUDA), "
                              "or auto (int8 on a CUDA GPU, else fake)")
+        sp.add_argument("--kernel-attention", choices=["sdpa", "8bit"], default="sdpa",
+                        help="with a kernel backend: fused float SDPA attention (fast), or the plan's 8-bit "
+                             "attention matmuls (what the fake-quant reference computes)")
         sp.add_argument("--drop-float-weights", action="store_true",
                         help="with a kernel backend: free the float weights of the layers the kernels run "
                              "(8-bit weights only in memory)")

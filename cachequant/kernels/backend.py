@@ -99,15 +99,23 @@ for _kind in KINDS:
     BACKENDS[_kind] = kernel_forward
 
 
+ATTENTION = ("sdpa", "8bit")
+
+
 def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtime, kind: str,
-                   channels_last: bool = True, algo: str = "two-pass") -> dict[str, Any]:
+                   channels_last: bool = True, algo: str = "two-pass", attention: str = "sdpa") -> dict[str, Any]:
     """Packs every supported layer for ``kind`` and switches it over; returns a report.
 
     ``algo``: ``two-pass`` (default: a quantize pass, then an 8-bit GEMM on codes) or ``fused``
-    (quantization in the GEMM prologue; kept for comparison, slower on Hopper)."""
+    (quantization in the GEMM prologue; kept for comparison, slower on Hopper).
+    ``attention``: ``sdpa`` runs attention in fused float SDPA (fast); ``8bit`` keeps the plan's
+    8-bit attention matmuls (the reference path's explicit attention with quantized operands), so
+    that the kernel path computes what the fake-quant reference computes, e.g. for quality tables."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
     device = next(model.parameters()).device
     runtime.step_t = torch.zeros(1, dtype=torch.int64, device=device)
-    runtime.attn_sdpa = True
+    runtime.attn_sdpa = attention == "sdpa"
     on, off = [], {}
     for name, layer in layers.items():
         reason = unsupported_reason(layer)
@@ -123,7 +131,8 @@ def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtim
         # NHWC activations end to end: the implicit-GEMM convs read and write them without copies.
         model.to(memory_format=torch.channels_last)
         undo.append(lambda: model.to(memory_format=torch.contiguous_format))
-    return {"backend": kind, "algo": algo, "kernel_layers": len(on), "fake_layers": off, "undo": undo}
+    return {"backend": kind, "algo": algo, "attention": attention, "kernel_layers": len(on), "fake_layers": off,
+            "undo": undo}
 
 
 def weight_bytes(layers: dict[str, _QuantBase]) -> dict[str, int]:
