@@ -99,31 +99,29 @@ def _cache_quant_variants(intervals_cache: list[int], intervals_joint: list[int]
     return vs
 
 
-def _qandc_unet_variants() -> list[Variant]:
-    """Does Q&C transfer to the UNet? Its main rows at the UNet table's N = 10, W8A8."""
-    base = dict(interval=10, schedule="uniform", dec=False)
+def _qandc_main(n: int) -> list[Variant]:
+    """Q&C's main rows at cache interval ``n``, W8A8; the baseline is uniform caching + W8A8 with
+    the default calibration (``CacheQuantConfig.calibration = "trajectory"``: every step of every
+    calibration trajectory), no DEC; last, the union with CacheQuant."""
+    base = dict(interval=n, schedule="uniform", dec=False)
     return [Variant("fp", "full precision", None),
-            Variant("baseline", "cache N=10 + W8A8 (trajectory calibration)", dict(base)),
+            Variant("baseline", f"cache N={n} + W8A8 (trajectory calibration)", dict(base)),
             Variant("tap", "+ TAP", dict(base, calibration="tap")),
             Variant("vc", "+ VC", dict(base, vc=True)),
             Variant("tap-vc", "+ TAP + VC", dict(base, calibration="tap", vc=True)),
-            Variant("union", "DPS + DEC + TAP + VC", dict(interval=10, schedule="dps", dec=True, calibration="tap",
-                                                          vc=True))]
+            Variant("union", "DPS + DEC + TAP + VC", dict(base, schedule="dps", dec=True, calibration="tap", vc=True))]
+
+
+def _qandc_unet_variants() -> list[Variant]:
+    """Does Q&C transfer to the UNet? Its main rows at the UNet table's N = 10."""
+    return _qandc_main(10)
 
 
 def _qandc_variants() -> list[Variant]:
-    """Q&C's ablations at N = 3, W8A8; the baseline is uniform caching + W8A8 with the default
-    calibration (``CacheQuantConfig.calibration = "trajectory"``: every step of every calibration
-    trajectory), no DEC. The main rows and the union with CacheQuant come first, the comparisons
-    after them, so that a time-budgeted run samples what matters most first."""
+    """Q&C's ablations on the DiT at N = 3: the main rows first, then the comparisons, so that a
+    time-budgeted run samples what matters most first."""
     base = dict(interval=3, schedule="uniform", dec=False)
-    vs = [Variant("fp", "full precision", None),
-          Variant("baseline", "cache N=3 + W8A8 (trajectory calibration)", dict(base)),
-          Variant("tap", "+ TAP", dict(base, calibration="tap")),
-          Variant("vc", "+ VC", dict(base, vc=True)),
-          Variant("tap-vc", "+ TAP + VC", dict(base, calibration="tap", vc=True)),
-          Variant("union", "DPS + DEC + TAP + VC", dict(interval=3, schedule="dps", dec=True, calibration="tap",
-                                                        vc=True))]
+    vs = _qandc_main(3)
     for m in ("random", "kmeans", "dbscan", "agglomerative", "tap"):
         vs.append(Variant(f"calib-{m}", f"calibration selection: {m}", dict(base, calibration=m)))
     for lam in (0.3, 0.4, 0.5, 0.6, 0.7):

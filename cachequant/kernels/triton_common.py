@@ -42,6 +42,17 @@ def tap_rows(r, KW: tl.constexpr, nb, oh, ow, mask_m, H, W, C, STRIDE, PAD, DIL)
 
 
 @triton.jit
+def part_range(h: tl.constexpr, SPLIT, C, HAS_SPLIT: tl.constexpr):
+    """Channels [lo, hi) of input part ``h``: a concatenated input (a skip connection next to the
+    cached feature) has two parts with their own activation scales, split at channel ``SPLIT``."""
+    lo = h * SPLIT
+    hi = C
+    if HAS_SPLIT and h == 0:
+        hi = SPLIT
+    return lo, hi
+
+
+@triton.jit
 def int8_code(x, s, z_shifted):
     """``round(x / s) + z`` clamped to [0, 255], minus 128, as float. The reference's order of
     operations: rounding ``x/s + z`` instead can flip half-way codes. ``z_shifted = z − 128``."""

@@ -42,7 +42,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import conv_rows, dec_scale, fp8_code, int8_code, int8_dequant, store_output, tap_rows, tile_offsets
+from .triton_common import (conv_rows, dec_scale, fp8_code, int8_code, int8_dequant, part_range, store_output,
+                            tap_rows, tile_offsets)
 
 
 
@@ -73,10 +74,7 @@ def _fused_kernel(
     out = tl.zeros((BM, BN), dtype=tl.float32)
 
     for h in tl.static_range(2 if HAS_SPLIT else 1):
-        c_lo = h * SPLIT
-        c_hi = C
-        if HAS_SPLIT and h == 0:
-            c_hi = SPLIT
+        c_lo, c_hi = part_range(h, SPLIT, C, HAS_SPLIT)
         s = tl.load(act_s_ptr + h * T + step)
         if IS_FP8:
             acc_f = tl.zeros((BM, BN), dtype=tl.float32)
