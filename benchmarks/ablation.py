@@ -590,8 +590,9 @@ class MetricsRunner:
     precision / recall) at once, the CPU parts (Fréchet distance's sqrtm, PSNR / SSIM) in a process
     pool, and every variant's ``metrics.json`` written as soon as a part of it is known, with a
     timing line per step. A run killed midway keeps what it finished. (The first version wrote
-    nothing before the end and sized its BLAS threads by the host's core count; on a 16-CPU
-    container it was killed after 4 minutes with nothing to show.)
+    nothing before the end and sized its BLAS threads by ``os.cpu_count()``, which in a container
+    can be the host's core count; on the lent 16-CPU machine it was killed after 4 minutes with
+    nothing written, cause not established.)
 
     Used by ``metrics`` over a whole table and by ``sample --ref-stats`` after each variant, so that
     the CPU parts overlap with the sampling of the next variant."""

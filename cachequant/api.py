@@ -34,8 +34,10 @@ def accelerate(pipe: Any, plan: Plan, backend: str = "auto", keep_float_weights:
     weights) or the scheduler class differ from the calibrated ones; a different step count is
     caught when the pipeline is called.
     """
-    if kernel_attention not in ("sdpa", "8bit"):
-        raise ValueError(f"kernel_attention must be 'sdpa' or '8bit', got {kernel_attention!r}")
+    from .kernels.backend import ATTENTION  # no Triton import: the kernels load lazily
+
+    if kernel_attention not in ATTENTION:
+        raise ValueError(f"kernel_attention must be one of {', '.join(ATTENTION)}; got {kernel_attention!r}")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a cachequant.Plan (from cq.calibrate or cq.load_plan), got {type(plan).__name__}")
     attr, model = denoiser_of(pipe)
