@@ -69,3 +69,27 @@ def test_tap_clusters_decide_when_the_pool_is_small_next_to_the_selection():
     assert np.isin(idx, candidates).all()  # nothing topped up at random
     lo, hi = (set(tap_select(feats, ts, 256, lam=lam, seed=0)) for lam in (0.1, 0.9))
     assert len(lo ^ hi) > 0.2 * 256  # λ changes the selection
+    info: dict = {}
+    assert np.array_equal(select("tap", feats, ts, 256, seed=0, info=info), idx)  # what calibration records
+    assert info == {"clusters": len(groups), "candidates": len(candidates), "random_top_up": 0}
+    info = {}
+    select("kmeans", feats, ts, 256, seed=0, clusters=50, info=info)
+    assert info == {"clusters": 50}
+
+
+def test_selection_report_script(tmp_path):
+    """benchmarks/selection_report.py on the tiny DiT: the diagnostics a calibration records."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_report.py"
+    spec = importlib.util.spec_from_file_location("selection_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sel.json"
+    assert mod.main(["--model", "tiny-dit", "--steps", "6", "--calib-samples", "4", "--calib-select", "8",
+                     "--settings", "tap:0.3", "kmeans", "--out", str(out)]) == 0
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["tap:0.3"]["random_top_up"] == 0 and rows["tap:0.3"]["candidates"] >= 8
+    assert rows["kmeans"]["clusters"] >= 2 and len(rows["kmeans"]["selected_entries"]) == 8

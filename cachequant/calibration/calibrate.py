@@ -228,13 +228,15 @@ def _select_and_observe(pipe, inputs, batches, num_inference_steps, config, pipe
         rt.call_log = None
     pool = build_pool(log, [len(b) for b in batches], rt.num_calls)
     t = time.time()
+    info: dict = {}
     chosen = select(config.calibration, pool.features, pool.steps, config.calib_select, lam=config.tap_lambda,
-                    seed=config.seed, clusters=config.tap_clusters)
+                    seed=config.seed, clusters=config.tap_clusters, info=info)
     t_sel = time.time() - t
     per_step = replay_observe(sess, pool, chosen, device)
     rt.quant_mode = "observe"
     return {"method": config.calibration, "pool": len(pool.entries), "selected": int(len(chosen)),
-            "selection_seconds": t_sel, "per_step": {str(k): v for k, v in sorted(per_step.items())}}
+            "selection_seconds": t_sel, **info, "per_step": {str(k): v for k, v in sorted(per_step.items())},
+            "selected_entries": [int(i) for i in chosen]}
 
 
 def _fit_vc(sess, model, fp_log: dict, T, config, device, meta_diag) -> torch.Tensor:

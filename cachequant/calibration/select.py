@@ -106,8 +106,10 @@ def tap_select(features: np.ndarray, steps: np.ndarray, num: int, *, lam: float 
 
 
 def select(method: str, features: np.ndarray, steps: np.ndarray, num: int, *, lam: float = 0.5,
-           seed: int = 0, clusters: int = 100) -> np.ndarray:
-    """Indices of ``num`` calibration samples from the pool, by ``method`` (one of :data:`METHODS`)."""
+           seed: int = 0, clusters: int = 100, info: dict | None = None) -> np.ndarray:
+    """Indices of ``num`` calibration samples from the pool, by ``method`` (one of :data:`METHODS`).
+    ``info``, if given, receives what decided the selection: the number of clusters and, for TAP,
+    how many pool entries its subsamples offered and how many were topped up at random."""
     n = len(features)
     if method not in METHODS:
         raise ValueError(f"calibration selection must be one of {', '.join(METHODS)}; got {method!r}")
@@ -116,7 +118,13 @@ def select(method: str, features: np.ndarray, steps: np.ndarray, num: int, *, la
     rng = np.random.default_rng(seed)
     steps = np.asarray(steps)
     if method == "tap":
-        return tap_select(features, steps, num, lam=lam, seed=seed, clusters=clusters)
+        chosen, groups = tap_select(features, steps, num, lam=lam, seed=seed, clusters=clusters,
+                                    return_clusters=True)
+        if info is not None:
+            candidates = np.unique(np.concatenate(groups))
+            info.update(clusters=len(groups), candidates=int(len(candidates)),
+                        random_top_up=int(len(np.setdiff1d(chosen, candidates))))
+        return chosen
     if method == "random":
         return np.sort(rng.choice(n, size=num, replace=False))
     if method == "uniform-per-step":
@@ -137,4 +145,6 @@ def select(method: str, features: np.ndarray, steps: np.ndarray, num: int, *, la
         eps = float(np.median(pdist(x[: min(n, 2000)]))) * 0.5
         labels = DBSCAN(eps=eps, min_samples=3).fit_predict(x)  # noise points (-1) form one group
     groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    if info is not None:
+        info.update(clusters=len(groups))
     return _draw_uniform(groups, num, rng)
