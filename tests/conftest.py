@@ -29,6 +29,24 @@ def run(pipe, kind, steps, seed=0, n=2, **kw):
     return np.asarray(out.images, dtype=np.float64)
 
 
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` imported as a module under its own name (registered in
+    ``sys.modules``, its folder on ``sys.path``: spawned worker processes unpickle its functions)."""
+    import importlib.util
+    import sys
+
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def calib_kwargs(kind, n=4):
     if kind == "sd":
         return {"prompts": ["a photo of a dog", "a castle", "an apple on a table", "a city at night"][:n]}

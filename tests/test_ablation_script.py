@@ -3,7 +3,6 @@ every row (the GPU run of the real tables must not fail on bookkeeping)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,20 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    # importable by its own name from benchmarks/: the metrics' spawned workers unpickle its functions
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("ablation", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(SCRIPT.parent))
+    from conftest import load_benchmark
+
+    yield load_benchmark("ablation")
+    sys.modules.pop("ablation", None)
 
 
 def _sample(ablation, work: Path, only: str, *extra: str) -> int:

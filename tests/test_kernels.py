@@ -254,14 +254,11 @@ def test_reference_path_images_unchanged_by_the_fused_fake_quant(make_pipe, monk
 
 
 def test_fake_quant_speed_script_runs_and_checks_bits(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_quant_speed.py"
-    spec = importlib.util.spec_from_file_location("fake_quant_speed", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from conftest import load_benchmark
+
+    mod = load_benchmark("fake_quant_speed")
     out = tmp_path / "fq.json"
     assert mod.main(["--device", DEV, "--scale-down", "20000", "--reps", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

@@ -79,14 +79,11 @@ def test_tap_clusters_decide_when_the_pool_is_small_next_to_the_selection():
 
 def test_selection_report_script(tmp_path):
     """benchmarks/selection_report.py on the tiny DiT: the diagnostics a calibration records."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_report.py"
-    spec = importlib.util.spec_from_file_location("selection_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from conftest import load_benchmark
+
+    mod = load_benchmark("selection_report")
     out = tmp_path / "sel.json"
     assert mod.main(["--model", "tiny-dit", "--steps", "6", "--calib-samples", "4", "--calib-select", "8",
                      "--settings", "tap:0.3", "kmeans", "--out", str(out)]) == 0

@@ -37,12 +37,9 @@ def test_speed_benchmark_tiny_rows(tmp_path):
 
 
 def test_profile_kernel_categories():
-    import importlib.util
+    from conftest import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("speed_script", ROOT / "benchmarks" / "speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cat = mod.kernel_category
+    cat = load_benchmark("speed").kernel_category
     assert cat("_gemm_kernel") == cat("_fused_kernel") == "cachequant 8-bit GEMM"
     assert cat("_quantize_kernel") == "cachequant activation quantize"
     assert cat("_fake_quant_kernel") == "cachequant fake quant"
