@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def ablation():
     from conftest import load_benchmark

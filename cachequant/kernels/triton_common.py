@@ -24,6 +24,24 @@ def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr
 
 
 @triton.jit
+def tile_setup(M, N, OH, OW, step_ptr, w_s_ptr, w_z_ptr, IS_FP8: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """What every GEMM program starts with: its tile's rows / columns and their masks, the conv
+    geometry of its rows, this call's step, and its columns' weight scales (and INT8 zero points;
+    FP8 has none: ``w_z`` is then the scales again, unused)."""
+    offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    nb, oh, ow = conv_rows(offs_m, OH, OW)
+    w_s = tl.load(w_s_ptr + offs_n, mask=mask_n, other=0.0)
+    if IS_FP8:
+        w_z = w_s
+    else:
+        w_z = tl.load(w_z_ptr + offs_n, mask=mask_n, other=0)
+    return offs_m, offs_n, mask_m, mask_n, nb, oh, ow, tl.load(step_ptr), w_s, w_z
+
+
+@triton.jit
 def conv_rows(offs_m, OH, OW):
     """Output row m of an implicit-GEMM convolution → (image, oh, ow)."""
     ow = offs_m % OW

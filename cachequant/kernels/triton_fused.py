@@ -42,8 +42,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import (conv_rows, dec_scale, fp8_code, int8_code, int8_dequant, part_range, store_output,
-                            tap_rows, tile_offsets)
+from .triton_common import (dec_scale, fp8_code, int8_code, int8_dequant, part_range, store_output, tap_rows,
+                            tile_setup)
 
 
 
@@ -61,16 +61,9 @@ def _fused_kernel(
     IS_FP8: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DEC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
-    step = tl.load(step_ptr)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    nb, oh, ow = conv_rows(offs_m, OH, OW)
+    offs_m, offs_n, mask_m, mask_n, nb, oh, ow, step, w_s, w_z = tile_setup(
+        M, N, OH, OW, step_ptr, w_s_ptr, w_z_ptr, IS_FP8, BM, BN, GROUP_M)
     ktot = KH * KW * C
-
-    w_s = tl.load(w_s_ptr + offs_n, mask=mask_n, other=0.0)
-    if not IS_FP8:
-        w_z = tl.load(w_z_ptr + offs_n, mask=mask_n, other=0)
     out = tl.zeros((BM, BN), dtype=tl.float32)
 
     for h in tl.static_range(2 if HAS_SPLIT else 1):

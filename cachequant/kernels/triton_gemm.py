@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import conv_rows, dec_scale, int8_total, part_range, store_output, tap_rows, tile_offsets
+from .triton_common import dec_scale, int8_total, part_range, store_output, tap_rows, tile_setup
 
 
 @triton.jit
@@ -53,7 +53,12 @@ def _gemm_kernel(
     SPLIT_K: tl.constexpr, TAP_SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
+    offs_m, offs_n, mask_m, mask_n, nb, oh, ow, step, w_s, w_z = tile_setup(
+        M, N, OH, OW, step_ptr, w_s_ptr, w_z_ptr, IS_FP8, BM, BN, GROUP_M)
+    ktot = KH * KW * C
+    if not IS_FP8:
+        ones = tl.full((BK, 16), 1, dtype=tl.int8)
+    out = tl.zeros((BM, BN), dtype=tl.float32)
     # Split-K: program (tile, kp) reduces every SPLIT_K-th filter tap (convs) or K block (GEMMs)
     # and adds its raw per-part sums into a workspace (int32 for INT8: exact, so the result does not
     # depend on the split); :func:`_split_k_epilogue` then does what the epilogue below does. With
@@ -72,17 +77,6 @@ def _gemm_kernel(
         c_off = kp * BK
         r_step = 1
         c_step = BK * SPLIT_K
-    step = tl.load(step_ptr)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    nb, oh, ow = conv_rows(offs_m, OH, OW)
-    ktot = KH * KW * C
-
-    w_s = tl.load(w_s_ptr + offs_n, mask=mask_n, other=0.0)
-    if not IS_FP8:
-        w_z = tl.load(w_z_ptr + offs_n, mask=mask_n, other=0)
-        ones = tl.full((BK, 16), 1, dtype=tl.int8)
-    out = tl.zeros((BM, BN), dtype=tl.float32)
 
     for h in tl.static_range(2 if HAS_SPLIT else 1):
         c_lo, c_hi = part_range(h, SPLIT, C, HAS_SPLIT)
