@@ -59,19 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     for name, shape in SHAPES.items():
         shape = (max(1, shape[0] // a.scale_down),) + shape[1:]
         x = torch.randn(shape, device=a.device)
-        same = torch.equal(fake_quant(x, s, z, 8), fake_quant_fused(x, s, z, 8))
+        ref, fused = fake_quant(x, s, z, 8), fake_quant_fused(x, s, z, 8)
+        same = torch.equal(ref, fused)
+        differ = int((ref != fused).sum())  # where not: how many elements, by how many quantization steps
+        max_steps = float(((ref - fused).abs().max() / s).round()) if differ else 0.0
+        del ref, fused
         t_torch = _ms(lambda: fake_quant(x, s, z, 8), a.reps, a.device)
         t_fused = _ms(lambda: fake_quant_fused(x, s, z, 8), a.reps, a.device)
         gb = 2 * x.numel() * 4 / 1e9
         rows.append({"tensor": name, "elements": x.numel(), "torch_ops_ms": t_torch, "fused_ms": t_fused,
-                     "fused_GBps": gb / (t_fused / 1e3), "speedup": t_torch / t_fused, "bit_identical": same})
+                     "fused_GBps": gb / (t_fused / 1e3), "speedup": t_torch / t_fused, "bit_identical": same,
+                     "differing_elements": differ, "max_difference_steps": max_steps})
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     print(f"fake quantization, fp32, 8-bit, {dev}, torch {torch.__version__}")
-    print("| tensor | elements | torch ops (ms) | one pass (ms) | one pass GB/s | × | same bits |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tensor | elements | torch ops (ms) | one pass (ms) | one pass GB/s | × | same bits | differing | max diff (steps) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tensor']} | {r['elements']:,} | {r['torch_ops_ms']:.2f} | {r['fused_ms']:.2f} | "
-              f"{r['fused_GBps']:.0f} | {r['speedup']:.1f} | {r['bit_identical']} |")
+              f"{r['fused_GBps']:.0f} | {r['speedup']:.1f} | {r['bit_identical']} | {r['differing_elements']:,} | "
+              f"{r['max_difference_steps']:.0f} |")
     if a.out:
         import triton
 

@@ -10,6 +10,11 @@ an estimate; `benchmarks/fake_quant_speed.py` measures the passes. This kernel d
 as ``torch.round``, add the zero point, clamp, subtract it, multiply), so a table sampled with it is
 the reference's table. NaN inputs stay NaN, as in torch.
 
+The division must be ``tl.div_rn``: Triton compiles a plain fp32 ``/`` to the GPU's approximate
+division (up to 2 ulp off; the interpreter divides exactly, so CPU tests cannot see it). With it,
+on an H200 about 6 elements in 10 million came out one quantization step off
+(`benchmarks/results/h200-2026-12-01-fake-quant.md`).
+
 The scale and zero point are 0-d device tensors (this call's entries of the per-step tables), read
 in the kernel: no host synchronisation.
 """
@@ -30,7 +35,7 @@ def _fake_quant_kernel(x_ptr, y_ptr, s_ptr, z_ptr, n, qmin, qmax, BLOCK: tl.cons
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     s = tl.load(s_ptr)
     z = tl.load(z_ptr)
-    y = tl.minimum(tl.maximum(x / s, -4194304.0), 4194304.0)  # |y| < 2^22: the rounding below is exact
+    y = tl.minimum(tl.maximum(tl.div_rn(x, s), -4194304.0), 4194304.0)  # |y| < 2^22: the rounding below is exact
     y = (y + 12582912.0) - 12582912.0  # 1.5·2^23: round half to even, as torch.round
     q = tl.minimum(tl.maximum(y + z, qmin), qmax)
     out = (q - z) * s
