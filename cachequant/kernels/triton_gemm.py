@@ -186,8 +186,12 @@ def _sm_count(index: int) -> int:
 def split_k(M: int, N: int, C: int, taps: int, cfg: dict, sms: int) -> tuple[int, bool]:
     """(SPLIT_K, TAP_SPLIT). Batch-1 shapes deep in a UNet (M = 128–512 rows, K up to 1280·9) give
     only 10–40 output tiles for 132 SMs; splitting the reduction fills the GPU. A conv splits over
-    its filter taps, a GEMM over K blocks (at least 2 per split). ``CACHEQUANT_SPLIT_K=n`` forces n
-    (capped by what the shape allows), for tests and measurements."""
+    its filter taps; the automatic choice leaves GEMMs whole. The kernel can split a GEMM over K
+    blocks (at least 2 per split), but on an H200 that lost: SD's cross-attention k/v projection
+    (154×1280×768, split 3) ran at 6 graph-replayed TOPS split against 18 unsplit (INT8; FP8 15
+    against 29), while tap splits won on the deep convs (1280 ch at 8², batch 2: INT8 61 against
+    27, FP8 139 against 47); `benchmarks/results/h200.md`, run 3. ``CACHEQUANT_SPLIT_K=n`` forces
+    n for convs and GEMMs alike (capped by what the shape allows), for tests and measurements."""
     tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
     limit = taps if taps > 1 else max(1, triton.cdiv(C, cfg["BK"]) // 2)
     forced = os.environ.get("CACHEQUANT_SPLIT_K", "auto")
@@ -195,7 +199,7 @@ def split_k(M: int, N: int, C: int, taps: int, cfg: dict, sms: int) -> tuple[int
         if not forced.isdigit() or int(forced) < 1:
             raise ValueError(f"CACHEQUANT_SPLIT_K must be 'auto' or a positive integer, got {forced!r}")
         want = int(forced)
-    elif 2 * tiles > sms:
+    elif 2 * tiles > sms or taps == 1:
         want = 1
     else:
         want = triton.cdiv(sms, tiles)
