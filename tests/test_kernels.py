@@ -327,39 +327,63 @@ def _kernel_out(q, rt, xs, t):
     return kernel_forward(q, xs[t])
 
 
-def test_split_k_choice():
+def test_split_k_choice(monkeypatch):
     from cachequant.kernels.triton_gemm import block_config, split_k
+
+    monkeypatch.delenv("CACHEQUANT_SPLIT_K", raising=False)
 
     def choose(M, N, C, taps):
         return split_k(M, N, C, taps, block_config(M, N, C, 0), 132)
 
     assert choose(128, 1280, 1280, 9) == (9, True)     # SD 8×8 conv at batch 2: 10 tiles → every tap
     assert choose(8192, 320, 320, 9) == (1, False)     # 64² conv: 192 tiles, the GPU is full
-    assert choose(154, 1280, 768, 1) == (3, False)     # cross-attention k/v: K blocks
+    assert choose(154, 1280, 768, 1) == (1, False)     # cross-attention k/v: a GEMM, measured slower split
+    assert choose(40, 40, 40, 9) == (9, True)          # one tile: a 3×3 conv still splits over its taps
+    monkeypatch.setenv("CACHEQUANT_SPLIT_K", "3")
+    assert choose(154, 1280, 768, 1) == (3, False)     # forced: K blocks (at least 2 each)
+    assert choose(128, 1280, 1280, 9) == (3, True)
     assert choose(16, 64, 64, 1) == (1, False)         # one K block: nothing to split
 
 
 def test_kernel_path_with_8bit_attention_computes_the_reference(make_pipe):
     """kernel_attention="8bit": the kernels for linear / conv layers, the plan's 8-bit attention
-    matmuls kept, so the images are the reference path's up to its noise floor (per layer the
-    kernel differs by ~1e-6, which flips a code now and then; with attention quantized that
-    happens more, and whole images then differ by a few code steps). "sdpa" replaces those
-    matmuls by float attention and lands measurably further away."""
+    matmuls kept, so the model computes the reference path's function; "sdpa" replaces those
+    matmuls by float attention and computes a different one. Compared on the first denoising step
+    (the same input for all paths) rather than on the images: the kernel differs from the reference
+    by ~1e-6 per layer, which flips a code that sits on a rounding boundary now and then; each flip
+    moves the next layers' inputs, and over a trajectory the differences grow, so whole-image PSNRs
+    measure that chaos as much as the attention (an H200 run gave 8bit 39.8 dB vs sdpa 35.5 dB, the
+    CPU interpreter 45.6 vs 35.3). On the first step (CPU interpreter): relative error 8.0e-3 for
+    8bit vs 2.3e-2 for sdpa; printed by -s."""
     from conftest import run
 
     from cachequant.metrics import psnr
 
     pipe, plan = _tiny_unet_plan(make_pipe, 4, quant_attention=True)
+
+    def run_first_step() -> tuple[np.ndarray, torch.Tensor]:
+        first: list[torch.Tensor] = []
+        hook = pipe.unet.register_forward_hook(
+            lambda m, i, o: first.append((o[0] if isinstance(o, tuple) else o.sample).detach().double().cpu())
+            if not first else None)
+        try:
+            return run(pipe, "ddim", 4, n=4), first[0]
+        finally:
+            hook.remove()
+
     cq.accelerate(pipe, plan, backend="fake")
-    ref = run(pipe, "ddim", 4, n=4)
+    ref, ref0 = run_first_step()
     cq.restore(pipe)
-    db = {}
+    db, err = {}, {}
     for att in ("8bit", "sdpa"):
         cq.accelerate(pipe, plan, backend="int8", kernel_attention=att)
         assert cq.kernel_report(pipe)["attention"] == att
-        db[att] = psnr(run(pipe, "ddim", 4, n=4), ref)
+        images, out0 = run_first_step()
         cq.restore(pipe)
-    print(f"PSNR vs the reference path: 8bit attention {db['8bit']:.1f} dB, sdpa {db['sdpa']:.1f} dB")  # -s shows it
-    assert db["8bit"] > 38 and db["8bit"] > db["sdpa"] + 5, db
+        db[att] = psnr(images, ref)
+        err[att] = float((out0 - ref0).norm() / ref0.norm())
+    print(f"vs the reference path: first-step relative error 8bit attention {err['8bit']:.2e}, sdpa "
+          f"{err['sdpa']:.2e}; image PSNR 8bit {db['8bit']:.1f} dB, sdpa {db['sdpa']:.1f} dB")  # -s shows it
+    assert err["8bit"] < err["sdpa"] / 2, err
     with pytest.raises(ValueError, match="kernel_attention"):
         cq.accelerate(pipe, plan, backend="int8", kernel_attention="int4")
