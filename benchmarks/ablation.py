@@ -122,7 +122,7 @@ def _qandc_variants() -> list[Variant]:
     time-budgeted run samples what matters most first."""
     base = dict(interval=3, schedule="uniform", dec=False)
     vs = _qandc_main(3)
-    for m in ("random", "kmeans", "dbscan", "agglomerative", "tap"):
+    for m in ("random", "uniform-per-step", "kmeans", "dbscan", "agglomerative", "tap"):
         vs.append(Variant(f"calib-{m}", f"calibration selection: {m}", dict(base, calibration=m)))
     for lam in (0.3, 0.4, 0.5, 0.6, 0.7):
         vs.append(Variant(f"tap-lam{lam}", f"TAP λ={lam}", dict(base, calibration="tap", tap_lambda=lam)))
@@ -781,8 +781,24 @@ def table_rows(data: dict) -> list[dict]:
             "num_samples": m.get("num_samples") or (info or {}).get("num_samples"),
             "metrics_error": m.get("error") or (f"FID: {m['fid_error']}" if m.get("fid_error") else None),
             "metrics_pending": m.get("pending"),
+            **_calibration_coverage(info),
         })
     return out
+
+
+def _calibration_coverage(info: dict | None) -> dict:
+    """Calibration entries per denoising step: activation ranges are per step, so the step with the
+    fewest entries is where a range is least representative (see results/qandc.md)."""
+    cal = (info or {}).get("calibration") or {}
+    sel = (cal.get("diagnostics") or {}).get("calibration_selection")
+    if sel and sel.get("per_step"):
+        steps = (info.get("run_key") or {}).get("steps") or len(sel["per_step"])
+        per = [int(sel["per_step"].get(str(t), 0)) for t in range(steps)]
+        return {"entries_min": min(per), "entries_low": sum(p <= 2 for p in per)}
+    cfg = (info or {}).get("config")
+    if cal and cfg and cfg.get("calibration", "trajectory") == "trajectory":
+        return {"entries_min": cfg.get("num_calib_samples"), "entries_low": 0}
+    return {"entries_min": None, "entries_low": None}
 
 
 def render_table(data: dict) -> list[str]:
@@ -795,13 +811,14 @@ def render_table(data: dict) -> list[str]:
     if st.get("steps") and st["steps"] != data["default_steps"]:
         lines.append(f"**Smoke-test run: {st['steps']} steps instead of {data['default_steps']}.**")
     lines += ["", "| variant | FID | precision | recall | PSNR vs FP (dB) | SSIM vs FP | Bops (G) | MAC speed-up vs FP "
-              "| calibration (s) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| calibration (s) | calibration entries: fewest per step (steps with ≤ 2) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table_rows(data):
         name = f"{r['label']} (`{r['variant']}`)"
         if r["same_as"]:
             name += f" = `{r['same_as']}`"
         if r["note"]:
-            lines.append(f"| {name} | {r['note']} | | | | | | | |")
+            lines.append(f"| {name} | {r['note']} | | | | | | | | |")
             continue
         cal = "–" if r["variant"] == "fp" else _fmt(r["calib_s"], ".1f")
         if r["same_as"] and r["calib_s"] is not None:
@@ -815,8 +832,14 @@ def render_table(data: dict) -> list[str]:
         lines.append(f"| {name}{err} | {_fmt(r['fid'], '.2f')} | {_fmt(r['precision'], '.3f')} | "
                      f"{_fmt(r['recall'], '.3f')} | {psnr} | {ssim} | "
                      f"{_fmt(r['gbops'], '.1f')} | {_fmt(r['mac_speedup'], '.2f')}{'×' if r['mac_speedup'] else ''} "
-                     f"| {cal} |")
+                     f"| {cal} | {_coverage_cell(r)} |")
     return lines
+
+
+def _coverage_cell(r: dict) -> str:
+    if r["entries_min"] is None:
+        return "–"
+    return f"{r['entries_min']}" + (f" ({r['entries_low']})" if r["entries_low"] else "")
 
 
 def _commands(datas: list[dict]) -> list[str]:
@@ -864,7 +887,7 @@ def render_report(work: Path, out: Path, name: str, tables: list[str], title: st
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.md"
     write_json_text(path, "\n".join(lines) + "\n")
-    plot(datas, out / f"{name}.png", title)
+    (plot_bars if name == "qandc" else plot)(datas, out / f"{name}.png", title)
     return path
 
 
@@ -907,6 +930,49 @@ def plot(datas: list[dict], path: Path, title: str) -> Path | None:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no variant with both FID and MACs yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_bars(datas: list[dict], path: Path, title: str) -> Path | None:
+    """FID per variant as horizontal bars, one panel per table: the Q&C rows all execute the same
+    MACs, so a speed–quality scatter would stack them on one vertical line. Variants that share
+    another's samples (``same_as``) are drawn once; full precision is a dashed line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    from cachequant.utils.io import atomic_path
+
+    panels = [(d, [r for r in table_rows(d) if r["fid"] is not None and not r["same_as"]]) for d in datas]
+    panels = [(d, rows) for d, rows in panels if rows] or [(datas[0] if datas else {"title": title}, [])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 0.38 * max(len(r) for _, r in panels) + 1.8),
+                             squeeze=False)
+    for ax, (d, rows) in zip(axes[0], panels):
+        fp = [r["fid"] for r in rows if r["variant"] == "fp"]
+        rows = [r for r in rows if r["variant"] != "fp"]
+        if not rows:
+            ax.text(0.5, 0.5, "no variant with an FID yet", ha="center", va="center", transform=ax.transAxes)
+        ys = list(range(len(rows)))[::-1]
+        ax.barh(ys, [r["fid"] for r in rows], color="tab:blue")
+        ax.set_yticks(ys, [r["variant"] for r in rows], fontsize=8)
+        for y, r in zip(ys, rows):
+            ax.annotate(f"{r['fid']:.1f}", (r["fid"], y), textcoords="offset points", xytext=(3, -3), fontsize=7)
+        if fp:
+            ax.axvline(fp[0], color="k", ls="--", lw=1, label=f"full precision {fp[0]:.1f}")
+            ax.legend(fontsize=8, loc="lower right")
+        lo = min([r["fid"] for r in rows] + fp, default=0)
+        ax.set_xlim(left=max(0.0, lo - 10))
+        ax.set_xlabel("FID (JPEG-q75 CIFAR-10 reference; lower is better)")
+        ax.set_title(d["title"], fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, format="png")

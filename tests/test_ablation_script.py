@@ -114,3 +114,27 @@ def test_metrics_are_written_per_variant_while_sampling(ablation, tmp_path, monk
     assert (tdir / "fp" / "metrics.json").stat().st_mtime_ns == mtime
     redone = json.loads((tdir / "w8a8" / "metrics.json").read_text())
     assert "pending" not in redone and redone["fid"] == pytest.approx(m["w8a8"]["fid"])
+
+
+def test_report_shows_calibration_coverage_and_plots_qandc_as_bars(ablation, tmp_path):
+    """The coverage column (activation ranges are per step: the step with the fewest calibration
+    entries) comes from the plan's diagnostics; the Q&C plot is per-variant bars."""
+    def row(slug, calib=None, per_step=None, fid=None, same_as=None):
+        info = {"status": "done", "run_key": {"steps": 4}, "macs_per_image": 10.0, "bops_per_image": 100.0}
+        if calib is not None:
+            info["config"] = {"calibration": calib, "num_calib_samples": 8}
+            diag = {} if per_step is None else {"calibration_selection": {"per_step": per_step}}
+            info["calibration"] = {"diagnostics": diag}
+        if same_as:
+            info = {"status": "done", "same_as": same_as}
+        return {"variant": slug, "label": slug, "info": info, "shared_info": None, "error": None,
+                "skipped_time_budget": False, "metrics": None if fid is None else {"fid": fid}}
+
+    data = {"title": "t", "model": "m", "scheduler": "ddim", "default_steps": 4, "guidance_scale": None,
+            "rows": [row("fp", fid=10.0), row("baseline", "trajectory", fid=12.0),
+                     row("tap", "tap", {"0": 3, "1": 1, "2": 2}, fid=15.0), row("calib-tap", same_as="qandc/tap")]}
+    cov = {r["variant"]: (r["entries_min"], r["entries_low"]) for r in ablation.table_rows(data)}
+    assert cov == {"fp": (None, None), "baseline": (8, 0), "tap": (0, 3), "calib-tap": (None, None)}
+    md = "\n".join(ablation.render_table(data))
+    assert "| 8 |" in md and "| 0 (3) |" in md  # step 3 has no entry at all: 0, and three steps hold ≤ 2
+    assert ablation.plot_bars([data], tmp_path / "q.png", "t").stat().st_size > 1000
