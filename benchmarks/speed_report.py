@@ -53,6 +53,22 @@ def rows_table(res: dict) -> str:
     return head + "\n".join(out)
 
 
+def profile_table(res: dict) -> str:
+    """GPU time of one profiled image per kernel category (``speed.py --profile``), per row."""
+    prof = [(r["row"], r["profile"]) for r in res["rows"] if r.get("profile")]
+    if not prof:
+        return ""
+    cats: list[str] = []
+    for _, p in prof:
+        cats += [c for c in p["ms_by_category"] if c not in cats]
+    out = ["| row | wall ms | GPU kernel ms | GPU idle | " + " | ".join(cats) + " |", "|---" * (4 + len(cats)) + "|"]
+    for row, p in prof:
+        cells = [fmt(p["ms_by_category"].get(c), ".0f") for c in cats]
+        out.append(f"| {row} | {p['wall_ms']:.0f} | {p['gpu_kernel_ms']:.0f} | {100 * p['gpu_idle_fraction']:.0f} % | "
+                   + " | ".join(cells) + " |")
+    return "\n\nProfile of one image (ms of GPU kernel time per category):\n\n" + "\n".join(out)
+
+
 def main(paths: list[str]) -> int:
     for p in paths:
         res = json.loads(Path(p).read_text())
@@ -60,7 +76,7 @@ def main(paths: list[str]) -> int:
         print(f"### {Path(p).name}\n")
         print(f"`{env['command']}` — {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
               f"diffusers {env['diffusers']}, torchao {env['torchao']}\n")
-        print(kernels_table(res["kernels"]) if "kernels" in res else rows_table(res))
+        print(kernels_table(res["kernels"]) if "kernels" in res else rows_table(res) + profile_table(res))
         print()
     return 0
 

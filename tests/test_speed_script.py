@@ -34,6 +34,9 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     assert "fp16 eager" in r.stdout  # the table is printed last
     prof = rows["fp16 eager"]["profile"]  # no CUDA kernels on the CPU: the structure, not the shares
     assert prof["wall_ms"] > 0 and prof["kernels"] == 0 and 0 <= prof["gpu_idle_fraction"] <= 1
+    rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed_report.py"), str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0 and "Profile of one image" in rep.stdout and "| fp16 eager |" in rep.stdout, rep.stderr
 
 
 def test_profile_kernel_categories():
