@@ -1,0 +1,201 @@
+"""Does the Q&C table's ranking come from *which* entries a selection picks, or from *how many* it
+keeps per denoising step? A follow-up to `results/qandc.md`, small enough for a CPU.
+
+In that table every selection of 256 entries (TAP, random, k-means, …) calibrated worse than the
+baseline, which keeps the whole pool (32 trajectories × 50 steps = 1,600 entries). Activation
+ranges are per step (``per_step_act``), so a selection of 256 leaves ~5 entries per step, and some
+steps 1 or 2. This script samples the table's variants with the selection size and method varied
+and reports, against the same seeds in full precision, PSNR / SSIM (a proxy: FID needs thousands of
+samples, this runs on a CPU) next to how the selection covered the steps:
+
+    python benchmarks/qandc_calib_size.py --device cpu --num-samples 16 --work /tmp/qandc-size \
+        --out results/qandc-calib-size.json
+
+With ``--table-json results/qandc-2026-12-01.json`` it instead reads the GPU table and prints, for
+its 256-entry selections without VC / DEC, the per-step coverage next to FID and their Spearman
+rank correlation (no sampling).
+
+It drives ``benchmarks/ablation.py sample`` (one work folder per selection size; resumable), so
+each variant is exactly the table's, apart from ``--calib-select``. On 2 CPU cores a variant takes
+about 2 minutes (16 samples); the default runs, about 35 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (selection size, variants of the qandc table); "baseline" keeps the whole pool whatever the size
+DEFAULT_RUNS = ["256:baseline,calib-uniform-per-step,tap,calib-random,tap-lam0.3",
+                "800:calib-uniform-per-step,tap,calib-random,tap-lam0.3",
+                "256/1:baseline,tap", "800/1:calib-uniform-per-step,calib-random"]
+
+
+def _parse_run(spec: str) -> tuple[int, int, list[str]]:
+    """``SIZE[/SEED]:slug,slug``; SEED (default 0) is ``CacheQuantConfig.seed``: it draws both the
+    calibration trajectories (the pool) and the selection."""
+    head, _, slugs = spec.partition(":")
+    size, _, seed = head.partition("/")
+    if not size.isdigit() or not slugs or (seed and not seed.isdigit()):
+        raise SystemExit(f"--runs entries look like 256:tap,calib-random or 800/1:tap; got {spec!r}")
+    return int(size), int(seed or 0), [s for s in slugs.split(",") if s]
+
+
+def _work(root: str, size: int, seed: int) -> Path:
+    return Path(root) / (f"select{size}" + (f"-seed{seed}" if seed else ""))
+
+
+def _coverage(calibration: dict | None, steps: int) -> dict:
+    sel = ((calibration or {}).get("diagnostics") or {}).get("calibration_selection")
+    if not sel:
+        return {"selected": None, "min_per_step": None, "steps_with_at_most_2": None}
+    per = [int(sel["per_step"].get(str(t), 0)) for t in range(steps)]
+    return {"selected": sel["selected"], "min_per_step": min(per), "steps_with_at_most_2": sum(p <= 2 for p in per),
+            "clusters": sel.get("clusters"), "random_top_up": sel.get("random_top_up")}
+
+
+def act_scales(plan_path: Path) -> dict[str, np.ndarray]:
+    """Per-step activation scales of a plan (``<quantizer>.scale``; weight scales ``w.*`` left out),
+    NaN at the steps the quantizer never observed (``<quantizer>.seen``: layers a cached step skips)."""
+    from safetensors import safe_open
+
+    with safe_open(str(plan_path), "np") as f:
+        keys = set(f.keys())
+        out = {}
+        for k in keys:
+            if k.endswith(".scale") and not k.startswith("w."):
+                sc = f.get_tensor(k).astype(np.float64)
+                seen = k[: -len(".scale")] + ".seen"
+                if seen in keys:
+                    sc = np.where(f.get_tensor(seen).astype(bool), sc, np.nan)
+                out[k] = sc
+        return out
+
+
+def range_vs(scales: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict:
+    """Activation ranges (∝ scales) against the reference plan's, over every (quantizer, step) both
+    observed: the median ratio, the share narrower by more than 20 % (where more values clip), and
+    the quantizers with the most such steps."""
+    ratios, narrow = [], {}
+    for k in ref:
+        if k in scales and ref[k].size == scales[k].size:
+            r = scales[k].ravel() / ref[k].ravel()
+            r = r[np.isfinite(r) & (r > 0)]
+            ratios.append(r)
+            if (r < 0.8).sum():
+                narrow[k[: -len(".scale")]] = int((r < 0.8).sum())
+    r = np.concatenate(ratios)
+    top = sorted(narrow.items(), key=lambda kv: -kv[1])[:3]
+    return {"range_ratio_median": float(np.median(r)), "range_narrower_20pct": float((r < 0.8).mean()),
+            "most_narrowed": [f"{k} ({n} steps)" for k, n in top]}
+
+
+def coverage_vs_fid(path: Path) -> int:
+    """Per selection variant of a finished qandc table: steps left with ≤ 2 calibration entries, FID."""
+    from scipy.stats import spearmanr
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ablation
+
+    data = json.loads(path.read_text())
+    pts = []
+    for r in ablation.table_rows(data):
+        row = next(x for x in data["rows"] if x["variant"] == r["variant"])
+        cfg = ((row["info"] or {}).get("config") or {})
+        if r["same_as"] or r["fid"] is None or r["entries_low"] is None or cfg.get("calibration") == "trajectory" \
+                or cfg.get("vc") or cfg.get("dec"):
+            continue
+        pts.append((r["variant"], r["entries_min"], r["entries_low"], r["fid"]))
+    print("| variant | fewest entries per step | steps with ≤ 2 | FID |\n|---|---|---|---|")
+    for v, lo, n2, fid in pts:
+        print(f"| `{v}` | {lo} | {n2} | {fid:.2f} |")
+    rho = spearmanr([p[2] for p in pts], [p[3] for p in pts])
+    print(f"\nSpearman rank correlation (steps with ≤ 2 entries vs FID) over {len(pts)} selections: "
+          f"{rho.statistic:.2f} (p = {rho.pvalue:.3f})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--work", help="work folder for the sampling (required unless --table-json)")
+    p.add_argument("--table-json", help="a qandc table's JSON (ablation.py metrics): coverage vs FID, no sampling")
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="SIZE:variant,variant,… (qandc table slugs)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.table_json:
+        return coverage_vs_fid(Path(a.table_json))
+    if not a.work:
+        p.error("--work is required to sample (or give --table-json to read a finished table)")
+
+    from cachequant.metrics import psnr, ssim
+    from cachequant.utils.io import atomic_path
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ablation
+
+    table = ablation.TABLES["qandc"]
+    runs = [_parse_run(s) for s in a.runs]
+    for _, _, slugs in runs:
+        for s in slugs:
+            table.variant(s)  # unknown slug: fail before sampling anything
+    rows = []
+    for size, seed, slugs in runs:
+        work = _work(a.work, size, seed)
+        cmd = [sys.executable, str(ROOT / "benchmarks/ablation.py"), "sample", "--table", "qandc", "--only", ",".join(slugs),
+               "--num-samples", str(a.num_samples), "--batch-size", str(a.num_samples), "--device", a.device,
+               "--work", str(work), "--calib-select", str(size), "--calib-seed", str(seed), "--quiet"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+        fp_dir = ablation.resolve_samples(work, work / "qandc" / "fp")
+        fp = np.load(fp_dir / "samples.npz")["images"].astype(np.float64) / 255
+        for s in slugs:
+            vdir = work / "qandc" / s
+            sdir = ablation.resolve_samples(work, vdir)
+            if sdir is None:
+                raise SystemExit(f"{vdir} has no samples: see its error.json")
+            im = np.load(sdir / "samples.npz")["images"].astype(np.float64) / 255
+            info = json.loads((sdir / "info.json").read_text())
+            rows.append({"select": size, "seed": seed, "variant": s, "calibration": info["run_key"]["config"]["calibration"],
+                         "psnr_vs_fp": psnr(im, fp), "ssim_vs_fp": ssim(im, fp),
+                         "calibration_seconds": info.get("calibration_seconds"),
+                         "pool_per_step": info["run_key"]["config"]["num_calib_samples"],
+                         **_coverage(info.get("calibration"), table.steps)})
+    # activation ranges against the baseline plan calibrated on the same pool (same seed)
+    bases = {seed: _work(a.work, size, seed) / "qandc" / "baseline" / "plan.cqplan"
+             for size, seed, slugs in runs if "baseline" in slugs}
+    for r in rows:
+        base = bases.get(r["seed"])
+        if base is not None and base.is_file():
+            plan = _work(a.work, r["select"], r["seed"]) / "qandc" / r["variant"] / "plan.cqplan"
+            r.update(range_vs(act_scales(plan), act_scales(base)))
+    print(f"\nqandc variants, {a.num_samples} samples each, {a.device}; PSNR / SSIM vs full precision (same seeds)\n")
+    print("| variant | calibration | seed | entries | PSNR vs FP (dB) | SSIM vs FP | fewest per step | steps with ≤ 2 "
+          "| activation range / baseline's (median) | ranges > 20 % narrower | most narrowed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n = r["selected"] if r["selected"] is not None else "all"
+        print(f"| `{r['variant']}` | {r['calibration']} | {r['seed']} | {n} | {r['psnr_vs_fp']:.2f} | {r['ssim_vs_fp']:.4f} | "
+              f"{r['min_per_step'] if r['min_per_step'] is not None else r['pool_per_step']} | "
+              f"{r['steps_with_at_most_2'] or 0} | {r.get('range_ratio_median', float('nan')):.3f} | "
+              f"{100 * r.get('range_narrower_20pct', float('nan')):.0f} % | {', '.join(r.get('most_narrowed', []))} |")
+    if a.out:
+        env = ablation.environment(a.device)
+        with atomic_path(a.out) as tmp:
+            Path(tmp).write_text(json.dumps({"command": " ".join(sys.argv), "num_samples": a.num_samples,
+                                             "environment": env, "rows": rows}, indent=1))
+        print(f"written {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
