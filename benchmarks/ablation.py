@@ -898,8 +898,8 @@ def write_json_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def plot(datas: list[dict], path: Path, title: str) -> Path | None:
-    """Speed–quality scatter: x = MAC speed-up vs FP, y = FID; one marker per variant, labelled."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a message) when it is not installed."""
     try:
         import matplotlib
 
@@ -907,6 +907,14 @@ def plot(datas: list[dict], path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(datas: list[dict], path: Path, title: str) -> Path | None:
+    """Speed–quality scatter: x = MAC speed-up vs FP, y = FID; one marker per variant, labelled."""
+    plt = _pyplot()
+    if plt is None:
         return None
     from cachequant.utils.io import atomic_path
 
@@ -941,13 +949,8 @@ def plot_bars(datas: list[dict], path: Path, title: str) -> Path | None:
     """FID per variant as horizontal bars, one panel per table: the Q&C rows all execute the same
     MACs, so a speed–quality scatter would stack them on one vertical line. Variants that share
     another's samples (``same_as``) are drawn once; full precision is a dashed line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return None
     from cachequant.utils.io import atomic_path
 

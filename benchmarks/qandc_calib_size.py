@@ -53,13 +53,11 @@ def _work(root: str, size: int, seed: int) -> Path:
     return Path(root) / (f"select{size}" + (f"-seed{seed}" if seed else ""))
 
 
-def _coverage(calibration: dict | None, steps: int) -> dict:
-    sel = ((calibration or {}).get("diagnostics") or {}).get("calibration_selection")
-    if not sel:
-        return {"selected": None, "min_per_step": None, "steps_with_at_most_2": None}
-    per = [int(sel["per_step"].get(str(t), 0)) for t in range(steps)]
-    return {"selected": sel["selected"], "min_per_step": min(per), "steps_with_at_most_2": sum(p <= 2 for p in per),
-            "clusters": sel.get("clusters"), "random_top_up": sel.get("random_top_up")}
+def _ablation():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ablation
+
+    return ablation
 
 
 def act_scales(plan_path: Path) -> dict[str, np.ndarray]:
@@ -70,7 +68,7 @@ def act_scales(plan_path: Path) -> dict[str, np.ndarray]:
     with safe_open(str(plan_path), "np") as f:
         keys = set(f.keys())
         out = {}
-        for k in keys:
+        for k in sorted(keys):
             if k.endswith(".scale") and not k.startswith("w."):
                 sc = f.get_tensor(k).astype(np.float64)
                 seen = k[: -len(".scale")] + ".seen"
@@ -93,7 +91,7 @@ def range_vs(scales: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict:
             if (r < 0.8).sum():
                 narrow[k[: -len(".scale")]] = int((r < 0.8).sum())
     r = np.concatenate(ratios)
-    top = sorted(narrow.items(), key=lambda kv: -kv[1])[:3]
+    top = sorted(narrow.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     return {"range_ratio_median": float(np.median(r)), "range_narrower_20pct": float((r < 0.8).mean()),
             "most_narrowed": [f"{k} ({n} steps)" for k, n in top]}
 
@@ -102,9 +100,7 @@ def coverage_vs_fid(path: Path) -> int:
     """Per selection variant of a finished qandc table: steps left with ≤ 2 calibration entries, FID."""
     from scipy.stats import spearmanr
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import ablation
-
+    ablation = _ablation()
     data = json.loads(path.read_text())
     pts = []
     for r in ablation.table_rows(data):
@@ -140,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from cachequant.metrics import psnr, ssim
     from cachequant.utils.io import atomic_path
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import ablation
-
+    ablation = _ablation()
     table = ablation.TABLES["qandc"]
     runs = [_parse_run(s) for s in a.runs]
     for _, _, slugs in runs:
@@ -165,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{vdir} has no samples: see its error.json")
             im = np.load(sdir / "samples.npz")["images"].astype(np.float64) / 255
             info = json.loads((sdir / "info.json").read_text())
-            rows.append({"select": size, "seed": seed, "variant": s, "calibration": info["run_key"]["config"]["calibration"],
+            sel = (info["calibration"].get("diagnostics") or {}).get("calibration_selection") or {}
+            rows.append({"select": size, "seed": seed, "variant": s, "calibration": info["config"]["calibration"],
                          "psnr_vs_fp": psnr(im, fp), "ssim_vs_fp": ssim(im, fp),
-                         "calibration_seconds": info.get("calibration_seconds"),
-                         "pool_per_step": info["run_key"]["config"]["num_calib_samples"],
-                         **_coverage(info.get("calibration"), table.steps)})
+                         "calibration_seconds": info.get("calibration_seconds"), "selected": sel.get("selected"),
+                         "clusters": sel.get("clusters"), "random_top_up": sel.get("random_top_up"),
+                         **ablation._calibration_coverage(info)})
     # activation ranges against the baseline plan calibrated on the same pool (same seed)
     bases = {seed: _work(a.work, size, seed) / "qandc" / "baseline" / "plan.cqplan"
              for size, seed, slugs in runs if "baseline" in slugs}
@@ -185,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         n = r["selected"] if r["selected"] is not None else "all"
         print(f"| `{r['variant']}` | {r['calibration']} | {r['seed']} | {n} | {r['psnr_vs_fp']:.2f} | {r['ssim_vs_fp']:.4f} | "
-              f"{r['min_per_step'] if r['min_per_step'] is not None else r['pool_per_step']} | "
-              f"{r['steps_with_at_most_2'] or 0} | {r.get('range_ratio_median', float('nan')):.3f} | "
+              f"{r['entries_min']} | {r['entries_low']} | {r.get('range_ratio_median', float('nan')):.3f} | "
               f"{100 * r.get('range_narrower_20pct', float('nan')):.0f} % | {', '.join(r.get('most_narrowed', []))} |")
     if a.out:
         env = ablation.environment(a.device)
