@@ -17,7 +17,7 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     return float(np.mean(np.minimum(vals, 100.0)))  # identical images count as 100 dB
 
 
-def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, chunk: int = 1000) -> float:
     """Mean SSIM (Wang et al., 2004) over images (N, H, W, C): Gaussian window σ = 1.5, K1 = 0.01,
     K2 = 0.03, per channel, population statistics — the usual reference settings."""
     from scipy.ndimage import gaussian_filter
@@ -25,15 +25,20 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError(f"ssim needs same-shape (N, H, W, C) inputs, got {a.shape} and {b.shape}")
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    vals = []
-    for x, y in zip(np.asarray(a, np.float64), np.asarray(b, np.float64)):
-        per_c = []
-        for c in range(x.shape[-1]):
-            f = lambda z: gaussian_filter(z, sigma=1.5, truncate=3.5)  # noqa: E731
-            xc, yc = x[..., c], y[..., c]
-            mx, my = f(xc), f(yc)
-            vx, vy, cxy = f(xc * xc) - mx * mx, f(yc * yc) - my * my, f(xc * yc) - mx * my
-            s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-            per_c.append(s[3:-3, 3:-3].mean() if min(s.shape) > 6 else s.mean())
-        vals.append(np.mean(per_c))
-    return float(np.mean(vals))
+
+    def f(z: np.ndarray) -> np.ndarray:  # the 2-D window over H and W of every image and channel
+        return gaussian_filter(z, sigma=1.5, truncate=3.5, axes=(1, 2))
+
+    total, count = 0.0, 0
+    for i in range(0, len(a), chunk):  # chunks bound the memory (~25 float64 copies of a chunk)
+        x, y = np.asarray(a[i : i + chunk], np.float64), np.asarray(b[i : i + chunk], np.float64)
+        mx, my = f(x), f(y)
+        vx, vy, cxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        if min(s.shape[1:3]) > 6:  # drop the border where the window runs off the image
+            s = s[:, 3:-3, 3:-3, :]
+        # Mean over pixels per (image, channel), then channels, then images: all equal-sized, so
+        # one running mean.
+        total += float(s.sum())
+        count += s.size
+    return total / count
