@@ -16,6 +16,10 @@ class CacheQuantConfig:
     weight_bits: int | None = 8
     """8 or 4 (first/last layers stay at 8); None = no quantization (then act_bits must be None)."""
     act_bits: int | None = 8
+    w8_layers: tuple[str, ...] = ()
+    """With weight_bits = 4: more layers that keep 8-bit weights, as ``fnmatch`` patterns over module
+    names (e.g. ``"time_embedding.*"``), on top of the adapter's first and last layer. Mixed precision
+    for the layers a W4 model is most sensitive to (``benchmarks/w4_sensitivity.py`` measures them)."""
     dec: bool = True
     """Decoupled error correction, both halves (see cache_dec / quant_dec to ablate one)."""
     cache_dec: bool | None = None
@@ -61,6 +65,11 @@ class CacheQuantConfig:
             raise ValueError(f"weight_bits must be 4 or 8 (or None), got {self.weight_bits!r}")
         if self.act_bits is not None and self.act_bits not in (8,):
             raise ValueError(f"act_bits must be 8 (or None), got {self.act_bits!r}")
+        if isinstance(self.w8_layers, str) or not all(isinstance(p, str) and p for p in self.w8_layers):
+            raise ValueError(f"w8_layers must be a sequence of non-empty module-name patterns, got {self.w8_layers!r}")
+        self.w8_layers = tuple(self.w8_layers)
+        if self.w8_layers and self.weight_bits != 4:
+            raise ValueError("w8_layers only applies to 4-bit weights (weight_bits=4): every layer is already 8-bit")
         if self.cache_branch < 1:
             raise ValueError(f"cache_branch must be >= 1, got {self.cache_branch}")
         if self.dit_span is not None:
@@ -95,6 +104,7 @@ class CacheQuantConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["w8_layers"] = list(d["w8_layers"])
         if d["dit_span"] is not None:
             d["dit_span"] = list(d["dit_span"])
         return d

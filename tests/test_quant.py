@@ -94,6 +94,31 @@ def test_w4_keeps_first_and_last_layers_at_8_bits(make_pipe):
     assert "act.up_blocks.2.resnets.0.conv1.1.scale" in plan.tensors
 
 
+def test_w8_layers_mixed_precision_round_trips_and_rejects_typos(make_pipe, tmp_path):
+    pipe = make_pipe("ddim")
+    cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=4, act_bits=8, calib_batch_size=2,
+                              w8_layers=("mid_block.*", "*.time_emb_proj"))
+    plan = cq.calibrate(pipe, cfg, num_inference_steps=3, progress=False, num_samples=2)
+    bits = {l["name"]: l["weight_bits"] for l in plan.meta["quant"]["layers"]}
+    assert bits["mid_block.resnets.0.conv1"] == 8 and bits["down_blocks.0.resnets.0.time_emb_proj"] == 8
+    assert bits["down_blocks.0.resnets.0.conv1"] == 4 and bits["conv_in"] == 8
+    plan.save(tmp_path / "p.cqplan")
+    again = cq.load_plan(tmp_path / "p.cqplan")
+    assert again.config.w8_layers == ("mid_block.*", "*.time_emb_proj")
+    # the 8-bit layers really carry 8-bit weight codes once applied
+    cq.accelerate(pipe, again)
+    layers = {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "weight_bits")}
+    assert layers["mid_block.resnets.0.conv1"].weight_bits == 8 and layers["up_blocks.0.resnets.0.conv1"].weight_bits == 4
+    cq.restore(pipe)
+    with pytest.raises(ValueError, match="match no Linear"):
+        cq.calibrate(pipe, cq.CacheQuantConfig(interval=1, weight_bits=4, w8_layers=("mid_blok.*",)),
+                     num_inference_steps=3, progress=False, num_samples=2)
+    with pytest.raises(ValueError, match="only applies to 4-bit"):
+        cq.CacheQuantConfig(weight_bits=8, w8_layers=("mid_block.*",))
+    with pytest.raises(ValueError, match="sequence of non-empty"):
+        cq.CacheQuantConfig(weight_bits=4, w8_layers="mid_block.*")
+
+
 def test_attention_matmuls_are_quantized(make_pipe):
     pipe = make_pipe("dit")
     cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", calib_batch_size=2)

@@ -112,7 +112,8 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
         # 3./4. quantization
         quant_meta = None
         if config.quantize:
-            specs = layer_specs(model, config.weight_bits, adapter.keep_8bit(model), adapter.concat_splits(model, site))
+            specs = layer_specs(model, config.weight_bits, adapter.keep_8bit(model), adapter.concat_splits(model, site),
+                                config.w8_layers)
             attn = attention_names(model) if config.quant_attention else []
             dec_dev = None if cache_dec is None else tuple(x.to(device) for x in cache_dec)
             rt = Runtime(T, frozenset(schedule), cache_dec=dec_dev, quant_mode="observe")

@@ -59,7 +59,8 @@ def cmd_calibrate(args) -> int:
     cfg = cq.CacheQuantConfig(interval=args.interval, schedule=args.schedule, weight_bits=wb, act_bits=ab,
                               dec=not args.no_dec, calib_batch_size=args.batch_size, seed=args.seed,
                               calibration=args.calibration, calib_select=args.calib_select,
-                              tap_lambda=args.tap_lambda, vc=args.vc)
+                              tap_lambda=args.tap_lambda, vc=args.vc,
+                              w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()))
     from ..distributed import barrier, init_from_env
 
     rank, world, device = init_from_env(args.device)
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schedule", choices=["uniform", "quadratic", "dps"], default="dps")
     c.add_argument("--bits", choices=list(BITS), default="w8a8")
     c.add_argument("--no-dec", action="store_true", help="disable decoupled error correction")
+    c.add_argument("--w8-layers", default="",
+                   help="with --bits w4a8: comma-separated module-name globs kept at 8-bit weights "
+                        "(e.g. 'time_embedding.*,*.time_emb_proj'); conv_in / conv_out always are")
     c.add_argument("--calibration", default="trajectory",
                    choices=["trajectory", "tap", "random", "uniform-per-step", "kmeans", "dbscan", "agglomerative"],
                    help="which intermediate inputs calibrate the activation ranges (Q&C: tap)")

@@ -7,6 +7,7 @@ rebuilt from a plan file without re-running any search.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Callable
 
 import torch
@@ -17,13 +18,22 @@ from .attention import OPERANDS, QuantAttnProcessor
 from .layers import _QuantBase, wrap_module
 
 
-def layer_specs(model: nn.Module, weight_bits: int, keep_8bit: set[str], splits: dict[str, int]) -> list[dict]:
-    """Every Linear and Conv2d of ``model`` with its weight bits and input split (if any)."""
-    specs = []
+def layer_specs(model: nn.Module, weight_bits: int, keep_8bit: set[str], splits: dict[str, int],
+                w8_patterns: tuple[str, ...] = ()) -> list[dict]:
+    """Every Linear and Conv2d of ``model`` with its weight bits and input split (if any). Layers in
+    ``keep_8bit`` (the adapter's first / last) or matching a ``w8_patterns`` glob stay at 8 bits; a
+    pattern that matches no layer is an error (a typo would otherwise silently quantize to 4 bits)."""
+    specs, used = [], set()
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            bits = 8 if name in keep_8bit else weight_bits
+            hits = {p for p in w8_patterns if fnmatchcase(name, p)}
+            used |= hits
+            bits = 8 if name in keep_8bit or hits else weight_bits
             specs.append({"name": name, "weight_bits": bits, "split": splits.get(name)})
+    unused = [p for p in w8_patterns if p not in used]
+    if unused:
+        raise ValueError(f"w8_layers pattern(s) {unused} match no Linear / Conv2d layer of {type(model).__name__}; "
+                         f"names look like {specs[1]['name'] if len(specs) > 1 else '?'!r}")
     return specs
 
 
