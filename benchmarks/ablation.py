@@ -90,6 +90,11 @@ def _cache_quant_variants(intervals_cache: list[int], intervals_joint: list[int]
     vs.append(Variant("w8a8", "quant only W8A8", dict(interval=1, schedule="uniform", dec=False)))
     if w4:
         vs.append(Variant("w4a8", "quant only W4A8", dict(interval=1, schedule="uniform", weight_bits=4, dec=False)))
+        vs.append(Variant("w4a8-gptq", "quant only W4A8, GPTQ rounding",
+                          dict(interval=1, schedule="uniform", weight_bits=4, dec=False, weight_rounding="gptq")))
+        vs.append(Variant("w4a8-gptq-mixed", "quant only W4A8, GPTQ rounding, shortcut 1×1 convs at 8 bits",
+                          dict(interval=1, schedule="uniform", weight_bits=4, dec=False, weight_rounding="gptq",
+                               w8_layers=("*.conv_shortcut",))))
     for n in intervals_joint:
         vs.append(Variant(f"naive-n{n}", f"naive cache N={n} + W8A8", dict(interval=n, schedule="uniform", dec=False)))
     for n in intervals_joint:

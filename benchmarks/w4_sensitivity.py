@@ -6,7 +6,9 @@ precision: 42.5). This script finds where that error comes from, small enough fo
 1. every Linear / Conv2d layer's weight error at 4 bits (the plan's quantizer: per output channel,
    L_p-searched range), relative to the weight's norm — a property of the weights alone;
 2. end-to-end, against full precision from the same seeds: W8A8, W4A8, then W4A8 with one group of
-   layers kept at 8-bit weights (``CacheQuantConfig.w8_layers``), PSNR / SSIM of the images.
+   layers kept at 8-bit weights (``CacheQuantConfig.w8_layers``), PSNR / SSIM of the images;
+3. with ``--gptq``: W4A8 with GPTQ rounding (``weight_rounding="gptq"``), alone and with the
+   shortcut convs at 8 bits; with ``--bias-correction``: a script-level bias-correction experiment.
 
     python benchmarks/w4_sensitivity.py --num-samples 16 --steps 100 --out results/w4-sensitivity-unet.json
 
@@ -117,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--groups", default=None,
                    help="comma-separated group names to run (default: all; 'none' runs only W8A8 / W4A8)")
+    p.add_argument("--gptq", action="store_true",
+                   help="also W4A8 with GPTQ rounding (CacheQuantConfig.weight_rounding='gptq'), alone and with "
+                        "the shortcut convs at 8 bits")
     p.add_argument("--bias-correction", action="store_true",
                    help="also W4A8 with each layer's bias corrected for the mean shift of its 4-bit weights")
     p.add_argument("--out", required=True, help="JSON output")
@@ -155,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.bias_correction:
         variants.append(("W4A8 + bias correction", 4, []))
         in_means = input_means(pipe, model, args.steps, args.seed)
+    if args.gptq:
+        variants.append(("W4A8, GPTQ rounding", 4, []))
+        variants.append(("W4A8, GPTQ rounding, shortcut 1x1 convs at 8 bits", 4, UNET_GROUPS["skip / shortcut 1x1 convs"]))
     rows = []
     for label, wb, pats in variants:
         t0 = time.time()
         cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=wb, act_bits=8, dec=False,
                                   w8_layers=tuple(pats), num_calib_samples=args.calib_samples,
+                                  weight_rounding="gptq" if "GPTQ" in label else "nearest",
                                   calib_batch_size=args.calib_samples, seed=args.seed)
         plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps)
         cq.accelerate(pipe, plan)
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             cq.restore(pipe)
         w8 = sum(r["params"] for r in werr if any(fnmatchcase(r["layer"], q) for q in pats))
         row = {"variant": label, "weight_bits": wb, "w8_layers": pats, "psnr_vs_fp": psnr(out, ref),
+               "gptq_fit": plan.meta["diagnostics"].get("gptq"),
                "ssim_vs_fp": ssim(out, ref), "params_kept_8bit": w8, "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         print(f"{label:55s} PSNR {row['psnr_vs_fp']:6.2f} dB  SSIM {row['ssim_vs_fp']:.4f}  "

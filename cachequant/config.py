@@ -16,6 +16,11 @@ class CacheQuantConfig:
     weight_bits: int | None = 8
     """8 or 4 (first/last layers stay at 8); None = no quantization (then act_bits must be None)."""
     act_bits: int | None = 8
+    weight_rounding: str = "nearest"
+    """How weights round onto their grid: 'nearest', or 'gptq' (each layer's rounding error pushed
+    onto its not-yet-rounded input columns, weighted by the inverse input Hessian; Frantar et al.
+    2022). The codes are stored in the plan. 'gptq' is what makes W4A8 usable on the CIFAR UNet
+    (`results/ablation.md`)."""
     w8_layers: tuple[str, ...] = ()
     """With weight_bits = 4: more layers that keep 8-bit weights, as ``fnmatch`` patterns over module
     names (e.g. ``"time_embedding.*"``), on top of the adapter's first and last layer. Mixed precision
@@ -65,6 +70,10 @@ class CacheQuantConfig:
             raise ValueError(f"weight_bits must be 4 or 8 (or None), got {self.weight_bits!r}")
         if self.act_bits is not None and self.act_bits not in (8,):
             raise ValueError(f"act_bits must be 8 (or None), got {self.act_bits!r}")
+        if self.weight_rounding not in ("nearest", "gptq"):
+            raise ValueError(f"weight_rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
+        if self.weight_rounding != "nearest" and self.weight_bits is None:
+            raise ValueError("weight_rounding='gptq' needs quantized weights (weight_bits=8 or 4)")
         if isinstance(self.w8_layers, str) or not all(isinstance(p, str) and p for p in self.w8_layers):
             raise ValueError(f"w8_layers must be a sequence of non-empty module-name patterns, got {self.w8_layers!r}")
         self.w8_layers = tuple(self.w8_layers)

@@ -121,12 +121,19 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
             try:
                 qs = install_quant(model, rt, specs, attn, config.act_bits, config.per_step_act, search_weights=True)
                 sess.quant = qs
-                if config.calibration == "trajectory":
-                    _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000, pipeline_kwargs, bar,
-                          rt=rt)
-                else:
-                    meta_diag["calibration_selection"] = _select_and_observe(
-                        pipe, inputs, all_batches, num_inference_steps, config, pipeline_kwargs, bar, sess, device)
+                hessians = _attach_hessians(qs, config) if config.weight_rounding == "gptq" else None
+                try:
+                    if config.calibration == "trajectory":
+                        _runs(pipe, inputs, all_batches, num_inference_steps, config.seed + 10_000, pipeline_kwargs,
+                              bar, rt=rt)
+                    else:
+                        meta_diag["calibration_selection"] = _select_and_observe(
+                            pipe, inputs, all_batches, num_inference_steps, config, pipeline_kwargs, bar, sess, device)
+                finally:
+                    for h in (hessians or {}).get("hooks", []):
+                        h.remove()
+                if hessians is not None:
+                    meta_diag["gptq"] = _apply_gptq(qs, hessians["acc"])
                 _finalize_ranges(qs, fill_nearest=config.calibration != "trajectory")
                 consumers = adapter.cache_consumers(model, site) if config.use_quant_dec else {}
                 if consumers:
@@ -179,6 +186,60 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     }
     meta, tensors = broadcast((meta, {k: v.cpu() for k, v in tensors.items()}) if rank == 0 else None)
     return Plan(meta, tensors)
+
+
+_GPTQ_MAX_BYTES = 8 << 30
+
+
+def _attach_hessians(qs, config) -> dict:
+    """Accumulates every quantized layer's input Hessian (X Xᵀ) during the observe runs, for GPTQ.
+    H is K × K per layer (K = input channels × kernel taps), kept in float64 on the layer's device;
+    a model whose Hessians together exceed 8 GiB is refused rather than run out of memory."""
+    from ..quant.gptq import HessianAccumulator
+
+    need = sum(layer.inner.weight[0].numel() ** 2 * 8 for layer in qs.layers.values())
+    if need > _GPTQ_MAX_BYTES:
+        raise ValueError(f"weight_rounding='gptq' would hold {need / 2**30:.1f} GiB of input Hessians for this model "
+                         f"(limit {_GPTQ_MAX_BYTES / 2**30:.0f} GiB); use weight_rounding='nearest'")
+    acc, hooks = {}, []
+    for i, (name, layer) in enumerate(qs.layers.items()):
+        acc[name] = HessianAccumulator(layer.inner, seed=config.seed * 7919 + i)
+        hooks.append(layer.inner.register_forward_pre_hook(lambda mod, a, a_=acc[name]: a_.add(a[0])))
+    return {"acc": acc, "hooks": hooks}
+
+
+def _apply_gptq(qs, acc: dict) -> dict:
+    """GPTQ codes for every quantized layer, on the grid its range search chose (rank 0 sums the
+    ranks' Hessians, then shares the codes). Returns a diagnostic: the mean relative output error
+    ‖(W − Ŵ)X‖ / ‖WX‖ estimated through H, nearest vs GPTQ, over the layers."""
+    from ..quant.gptq import gptq_round
+    from ..quant.quantizer import fake_quant
+
+    parts = gather({name: (a.h.cpu(), a.n) for name, a in acc.items()})
+    codes, diag = None, None
+    if rank_world()[0] == 0:
+        codes, before, after = {}, [], []
+        for name, layer in qs.layers.items():
+            h = sum(p[name][0] for p in parts)
+            n = sum(p[name][1] for p in parts)
+            if n == 0:
+                continue  # never ran (e.g. a deep layer on cached steps only): keeps nearest rounding
+            h = (2.0 * h / n).to(layer.w_scale.device)
+            w = layer.inner.weight.detach()
+            q = gptq_round(w, h, layer.w_scale, layer.w_zero_point, layer.weight_bits)
+            codes[name] = torch.round(q.float() / layer.w_scale + layer.w_zero_point).clamp(0, 2**layer.weight_bits - 1)
+            w2 = w.reshape(w.shape[0], -1).double()
+            ref = torch.einsum("ok,kl,ol->", w2, h.double(), w2).clamp_min(1e-30)
+            for d, out in ((fake_quant(w.float(), layer.w_scale, layer.w_zero_point, layer.weight_bits), before),
+                           (q, after)):
+                e = (w.double() - d.double()).reshape(w.shape[0], -1)
+                out.append(float(torch.sqrt(torch.einsum("ok,kl,ol->", e, h.double(), e) / ref)))
+        diag = {"layers": len(codes), "rel_output_error_nearest": sum(before) / max(len(before), 1),
+                "rel_output_error_gptq": sum(after) / max(len(after), 1)}
+    codes, diag = broadcast((codes, diag))
+    for name, c in codes.items():
+        qs.layers[name].set_weight_codes(c.to(torch.uint8))
+    return diag
 
 
 def _finalize_ranges(qs, fill_nearest: bool) -> None:

@@ -60,7 +60,8 @@ def cmd_calibrate(args) -> int:
                               dec=not args.no_dec, calib_batch_size=args.batch_size, seed=args.seed,
                               calibration=args.calibration, calib_select=args.calib_select,
                               tap_lambda=args.tap_lambda, vc=args.vc,
-                              w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()))
+                              w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
+                              weight_rounding=args.weight_rounding)
     from ..distributed import barrier, init_from_env
 
     rank, world, device = init_from_env(args.device)
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schedule", choices=["uniform", "quadratic", "dps"], default="dps")
     c.add_argument("--bits", choices=list(BITS), default="w8a8")
     c.add_argument("--no-dec", action="store_true", help="disable decoupled error correction")
+    c.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
+                   help="gptq: round weights with GPTQ (input-Hessian error feedback; needed for usable W4A8)")
     c.add_argument("--w8-layers", default="",
                    help="with --bits w4a8: comma-separated module-name globs kept at 8-bit weights "
                         "(e.g. 'time_embedding.*,*.time_emb_proj'); conv_in / conv_out always are")

@@ -85,7 +85,8 @@ def pack_layer(layer: _QuantBase, kind: str, algo: str = "two-pass") -> Packed:
     # the plan's schedule, checked by the session, guarantees they are not executed then either.
     w4 = False
     if kind == "int8":
-        codes = torch.clamp(torch.round(w_khwc / ws.view(n, 1, 1, 1)) + wz.view(n, 1, 1, 1), 0, 2**layer.weight_bits - 1)
+        codes = layer.weight_codes()  # nearest rounding of the weight, or the plan's GPTQ codes
+        codes = codes.permute(0, 2, 3, 1) if codes.dim() == 4 else codes[:, None, None, :]
         w4 = layer.weight_bits <= 4 and algo == "two-pass" and packs_w4(c, layer.split or 0)
         # 4-bit codes keep their value (0..15, zero point unshifted); 8-bit ones are shifted by −128
         # into int8. The kernel's zero-point algebra is the same for any shift.

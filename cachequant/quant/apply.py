@@ -70,6 +70,8 @@ class QuantState:
         for name, layer in self.layers.items():
             out[f"w.{name}.scale"] = layer.w_scale.detach().cpu().float().reshape(-1).contiguous()
             out[f"w.{name}.zero_point"] = layer.w_zero_point.detach().cpu().float().reshape(-1).contiguous()
+            if layer.w_codes.numel():
+                out[f"w.{name}.codes"] = layer.w_codes.detach().cpu().contiguous()
             if layer.has_dec:
                 out[f"qdec.{name}.a"] = layer.dec_a.detach().cpu().float().contiguous()
                 out[f"qdec.{name}.b"] = layer.dec_b.detach().cpu().float().contiguous()
@@ -93,6 +95,11 @@ class QuantState:
         for name, layer in self.layers.items():
             layer.w_scale.copy_(get(f"w.{name}.scale", layer.w_scale))
             layer.w_zero_point.copy_(get(f"w.{name}.zero_point", layer.w_zero_point))
+            if f"w.{name}.codes" in tensors:
+                codes = tensors[f"w.{name}.codes"]
+                if codes.dtype != torch.uint8:
+                    raise ValueError(f"plan tensor 'w.{name}.codes' must be uint8, got {codes.dtype}")
+                layer.set_weight_codes(codes)
             layer._w_dq = None
             if f"qdec.{name}.a" in tensors:
                 dev = layer.w_scale.device

@@ -131,12 +131,27 @@ class _QuantBase(nn.Module):
         # Quantization DEC (output-channel correction of the cached slice): O = a·O_c + O_rest + b.
         self.register_buffer("dec_a", torch.empty(0))
         self.register_buffer("dec_b", torch.empty(0))
+        # Integer weight codes chosen by a rounding other than nearest (GPTQ); empty = round the
+        # float weight to nearest on the fly.
+        self.register_buffer("w_codes", torch.empty(0, dtype=torch.uint8, device=inner.weight.device))
         self._w_dq: torch.Tensor | None = None
 
     # -- data ------------------------------------------------------------------------------
     def weight_codes(self) -> torch.Tensor:
         """Integer weight codes (float tensor holding integers in [0, 2^b − 1])."""
+        if self.w_codes.numel():
+            return self.w_codes.float()
         return quantize_codes(self.inner.weight.detach().float(), self.w_scale, self.w_zero_point, self.weight_bits)
+
+    def set_weight_codes(self, codes: torch.Tensor) -> None:
+        """Stores codes chosen by another rounding (GPTQ); they must fit the layer's weight and bits."""
+        shape = tuple(self.w_scale.shape[:1]) + tuple(self.inner.weight.shape[1:]) if self.inner.weight.numel() else None
+        if shape is not None and tuple(codes.shape) != shape:
+            raise ValueError(f"weight codes shaped {tuple(codes.shape)} do not fit the layer's weight {shape}")
+        if codes.numel() and (codes.min() < 0 or codes.max() > 2**self.weight_bits - 1):
+            raise ValueError(f"weight codes outside [0, {2**self.weight_bits - 1}] for {self.weight_bits}-bit weights")
+        self.w_codes = codes.detach().to(device=self.w_scale.device, dtype=torch.uint8)
+        self._w_dq = None
 
     def dequantized_weight(self) -> torch.Tensor:
         if self._w_dq is None or self._w_dq.device != self.inner.weight.device:
@@ -149,6 +164,7 @@ class _QuantBase(nn.Module):
         s, z = weight_qparams(self.inner.weight.detach(), self.weight_bits)
         self.w_scale.copy_(s)
         self.w_zero_point.copy_(z)
+        self.w_codes = self.w_codes.new_empty(0)
         self._w_dq = None
 
     @property

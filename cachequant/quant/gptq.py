@@ -1,0 +1,111 @@
+"""GPTQ weight rounding (Frantar et al., 2022, "GPTQ: accurate post-training quantization for
+generative pre-trained transformers", Alg. 1): round a layer's weights one input column at a time
+and push each column's rounding error onto the columns not yet rounded, weighted by the inverse
+Hessian of the layer's reconstruction loss ‖W X − Ŵ X‖², H = 2 X Xᵀ.
+
+Why here: round-to-nearest 4-bit weights collapse the CIFAR UNet (`results/ablation.md`: FID 242),
+and the error is spread over every layer (`benchmarks/w4_sensitivity.py`). The reference work uses
+block reconstruction (BRECQ / AdaRound), which trains rounding variables for thousands of
+iterations per block. GPTQ needs only the input second moments and one Cholesky factorisation per
+layer, so it also runs on a CPU. The grid (per-output-channel scale and zero point) is the one the
+L_p range search chose; GPTQ only decides which grid point each weight rounds to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import qrange
+
+__all__ = ["HessianAccumulator", "gptq_round"]
+
+
+class HessianAccumulator:
+    """Running X Xᵀ of a Linear / Conv2d layer's inputs (as the columns the layer multiplies: the
+    unfolded patches for a conv). ``positions`` caps the columns taken per call, drawn at random
+    with a seeded generator: a 32×32 feature map gives 1,024 patches per image, far more than the
+    K ≤ a few thousand dimensions of H need."""
+
+    def __init__(self, layer: nn.Module, positions: int = 256, seed: int = 0):
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            raise ValueError("GPTQ needs a dense layer; grouped convolutions are not supported")
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"GPTQ handles nn.Linear and nn.Conv2d, got {type(layer).__name__}")
+        self.layer = layer
+        k = layer.weight[0].numel()
+        self.h = torch.zeros(k, k, dtype=torch.float64, device=layer.weight.device)
+        self.n = 0
+        self.positions = positions
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, n) columns of the layer's input."""
+        lay = self.layer
+        if isinstance(lay, nn.Conv2d):
+            cols = F.unfold(x, lay.kernel_size, dilation=lay.dilation, padding=lay.padding, stride=lay.stride)
+            cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C·kh·kw, B·L)
+        else:
+            cols = x.reshape(-1, x.shape[-1]).t()
+        if cols.shape[1] > self.positions:
+            idx = torch.randperm(cols.shape[1], generator=self.gen)[: self.positions].to(cols.device)
+            cols = cols[:, idx]
+        return cols
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        if isinstance(self.layer, nn.Conv2d) and self.layer.padding_mode != "zeros":
+            raise ValueError("GPTQ's conv columns assume zero padding")
+        cols = self.columns(x.detach()).float()
+        self.h += (cols @ cols.t()).double()  # fp32 product (fast), fp64 running sum
+        self.n += cols.shape[1]
+
+    def hessian(self) -> torch.Tensor:
+        if self.n == 0:
+            raise RuntimeError("no inputs were accumulated for this layer (did it run during calibration?)")
+        return 2.0 * self.h / self.n
+
+
+@torch.no_grad()
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               bits: int, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """Dequantized GPTQ weights on the grid (``scale``, ``zero_point``), same shape as ``weight``.
+
+    Columns are processed in order, in blocks with lazy updates (the paper's §4 "lazy batch
+    updates"); ``damp`` × mean(diag H) is added to the diagonal for a stable Cholesky. Inputs that
+    never vary (zero diagonal) are pinned to their round-to-nearest value.
+    """
+    shape, dtype = weight.shape, weight.dtype
+    w = weight.detach().reshape(shape[0], -1).double().clone()
+    s = scale.reshape(-1, 1).double()
+    z = zero_point.reshape(-1, 1).double()
+    qmin, qmax = qrange(bits)
+    k = w.shape[1]
+    if hessian.shape != (k, k):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {k} input columns")
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype, device=h.device)
+    # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    def q(col: torch.Tensor) -> torch.Tensor:
+        return (torch.clamp(torch.round(col / s[:, 0]) + z[:, 0], qmin, qmax) - z[:, 0]) * s[:, 0]
+
+    out = torch.zeros_like(w)
+    for i0 in range(0, k, block):
+        i1 = min(i0 + block, k)
+        wb = w[:, i0:i1].clone()
+        errb = torch.zeros_like(wb)
+        hb = hinv[i0:i1, i0:i1]
+        for j in range(i1 - i0):
+            col = wb[:, j]
+            qc = q(col)
+            out[:, i0 + j] = qc
+            e = (col - qc) / hb[j, j]
+            wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
+            errb[:, j] = e
+        w[:, i1:] -= errb @ hinv[i0:i1, i1:]
+    return out.reshape(shape).to(dtype)
