@@ -20,7 +20,11 @@ class CacheQuantConfig:
     """How weights round onto their grid: 'nearest', or 'gptq' (each layer's rounding error pushed
     onto its not-yet-rounded input columns, weighted by the inverse input Hessian; Frantar et al.
     2022). The codes are stored in the plan. 'gptq' is what makes W4A8 usable on the CIFAR UNet
-    (`results/ablation.md`)."""
+    (`results/ablation.md`). The input Hessians (K × K float64 per layer, K = input channels ×
+    kernel taps) are held for all layers at once during calibration. Above 8 GiB in total the
+    calibration refuses with an error. That is the case for SD 1.5's UNet, where each 3×3 conv at
+    1,280 channels alone needs 1 GiB; its layers would need one-at-a-time accumulation, which is not
+    implemented."""
     w8_layers: tuple[str, ...] = ()
     """With weight_bits = 4: more layers that keep 8-bit weights, as ``fnmatch`` patterns over module
     names (e.g. ``"time_embedding.*"``), on top of the adapter's first and last layer. Mixed precision
