@@ -6,21 +6,8 @@ import numpy as np
 import pytest
 
 from cachequant.metrics import psnr, ssim
-from cachequant.metrics.fid import feature_stats, frechet_distance
+from cachequant.metrics.fid import feature_stats, frechet_distance, frechet_distance_sqrtm
 from cachequant.metrics.prdc import precision_recall
-
-
-def _fid_sqrtm(mu1, s1, mu2, s2):
-    """Independent: the textbook formula with scipy's general matrix square root (pytorch-fid's way)."""
-    import warnings
-
-    from scipy import linalg
-
-    with warnings.catch_warnings():  # rank-deficient products are expected in the small cases
-        warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm(s1 @ s2)
-    covmean = (covmean[0] if isinstance(covmean, tuple) else covmean).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
 def test_frechet_distance_matches_closed_form_and_scipy_sqrtm():
@@ -32,12 +19,12 @@ def test_frechet_distance_matches_closed_form_and_scipy_sqrtm():
     assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(closed, rel=1e-9)
     a, b = rng.normal(size=(500, d)), rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) * 0.5 + 0.3
     fa, fb = feature_stats(a), feature_stats(b)
-    assert frechet_distance(*fa, *fb) == pytest.approx(_fid_sqrtm(*fa, *fb), rel=1e-6)
+    assert frechet_distance(*fa, *fb) == pytest.approx(frechet_distance_sqrtm(*fa, *fb), rel=1e-6)
     # Rank-deficient covariances (fewer samples than dimensions), as with small FID sets: still finite,
     # still the sqrtm answer, and a distribution's distance to itself is ~0.
     c, e = rng.normal(size=(10, 64)), rng.normal(size=(12, 64)) + 0.5
     fc, fe = feature_stats(c), feature_stats(e)
-    assert frechet_distance(*fc, *fe) == pytest.approx(_fid_sqrtm(*fc, *fe), rel=1e-4)
+    assert frechet_distance(*fc, *fe) == pytest.approx(frechet_distance_sqrtm(*fc, *fe), rel=1e-4)
     assert abs(frechet_distance(*fc, *fc)) < 1e-6 * np.trace(fc[1])
     with pytest.raises(ValueError, match="matching statistics"):
         frechet_distance(mu1, np.diag(v1), mu2[:-1], np.diag(v2[:-1]))
@@ -60,7 +47,7 @@ def test_inception_features_and_fid_cross_check():
     both = np.concatenate([f, g])
     s1, s2 = feature_stats(both[:6]), feature_stats(both[6:])
     ours = frechet_distance(*s1, *s2)
-    assert ours == pytest.approx(_fid_sqrtm(*s1, *s2), rel=1e-3) and ours > 0
+    assert ours == pytest.approx(frechet_distance_sqrtm(*s1, *s2), rel=1e-3) and ours > 0
 
 
 def test_precision_recall_properties():

@@ -115,6 +115,22 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
 
 
+def frechet_distance_sqrtm(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """The textbook computation with scipy's general matrix square root (pytorch-fid's way): kept as
+    the independent cross-check of ``frechet_distance`` (tests) and its timing baseline
+    (``benchmarks/metrics_speed.py``)."""
+    import warnings
+
+    from scipy import linalg
+
+    with warnings.catch_warnings():  # rank-deficient products (few samples) warn, and are still usable
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(np.asarray(sigma1, np.float64) @ np.asarray(sigma2, np.float64))
+    covmean = (covmean[0] if isinstance(covmean, tuple) else covmean).real
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     return frechet_distance(*feature_stats(f1), *feature_stats(f2))
 

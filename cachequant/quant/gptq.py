@@ -33,6 +33,8 @@ class HessianAccumulator:
             raise ValueError("GPTQ needs a dense layer; grouped convolutions are not supported")
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"GPTQ handles nn.Linear and nn.Conv2d, got {type(layer).__name__}")
+        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+            raise ValueError("GPTQ's conv columns assume zero padding")
         self.layer = layer
         k = layer.weight[0].numel()
         self.h = torch.zeros(k, k, dtype=torch.float64, device=layer.weight.device)
@@ -55,8 +57,6 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        if isinstance(self.layer, nn.Conv2d) and self.layer.padding_mode != "zeros":
-            raise ValueError("GPTQ's conv columns assume zero padding")
         cols = self.columns(x.detach()).float()
         self.h += (cols @ cols.t()).double()  # fp32 product (fast), fp64 running sum
         self.n += cols.shape[1]

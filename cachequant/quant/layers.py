@@ -145,9 +145,9 @@ class _QuantBase(nn.Module):
 
     def set_weight_codes(self, codes: torch.Tensor) -> None:
         """Stores codes chosen by another rounding (GPTQ); they must fit the layer's weight and bits."""
-        shape = tuple(self.w_scale.shape[:1]) + tuple(self.inner.weight.shape[1:]) if self.inner.weight.numel() else None
-        if shape is not None and tuple(codes.shape) != shape:
-            raise ValueError(f"weight codes shaped {tuple(codes.shape)} do not fit the layer's weight {shape}")
+        w = self.inner.weight  # empty once a kernel backend freed the float weights
+        if w.numel() and codes.shape != w.shape:
+            raise ValueError(f"weight codes shaped {tuple(codes.shape)} do not fit the layer's weight {tuple(w.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() > 2**self.weight_bits - 1):
             raise ValueError(f"weight codes outside [0, {2**self.weight_bits - 1}] for {self.weight_bits}-bit weights")
         self.w_codes = codes.detach().to(device=self.w_scale.device, dtype=torch.uint8)
