@@ -144,7 +144,10 @@ def kernel_category(name: str) -> str:
     for cat, keys in KERNEL_CATEGORIES:
         if any(k in n for k in keys):
             return cat
-    return "other (elementwise, softmax, copies, ...)"
+    return OTHER
+
+
+OTHER = "other (elementwise, softmax, copies, ...)"
 
 
 def profile_run(pipe, kw: dict, device: str) -> dict:
@@ -160,18 +163,28 @@ def profile_run(pipe, kw: dict, device: str) -> dict:
         pipe(generator=torch.Generator(device).manual_seed(0), **kw)
         sync(device)
         wall = time.perf_counter() - t0
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
     by_cat: dict[str, float] = {}
-    launches = 0
-    busy = 0.0
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        us = e.time_range.elapsed_us()
-        by_cat[kernel_category(e.name)] = by_cat.get(kernel_category(e.name), 0.0) + us / 1e3
-        busy += us / 1e3
-        launches += 1
+    for name, us in kernels:
+        by_cat[kernel_category(name)] = by_cat.get(kernel_category(name), 0.0) + us / 1e3
+    busy = sum(us for _, us in kernels) / 1e3
     return {"wall_ms": wall * 1e3, "gpu_kernel_ms": busy, "gpu_idle_fraction": max(0.0, 1 - busy / (wall * 1e3)),
-            "kernels": launches, "ms_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))}
+            "kernels": len(kernels), "ms_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+            "top_other_kernels": top_kernels(kernels, OTHER)}
+
+
+def top_kernels(kernels: list[tuple[str, float]], category: str, n: int = 12) -> list[dict]:
+    """The ``n`` kernels of one category with the most GPU time (name, ms, launches): the breakdown
+    of, e.g., the elementwise time the 8-bit path adds around its GEMMs (results/h200.md)."""
+    agg: dict[str, list[float]] = {}
+    for name, us in kernels:
+        if kernel_category(name) == category:
+            a = agg.setdefault(name, [0.0, 0])
+            a[0] += us / 1e3
+            a[1] += 1
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{"kernel": name[:160], "ms": round(ms, 3), "launches": int(k)} for name, (ms, k) in rows]
 
 
 def calibrate_plan(pipe, model: str, steps: int, interval: int, wbits: int | None, cache: dict):

@@ -66,7 +66,13 @@ def profile_table(res: dict) -> str:
         cells = [fmt(p["ms_by_category"].get(c), ".0f") for c in cats]
         out.append(f"| {row} | {p['wall_ms']:.0f} | {p['gpu_kernel_ms']:.0f} | {100 * p['gpu_idle_fraction']:.0f} % | "
                    + " | ".join(cells) + " |")
-    return "\n\nProfile of one image (ms of GPU kernel time per category):\n\n" + "\n".join(out)
+    text = "\n\nProfile of one image (ms of GPU kernel time per category):\n\n" + "\n".join(out)
+    for row, p in prof:
+        top = p.get("top_other_kernels")
+        if top:
+            text += (f"\n\nLargest 'other' kernels, {row}:\n\n| kernel | ms | launches |\n|---|---|---|\n"
+                     + "\n".join(f"| `{k['kernel'][:100]}` | {k['ms']:.1f} | {k['launches']} |" for k in top))
+    return text
 
 
 def main(paths: list[str]) -> int:

@@ -34,6 +34,7 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     assert "fp16 eager" in r.stdout  # the table is printed last
     prof = rows["fp16 eager"]["profile"]  # no CUDA kernels on the CPU: the structure, not the shares
     assert prof["wall_ms"] > 0 and prof["kernels"] == 0 and 0 <= prof["gpu_idle_fraction"] <= 1
+    assert prof["top_other_kernels"] == []
     rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed_report.py"), str(out)],
                          capture_output=True, text=True, timeout=60)
     assert rep.returncode == 0 and "Profile of one image" in rep.stdout and "| fp16 eager |" in rep.stdout, rep.stderr
@@ -50,3 +51,16 @@ def test_profile_kernel_categories():
     assert cat("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert cat("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel").startswith("other")
     assert cat("group_norm_nhwc_kernel") == "norm"
+
+
+def test_top_kernels_of_a_category():
+    from conftest import load_benchmark
+
+    speed = load_benchmark("speed")
+    ev = [("elementwise_add", 100.0), ("_gemm_kernel", 900.0), ("elementwise_add", 50.0), ("copy_", 120.0)]
+    top = speed.top_kernels(ev, speed.OTHER)
+    assert top == [{"kernel": "elementwise_add", "ms": 0.15, "launches": 2}, {"kernel": "copy_", "ms": 0.12, "launches": 1}]
+    prof = {"wall_ms": 2.0, "gpu_kernel_ms": 1.17, "gpu_idle_fraction": 0.4, "kernels": 4,
+            "ms_by_category": {speed.OTHER: 0.27}, "top_other_kernels": top}
+    text = load_benchmark("speed_report").profile_table({"rows": [{"row": "INT8", "profile": prof}]})
+    assert "Largest 'other' kernels, INT8" in text and "| `elementwise_add` | 0.1 | 2 |" in text
