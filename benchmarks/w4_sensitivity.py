@@ -8,7 +8,8 @@ precision: 42.5). This script finds where that error comes from, small enough fo
 2. end-to-end, against full precision from the same seeds: W8A8, W4A8, then W4A8 with one group of
    layers kept at 8-bit weights (``CacheQuantConfig.w8_layers``), PSNR / SSIM of the images;
 3. with ``--gptq``: W4A8 with GPTQ rounding (``weight_rounding="gptq"``), alone and with the
-   shortcut convs at 8 bits; with ``--bias-correction``: a script-level bias-correction experiment.
+   shortcut convs at 8 bits; with ``--joint N``: the whole method (cache N, DPS + DEC) at W8A8, W4A8
+   and W4A8 with GPTQ; with ``--bias-correction``: a script-level bias-correction experiment.
 
     python benchmarks/w4_sensitivity.py --num-samples 16 --steps 100 --out results/w4-sensitivity-unet.json
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gptq", action="store_true",
                    help="also W4A8 with GPTQ rounding (CacheQuantConfig.weight_rounding='gptq'), alone and with "
                         "the shortcut convs at 8 bits")
+    p.add_argument("--joint", type=int, default=None, metavar="N",
+                   help="also CacheQuant at interval N (DPS + DEC) with W8A8, W4A8 and W4A8 GPTQ + shortcut convs at 8 bits")
     p.add_argument("--bias-correction", action="store_true",
                    help="also W4A8 with each layer's bias corrected for the mean shift of its 4-bit weights")
     p.add_argument("--out", required=True, help="JSON output")
@@ -156,32 +159,43 @@ def main(argv: list[str] | None = None) -> int:
     ref = images()
     print(f"full precision: {time.time() - t0:.1f} s")
     werr = weight_errors(model, 4)
-    variants = [("W8A8", 8, []), ("W4A8", 4, [])] + [(f"W4A8, {g} at 8 bits", 4, pats) for g, pats in groups.items()]
+    # (label, CacheQuantConfig fields over the quant-only base, bias-correction experiment?)
+    variants: list[tuple[str, dict, bool]] = [("W8A8", {"weight_bits": 8}, False), ("W4A8", {"weight_bits": 4}, False)]
+    variants += [(f"W4A8, {g} at 8 bits", {"weight_bits": 4, "w8_layers": tuple(pats)}, False)
+                 for g, pats in groups.items()]
+    shortcuts = tuple(UNET_GROUPS["skip / shortcut 1x1 convs"])
     if args.bias_correction:
-        variants.append(("W4A8 + bias correction", 4, []))
+        variants.append(("W4A8 + bias correction", {"weight_bits": 4}, True))
         in_means = input_means(pipe, model, args.steps, args.seed)
     if args.gptq:
-        variants.append(("W4A8, GPTQ rounding", 4, []))
-        variants.append(("W4A8, GPTQ rounding, shortcut 1x1 convs at 8 bits", 4, UNET_GROUPS["skip / shortcut 1x1 convs"]))
+        variants.append(("W4A8, GPTQ rounding", {"weight_bits": 4, "weight_rounding": "gptq"}, False))
+        variants.append(("W4A8, GPTQ rounding, shortcut 1x1 convs at 8 bits",
+                         {"weight_bits": 4, "weight_rounding": "gptq", "w8_layers": shortcuts}, False))
+    if args.joint:
+        joint = {"interval": args.joint, "schedule": "dps", "dec": True}
+        variants += [(f"CacheQuant N={args.joint} (DPS + DEC), W8A8", {**joint, "weight_bits": 8}, False),
+                     (f"CacheQuant N={args.joint} (DPS + DEC), W4A8", {**joint, "weight_bits": 4}, False),
+                     (f"CacheQuant N={args.joint} (DPS + DEC), W4A8, GPTQ, shortcut 1x1 convs at 8 bits",
+                      {**joint, "weight_bits": 4, "weight_rounding": "gptq", "w8_layers": shortcuts}, False)]
     rows = []
-    for label, wb, pats in variants:
+    for label, fields, bias_corr in variants:
         t0 = time.time()
-        cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=wb, act_bits=8, dec=False,
-                                  w8_layers=tuple(pats), num_calib_samples=args.calib_samples,
-                                  weight_rounding="gptq" if "GPTQ" in label else "nearest",
-                                  calib_batch_size=args.calib_samples, seed=args.seed)
+        cfg = cq.CacheQuantConfig(**{"interval": 1, "schedule": "uniform", "act_bits": 8, "dec": False,
+                                     "num_calib_samples": args.calib_samples, "calib_batch_size": args.calib_samples,
+                                     "seed": args.seed, **fields})
         plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps)
         cq.accelerate(pipe, plan)
-        saved = correct_biases(model, in_means) if label.endswith("bias correction") else {}
+        saved = correct_biases(model, in_means) if bias_corr else {}
         try:
             out = images()
         finally:
             restore_biases(model, saved)
             cq.restore(pipe)
+        pats = list(cfg.w8_layers)
         w8 = sum(r["params"] for r in werr if any(fnmatchcase(r["layer"], q) for q in pats))
-        row = {"variant": label, "weight_bits": wb, "w8_layers": pats, "psnr_vs_fp": psnr(out, ref),
-               "gptq_fit": plan.meta["diagnostics"].get("gptq"),
-               "ssim_vs_fp": ssim(out, ref), "params_kept_8bit": w8, "seconds": round(time.time() - t0, 1)}
+        row = {"variant": label, "config": cfg.to_dict(), "weight_bits": cfg.weight_bits, "w8_layers": pats,
+               "psnr_vs_fp": psnr(out, ref), "ssim_vs_fp": ssim(out, ref), "gptq_fit": plan.meta["diagnostics"].get("gptq"),
+               "full_steps": len(plan.schedule), "params_kept_8bit": w8, "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         print(f"{label:55s} PSNR {row['psnr_vs_fp']:6.2f} dB  SSIM {row['ssim_vs_fp']:.4f}  "
               f"({w8 / 1e6:.2f} M params kept at 8 bits, {row['seconds']} s)")
