@@ -44,8 +44,12 @@ def run_demo(args) -> int:
     t_fp = time.time() - t0
 
     wb, ab = BITS[args.bits]
+    rounding = args.weight_rounding
+    if rounding == "auto":
+        rounding = "gptq" if wb == 4 else "nearest"
     cfg = cq.CacheQuantConfig(interval=args.interval, schedule="dps", weight_bits=wb, act_bits=ab, dec=True,
-                              calib_batch_size=8, num_calib_samples=16)
+                              calib_batch_size=8, num_calib_samples=16,
+                              weight_rounding=rounding if wb is not None else "nearest")
     t0 = time.time()
     calib = {"class_labels": list(range(16))} if type(pipe).__name__.startswith("DiT") else {}
     plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, **calib)
@@ -59,7 +63,7 @@ def run_demo(args) -> int:
     cq.restore(pipe)
 
     save_grid([ref, out], args.out, scale=4)
-    bits = "full precision" if wb is None else f"W{wb}A{ab}"
+    bits = "full precision" if wb is None else f"W{wb}A{ab}" + (", GPTQ rounding" if cfg.weight_rounding == "gptq" else "")
     print(f"model {args.model}: {args.steps} steps, interval {args.interval} (DPS), {bits}, DEC on")
     print(f"  full steps       {plan.schedule}")
     print(f"  calibration      {t_cal:.1f} s")

@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=100)
     d.add_argument("--interval", type=int, default=10)
     d.add_argument("--bits", choices=list(BITS), default="w8a8")
+    d.add_argument("--weight-rounding", choices=["auto", "nearest", "gptq"], default="auto",
+                   help="auto: gptq for 4-bit weights (nearest-rounded W4A8 collapses the CIFAR UNet), else nearest")
     d.add_argument("--num-images", type=int, default=8)
     d.add_argument("--out", default="cachequant-demo.png")
     d.set_defaults(fn=cmd_demo)
