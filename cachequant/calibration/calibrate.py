@@ -212,7 +212,7 @@ def _apply_gptq(qs, acc: dict) -> dict:
     """GPTQ codes for every quantized layer, on the grid its range search chose (rank 0 sums the
     ranks' Hessians, then shares the codes). Returns a diagnostic: the mean relative output error
     ‖(W − Ŵ)X‖ / ‖WX‖ estimated through H, nearest vs GPTQ, over the layers."""
-    from ..quant.gptq import gptq_round
+    from ..quant.gptq import gptq_codes
     from ..quant.quantizer import fake_quant
 
     parts = gather({name: (a.h.cpu(), a.n) for name, a in acc.items()})
@@ -226,8 +226,8 @@ def _apply_gptq(qs, acc: dict) -> dict:
                 continue  # never ran (e.g. a deep layer on cached steps only): keeps nearest rounding
             h = (2.0 * h / n).to(layer.w_scale.device)
             w = layer.inner.weight.detach()
-            q = gptq_round(w, h, layer.w_scale, layer.w_zero_point, layer.weight_bits)
-            codes[name] = torch.round(q.float() / layer.w_scale + layer.w_zero_point).clamp(0, 2**layer.weight_bits - 1)
+            codes[name] = gptq_codes(w, h, layer.w_scale, layer.w_zero_point, layer.weight_bits)
+            q = (codes[name].double() - layer.w_zero_point.double()) * layer.w_scale.double()
             w2 = w.reshape(w.shape[0], -1).double()
             ref = torch.einsum("ok,kl,ol->", w2, h.double(), w2).clamp_min(1e-30)
             for d, out in ((fake_quant(w.float(), layer.w_scale, layer.w_zero_point, layer.weight_bits), before),

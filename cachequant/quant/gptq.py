@@ -19,7 +19,7 @@ from torch import nn
 
 from .quantizer import qrange
 
-__all__ = ["HessianAccumulator", "gptq_round"]
+__all__ = ["HessianAccumulator", "gptq_codes", "gptq_round"]
 
 
 class HessianAccumulator:
@@ -70,13 +70,24 @@ class HessianAccumulator:
 @torch.no_grad()
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                bits: int, damp: float = 0.01, block: int = 128) -> torch.Tensor:
-    """Dequantized GPTQ weights on the grid (``scale``, ``zero_point``), same shape as ``weight``.
+    """Dequantized GPTQ weights on the grid (``scale``, ``zero_point``), same shape and dtype as ``weight``."""
+    codes = gptq_codes(weight, hessian, scale, zero_point, bits, damp, block).double()
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return ((codes - zero_point.double().reshape(shape)) * scale.double().reshape(shape)).to(weight.dtype)
+
+
+@torch.no_grad()
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               bits: int, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """Integer GPTQ codes in [0, 2^bits − 1] (float tensor, same shape as ``weight``), computed in
+    float64 whatever the weight's dtype (an fp16 round trip through dequantized values could land
+    one code off at 8 bits).
 
     Columns are processed in order, in blocks with lazy updates (the paper's §4 "lazy batch
     updates"); ``damp`` × mean(diag H) is added to the diagonal for a stable Cholesky. Inputs that
     never vary (zero diagonal) are pinned to their round-to-nearest value.
     """
-    shape, dtype = weight.shape, weight.dtype
+    shape = weight.shape
     w = weight.detach().reshape(shape[0], -1).double().clone()
     s = scale.reshape(-1, 1).double()
     z = zero_point.reshape(-1, 1).double()
@@ -91,8 +102,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
-    def q(col: torch.Tensor) -> torch.Tensor:
-        return (torch.clamp(torch.round(col / s[:, 0]) + z[:, 0], qmin, qmax) - z[:, 0]) * s[:, 0]
+    def code(col: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(col / s[:, 0]) + z[:, 0], qmin, qmax)
 
     out = torch.zeros_like(w)
     for i0 in range(0, k, block):
@@ -102,10 +113,11 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         hb = hinv[i0:i1, i0:i1]
         for j in range(i1 - i0):
             col = wb[:, j]
-            qc = q(col)
-            out[:, i0 + j] = qc
+            c = code(col)
+            out[:, i0 + j] = c
+            qc = (c - z[:, 0]) * s[:, 0]
             e = (col - qc) / hb[j, j]
             wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
             errb[:, j] = e
         w[:, i1:] -= errb @ hinv[i0:i1, i1:]
-    return out.reshape(shape).to(dtype)
+    return out.reshape(shape).float()
