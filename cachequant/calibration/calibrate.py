@@ -212,7 +212,7 @@ def _apply_gptq(qs, acc: dict) -> dict:
     """GPTQ codes for every quantized layer, on the grid its range search chose (rank 0 sums the
     ranks' Hessians, then shares the codes). Returns a diagnostic: the mean relative output error
     ‖(W − Ŵ)X‖ / ‖WX‖ estimated through H, nearest vs GPTQ, over the layers."""
-    from ..quant.gptq import gptq_codes
+    from ..quant.gptq import gptq_codes, hessian_from
     from ..quant.quantizer import fake_quant
 
     parts = gather({name: (a.h.cpu(), a.n) for name, a in acc.items()})
@@ -224,7 +224,7 @@ def _apply_gptq(qs, acc: dict) -> dict:
             n = sum(p[name][1] for p in parts)
             if n == 0:
                 continue  # never ran (e.g. a deep layer on cached steps only): keeps nearest rounding
-            h = (2.0 * h / n).to(layer.w_scale.device)
+            h = hessian_from(h, n).to(layer.w_scale.device)
             w = layer.inner.weight.detach()
             codes[name] = gptq_codes(w, h, layer.w_scale, layer.w_zero_point, layer.weight_bits)
             q = (codes[name].double() - layer.w_zero_point.double()) * layer.w_scale.double()

@@ -19,7 +19,7 @@ from torch import nn
 
 from .quantizer import qrange
 
-__all__ = ["HessianAccumulator", "gptq_codes", "gptq_round"]
+__all__ = ["HessianAccumulator", "gptq_codes", "gptq_round", "hessian_from"]
 
 
 class HessianAccumulator:
@@ -62,9 +62,14 @@ class HessianAccumulator:
         self.n += cols.shape[1]
 
     def hessian(self) -> torch.Tensor:
-        if self.n == 0:
-            raise RuntimeError("no inputs were accumulated for this layer (did it run during calibration?)")
-        return 2.0 * self.h / self.n
+        return hessian_from(self.h, self.n)
+
+
+def hessian_from(xxt: torch.Tensor, n: int) -> torch.Tensor:
+    """H = 2 X Xᵀ / n from a running X Xᵀ over n columns (one accumulator, or several ranks' summed)."""
+    if n == 0:
+        raise RuntimeError("no inputs were accumulated for this layer (did it run during calibration?)")
+    return 2.0 * xxt / n
 
 
 @torch.no_grad()
