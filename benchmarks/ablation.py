@@ -868,6 +868,83 @@ def render_report(work: Path, out: Path, name: str, tables: list[str], title: st
         env = (read_json(work / f"{t}.json") or {}).get("metrics_environment")
         d = gather_table(work, TABLES[t], env=env)
         datas.append(d)
+    return write_report(datas, out, name, title)
+
+
+def _row_done(row: dict) -> bool:
+    return bool(row.get("info") and row["info"].get("status") == "done")
+
+
+def _fp_key(data: dict) -> tuple[str | None, str | None]:
+    """(full-precision samples' SHA-1, reference statistics' SHA-1) that a table's metrics used."""
+    fps, refs = set(), set()
+    for r in data["rows"]:
+        key = (r.get("metrics") or {}).get("key") or {}
+        if key.get("fp_sha1"):
+            fps.add(key["fp_sha1"])
+        if (key.get("reference") or {}).get("sha1"):
+            refs.add(key["reference"]["sha1"])
+    if len(fps) > 1 or len(refs) > 1:
+        raise ValueError(f"table {data['table']}: its rows were measured against different full-precision samples "
+                         f"{sorted(fps)} or reference statistics {sorted(refs)}")
+    return (fps.pop() if fps else None, refs.pop() if refs else None)
+
+
+def merge_table_jsons(datas: list[dict]) -> list[dict]:
+    """Join the ``<table>.json`` files of several runs (sessions) into one table per name.
+
+    A table sampled over several sessions on fresh machines has each variant's row in one run's
+    file. Rows are comparable only when every run measured PSNR / SSIM against the same
+    full-precision samples and FID against the same reference statistics (the SHA-1s in each
+    ``metrics.json`` key); otherwise this refuses. A variant measured in several runs must have
+    produced the same samples (same SHA-1); the later run's row is kept."""
+    merged: dict[str, dict] = {}
+    for d in datas:
+        if not isinstance(d, dict) or d.get("table") not in TABLES or not isinstance(d.get("rows"), list):
+            raise ValueError("not a table JSON written by `ablation.py metrics`/`report` (needs 'table' and 'rows')")
+        name = d["table"]
+        if name not in merged:
+            merged[name] = {**d, "rows": [dict(r) for r in d["rows"]], "merged_commands": _commands([d])}
+            _fp_key(merged[name])
+            continue
+        base = merged[name]
+        for field in ("model", "scheduler", "default_steps", "guidance_scale"):
+            if base.get(field) != d.get(field):
+                raise ValueError(f"table {name}: runs differ in {field} ({base.get(field)!r} vs {d.get(field)!r})")
+        a, b = _fp_key(base), _fp_key(d)
+        for what, x, y in (("full-precision samples", a[0], b[0]), ("reference statistics", a[1], b[1])):
+            if x and y and x != y:
+                raise ValueError(f"table {name}: the runs' {what} differ (SHA-1 {x} vs {y}): their PSNR / FID "
+                                 "are not comparable; re-sample the variants in one run")
+        rows = {r["variant"]: i for i, r in enumerate(base["rows"])}
+        for r in d["rows"]:
+            if not _row_done(r):
+                continue
+            i = rows.get(r["variant"])
+            if i is None:
+                base["rows"].append(dict(r))
+                continue
+            old = base["rows"][i]
+            sa = ((old.get("metrics") or {}).get("key") or {}).get("samples_sha1")
+            sb = ((r.get("metrics") or {}).get("key") or {}).get("samples_sha1")
+            if sa and sb and sa != sb:
+                raise ValueError(f"table {name}, variant {r['variant']}: two runs produced different samples "
+                                 f"(SHA-1 {sa} vs {sb})")
+            if r.get("metrics") or not old.get("metrics"):
+                base["rows"][i] = dict(r)
+        base["merged_commands"] += [c for c in _commands([d]) if c not in base["merged_commands"]]
+        st = dict(base.get("sample_status") or {})
+        st.setdefault("num_samples", (d.get("sample_status") or {}).get("num_samples"))
+        base["sample_status"] = st
+    for d in merged.values():  # the table's own variant order; rows of variants it no longer has go last
+        rank = {v.slug: i for i, v in enumerate(TABLES[d["table"]].variants)}
+        d["rows"].sort(key=lambda r: rank.get(r["variant"], len(rank)))
+    order = {t: i for i, t in enumerate(TABLES)}
+    return sorted(merged.values(), key=lambda d: order[d["table"]])
+
+
+def write_report(datas: list[dict], out: Path, name: str, title: str) -> Path:
+    """The markdown report and its plot from gathered (or merged) table data."""
     envs = [(d.get("sample_status") or {}).get("environment") for d in datas]
     envs = [e for e in envs if e]
     lines = [f"# {title}", "", JPEG_NOTE, "",
@@ -879,12 +956,14 @@ def render_report(work: Path, out: Path, name: str, tables: list[str], title: st
     lines += ["## Setup", ""]
     if envs:
         e = envs[0]
-        lines.append(f"Device: {e['device']}; torch {e['torch']}, diffusers {e['diffusers']}, cachequant "
-                     f"{e['cachequant']}, Python {e['python']}, CUDA {e.get('cuda')}.")
+        v = {k: e.get(k, "–") for k in ("device", "torch", "diffusers", "cachequant", "python", "cuda")}
+        lines.append(f"Device: {v['device']}; torch {v['torch']}, diffusers {v['diffusers']}, cachequant "
+                     f"{v['cachequant']}, Python {v['python']}, CUDA {v['cuda']}.")
     else:
         lines.append("Device: – (nothing sampled yet).")
     lines += ["", "Commands (as run):", "", "```bash"]
-    lines += _commands(datas) or ["# (none recorded)"]
+    cmds = [c for d in datas for c in (d.get("merged_commands") or _commands([d]))]
+    lines += cmds or ["# (none recorded)"]
     lines += ["python " + " ".join(sys.argv), "```", ""]
     for d in datas:
         lines += render_table(d) + [""]
@@ -917,32 +996,43 @@ def _pyplot():
 
 
 def plot(datas: list[dict], path: Path, title: str) -> Path | None:
-    """Speed–quality scatter: x = MAC speed-up vs FP, y = FID; one marker per variant, labelled."""
+    """Speed–quality scatter, one panel per table with results: x = MAC speed-up vs FP, y = FID.
+    Variants at the same speed-up (same schedule length) are labelled together in one text block,
+    best FID last, so that close FIDs stay readable."""
     plt = _pyplot()
     if plt is None:
         return None
     from cachequant.utils.io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = "osD^v<>"
-    plotted = 0
-    for i, d in enumerate(datas):
-        pts = [r for r in table_rows(d) if r["fid"] is not None and r["mac_speedup"] is not None]
+    panels = [(d, [r for r in table_rows(d) if r["fid"] is not None and r["mac_speedup"] is not None]) for d in datas]
+    panels = [(d, pts) for d, pts in panels if pts] or [({"title": title}, [])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    for ax, (d, pts) in zip(axes[0], panels):
         if not pts:
-            continue
-        xs, ys = [r["mac_speedup"] for r in pts], [r["fid"] for r in pts]
-        ax.scatter(xs, ys, marker=markers[i % len(markers)], label=d["title"], s=36)
-        for r, x, y in zip(pts, xs, ys):
-            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        plotted += len(pts)
-    ax.set_xlabel("executed-MAC speed-up vs full precision (×)")
-    ax.set_ylabel("FID (JPEG-q75 CIFAR-10 reference; lower is better)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    if plotted:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no variant with both FID and MACs yet", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no variant with both FID and MACs yet", ha="center", va="center",
+                    transform=ax.transAxes)
+        groups: dict[float, list[dict]] = {}
+        for r in pts:
+            groups.setdefault(round(r["mac_speedup"], 2), []).append(r)
+        for x, rows in groups.items():
+            rows.sort(key=lambda r: -r["fid"])
+            ax.scatter([x] * len(rows), [r["fid"] for r in rows], s=30,
+                       c=["k" if r["variant"] == "fp" else "tab:blue" for r in rows])
+            if len(rows) == 1:
+                ax.annotate(f"{rows[0]['variant']} {rows[0]['fid']:.1f}", (x, rows[0]["fid"]),
+                            textcoords="offset points", xytext=(4, 3), fontsize=7)
+            else:
+                text = "\n".join(f"{r['variant']} {r['fid']:.1f}" for r in rows)
+                ax.annotate(text, (x, rows[0]["fid"]), textcoords="offset points", xytext=(5, 0), fontsize=7,
+                            va="top", bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="0.8", alpha=0.85))
+        ax.set_xlabel("executed-MAC speed-up vs full precision (×)")
+        ax.set_ylabel("FID (JPEG-q75 CIFAR-10 reference; lower is better)")
+        ax.set_title(d["title"], fontsize=10)
+        ax.grid(alpha=0.3)
+        if pts:
+            xs = [r["mac_speedup"] for r in pts]
+            ax.set_xlim(min(xs) - 0.1, max(xs) + 0.25 * (max(xs) - min(xs) + 0.5))
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, format="png")
@@ -989,11 +1079,40 @@ def plot_bars(datas: list[dict], path: Path, title: str) -> Path | None:
 
 
 def run_report(args) -> int:
-    work, out = Path(args.work), Path(args.out)
+    out = Path(args.out)
+    if args.from_json:
+        return _report_from_json([Path(p) for p in args.from_json], out)
+    if not args.work:
+        raise SystemExit("report needs --work (a sampling work folder) or --from-json (committed table JSONs)")
+    work = Path(args.work)
     for name, tables in REPORT_FILES.items():
-        title = "CacheQuant ablation on the CIFAR-10 models" if name == "ablation" else \
-            "Q&C ablations on the CIFAR-10 DiT (DDIM 50, N = 3, W8A8)"
-        print(f"written {render_report(work, out, name, tables, title)}")
+        print(f"written {render_report(work, out, name, tables, REPORT_TITLES[name])}")
+    return 0
+
+
+REPORT_TITLES = {"ablation": "CacheQuant ablation on the CIFAR-10 models",
+                 "qandc": "Q&C ablations on the CIFAR-10 DiT (DDIM 50, N = 3, W8A8)"}
+
+
+def _report_from_json(paths: list[Path], out: Path) -> int:
+    """Report + plot from committed ``<table>.json`` files of one or more runs (see merge_table_jsons)."""
+    datas = []
+    for p in paths:
+        d = read_json(p)
+        if d is None:
+            raise SystemExit(f"--from-json: cannot read {p} (missing or not JSON)")
+        datas.append(d)
+    try:
+        merged = merge_table_jsons(datas)
+    except ValueError as e:
+        raise SystemExit(f"--from-json: {e}")
+    for name, tables in REPORT_FILES.items():
+        if not any(d["table"] in tables for d in merged):
+            continue
+        # a table none of the files has is listed as not sampled, as in a report from a work folder
+        have = {d["table"]: d for d in merged}
+        chosen = [have.get(t) or gather_table(out / "__none__", TABLES[t]) for t in tables]
+        print(f"written {write_report(chosen, out, name, REPORT_TITLES[name])}")
     return 0
 
 
@@ -1050,7 +1169,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=run_metrics)
 
     r = sub.add_parser("report", help="markdown tables + speed-quality plot")
-    r.add_argument("--work", required=True)
+    r.add_argument("--work", help="the sampling work folder (as given to sample / metrics)")
+    r.add_argument("--from-json", nargs="+", metavar="TABLE_JSON",
+                   help="instead of --work: <table>.json files of one or more runs (e.g. the committed "
+                        "results/ablation-*.json), merged per table; refused when the runs' full-precision "
+                        "samples or reference statistics differ")
     r.add_argument("--out", default="results")
     r.set_defaults(fn=run_report)
     return p

@@ -138,3 +138,62 @@ def test_report_shows_calibration_coverage_and_plots_qandc_as_bars(ablation, tmp
     md = "\n".join(ablation.render_table(data))
     assert "| 8 |" in md and "| 0 (3) |" in md  # step 3 has no entry at all: 0, and three steps hold ≤ 2
     assert ablation.plot_bars([data], tmp_path / "q.png", "t").stat().st_size > 1000
+
+
+def _run_json(rows: dict, fp_sha="f" * 40, ref_sha="r" * 40, command="sample run"):
+    """A minimal ``unet.json`` of one run: ``rows`` maps variant → (samples SHA-1, FID) or None."""
+    out = []
+    for slug, val in rows.items():
+        if val is None:
+            out.append({"variant": slug, "label": slug, "info": None, "shared_info": None, "metrics": None,
+                        "error": None, "skipped_time_budget": False})
+            continue
+        sha, fid = val
+        out.append({"variant": slug, "label": slug, "shared_info": None, "error": None, "skipped_time_budget": False,
+                    "info": {"status": "done", "macs_per_image": 10.0 if slug == "fp" else 5.0,
+                             "bops_per_image": 100.0, "run_key": {"steps": 100}},
+                    "metrics": {"fid": fid, "key": {"samples_sha1": sha, "fp_sha1": fp_sha,
+                                                    "reference": {"sha1": ref_sha}}}})
+    return {"table": "unet", "title": "UNet", "model": "cifar10-unet", "scheduler": "ddim", "default_steps": 100,
+            "guidance_scale": None, "metrics_environment": None, "rows": out,
+            "sample_status": {"num_samples": 10, "environment": {"command": command}}}
+
+
+def test_report_from_json_merges_runs_and_refuses_incomparable_ones(ablation, tmp_path):
+    """Tables sampled over several sessions are joined from their committed JSON files, in the
+    table's variant order, only when every run measured against the same full-precision samples
+    and reference statistics (else PSNR / FID of the joined rows would not be comparable)."""
+    run1 = _run_json({"fp": ("f" * 40, 40.0), "w8a8": ("a" * 40, 45.0), "dps-dec-n10": None}, command="run 1")
+    run2 = _run_json({"fp": ("f" * 40, 40.0), "w8a8": None, "dps-dec-n10": ("b" * 40, 44.0),
+                      "w4a8-gptq": ("c" * 40, 47.0)}, command="run 2")
+    (merged,) = ablation.merge_table_jsons([run1, run2])
+    fids = {r["variant"]: (r["metrics"] or {}).get("fid") for r in merged["rows"]}
+    assert fids == {"fp": 40.0, "w8a8": 45.0, "dps-dec-n10": 44.0, "w4a8-gptq": 47.0}
+    order = [v.slug for v in ablation.TABLES["unet"].variants]
+    assert [r["variant"] for r in merged["rows"]] == sorted(fids, key=order.index)
+    assert merged["merged_commands"] == ["run 1", "run 2"]
+
+    for p, d in (("a.json", run1), ("b.json", run2)):
+        (tmp_path / p).write_text(json.dumps(d))
+    out = tmp_path / "rep"
+    assert ablation.main(["report", "--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                          "--out", str(out)]) == 0
+    md = (out / "ablation.md").read_text()
+    assert "| 44.00 |" in md and "| 47.00 |" in md and "run 2" in md
+    assert "DDPM 250" in md  # the tables no file has are listed, as not sampled
+    assert (out / "ablation.png").stat().st_size > 1000
+
+    other_fp = _run_json({"fp": ("e" * 40, 41.0), "dps-dec-n10": ("b" * 40, 44.0)}, fp_sha="e" * 40)
+    with pytest.raises(ValueError, match="full-precision samples"):
+        ablation.merge_table_jsons([run1, other_fp])
+    other_ref = _run_json({"fp": ("f" * 40, 40.0)}, ref_sha="x" * 40)
+    with pytest.raises(ValueError, match="reference statistics"):
+        ablation.merge_table_jsons([run1, other_ref])
+    resampled = _run_json({"fp": ("f" * 40, 40.0), "w8a8": ("d" * 40, 46.0)})
+    with pytest.raises(ValueError, match="different samples"):
+        ablation.merge_table_jsons([run1, resampled])
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="not a table JSON"):
+        ablation.main(["report", "--from-json", str(tmp_path / "bad.json"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="--work"):
+        ablation.main(["report", "--out", str(out)])
