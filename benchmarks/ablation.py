@@ -908,9 +908,9 @@ def merge_table_jsons(datas: list[dict]) -> list[dict]:
             _fp_key(merged[name])
             continue
         base = merged[name]
-        for field in ("model", "scheduler", "default_steps", "guidance_scale"):
-            if base.get(field) != d.get(field):
-                raise ValueError(f"table {name}: runs differ in {field} ({base.get(field)!r} vs {d.get(field)!r})")
+        for attr in ("model", "scheduler", "default_steps", "guidance_scale"):
+            if base.get(attr) != d.get(attr):
+                raise ValueError(f"table {name}: runs differ in {attr} ({base.get(attr)!r} vs {d.get(attr)!r})")
         a, b = _fp_key(base), _fp_key(d)
         for what, x, y in (("full-precision samples", a[0], b[0]), ("reference statistics", a[1], b[1])):
             if x and y and x != y:
