@@ -171,8 +171,11 @@ def test_pipeline_images_match_fake_quant_path(make_pipe):
     cq.accelerate(pipe, plan, backend="int8")
     rep = cq.kernel_report(pipe)
     assert rep["backend"] == "int8" and rep["kernel_layers"] > 0 and not rep["fake_layers"]
+    norms = [m for m in pipe.unet.modules() if type(m) is nn.GroupNorm]
+    assert rep["nhwc_group_norms"] == len(norms) > 0 and all("forward" in m.__dict__ for m in norms)
     out = run(pipe, "ddim", 4, n=1)
     cq.restore(pipe)
+    assert not any("forward" in m.__dict__ for m in norms)  # restore() puts PyTorch's GroupNorm back
     if CUDA:
         # GPU float arithmetic (cuDNN's TF32, other accumulation orders) flips codes that sit on a
         # rounding boundary; the images then differ at the level of the quantization noise
@@ -388,3 +391,55 @@ def test_kernel_path_with_8bit_attention_computes_the_reference(make_pipe):
     assert err["8bit"] < err["sdpa"] and db["8bit"] > db["sdpa"] + 2, (err, db)
     with pytest.raises(ValueError, match="kernel_attention"):
         cq.accelerate(pipe, plan, backend="int8", kernel_attention="int4")
+
+
+@pytest.mark.parametrize("shape,groups,dtype,loc,scale", [
+    ((2, 64, 8, 8), 32, torch.float32, 0.0, 1.0),
+    ((1, 96, 5, 7), 32, torch.float32, 0.3, 2.0),      # 3 channels per group: a masked tile
+    ((2, 32, 16, 16), 8, torch.float32, 0.0, 1.0),     # 256 rows: several stats chunks merged
+    ((1, 32, 16, 12), 4, torch.float32, 10.0, 0.01),   # mean = 1000 std: no E[x²] − E[x]² cancellation
+    ((2, 64, 8, 8), 32, torch.float16, 0.5, 3.0),
+])
+def test_nhwc_group_norm_equals_torch(shape, groups, dtype, loc, scale):
+    """The channels-last GroupNorm kernel equals F.group_norm and stays channels-last."""
+    from cachequant.kernels.triton_groupnorm import group_norm_nhwc
+
+    g = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = (torch.randn(*shape, generator=g) * scale + loc).to(DEV, dtype).contiguous(memory_format=torch.channels_last)
+    w = (1 + 0.2 * torch.randn(c, generator=g)).to(DEV, dtype)
+    b = (0.1 * torch.randn(c, generator=g)).to(DEV, dtype)
+    y = group_norm_nhwc(x, groups, w, b, 1e-5)
+    # float64 reference: PyTorch's fp32 CPU GroupNorm itself loses the mean ≫ std case (E[x²] − E[x]²)
+    ref = torch.nn.functional.group_norm(x.double(), groups, w.double(), b.double(), 1e-5).float()
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-4 if dtype == torch.float32 else 4e-3
+    assert (y.float() - ref).abs().max().item() < tol * ref.abs().max().item()
+
+
+def test_nhwc_group_norm_refuses_other_layouts():
+    from cachequant.kernels.triton_groupnorm import group_norm_nhwc, nhwc_group_norm_forward
+
+    x = torch.randn(1, 8, 4, 4, device=DEV)
+    with pytest.raises(ValueError, match="channels-last"):
+        group_norm_nhwc(x, 2, None, None, 1e-5)
+    with pytest.raises(ValueError, match="divisible"):
+        group_norm_nhwc(torch.randn(1, 6, 4, 4, device=DEV).contiguous(memory_format=torch.channels_last),
+                        4, None, None, 1e-5)
+    gn = nn.GroupNorm(2, 8).to(DEV)
+    fwd = nhwc_group_norm_forward(gn)
+    assert torch.equal(fwd(x), gn(x))  # an NCHW input goes to PyTorch's own GroupNorm
+
+
+@pytest.mark.skipif(CUDA, reason="the --tiny smoke test is for the interpreter; on the GPU run the script itself")
+def test_groupnorm_speed_script(tmp_path):
+    """benchmarks/groupnorm_speed.py: every path's output and timing is recorded, NHWC kept."""
+    import json
+
+    from conftest import load_benchmark
+
+    out = tmp_path / "gn.json"
+    assert load_benchmark("groupnorm_speed").main(["--tiny", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["out_channels_last"] and r["max_abs_diff_vs_nchw"] < 1e-5 for r in rows)
+    assert all(r["cachequant_nhwc_s"] > 0 and r["torch_nhwc_copies_s"] > 0 for r in rows)

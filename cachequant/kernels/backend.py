@@ -127,12 +127,28 @@ def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtim
         layer._w_dq = None  # the reference path's dequantized copy: not read while the kernel runs
         on.append(name)
     undo = []
+    nhwc_norms = 0
     if channels_last and any(isinstance(layers[n], QuantConv2d) for n in on):
         # NHWC activations end to end: the implicit-GEMM convs read and write them without copies.
         model.to(memory_format=torch.channels_last)
         undo.append(lambda: model.to(memory_format=torch.contiguous_format))
+        # PyTorch's CUDA GroupNorm would copy each NHWC input to NCHW and return NCHW, which the
+        # next conv copies back: two copies per norm (see triton_groupnorm).
+        nhwc_norms = _use_nhwc_group_norm(model, undo)
     return {"backend": kind, "algo": algo, "attention": attention, "kernel_layers": len(on), "fake_layers": off,
-            "undo": undo}
+            "nhwc_group_norms": nhwc_norms, "undo": undo}
+
+
+def _use_nhwc_group_norm(model: torch.nn.Module, undo: list) -> int:
+    from .triton_groupnorm import nhwc_group_norm_forward
+
+    count = 0
+    for mod in model.modules():
+        if type(mod) is torch.nn.GroupNorm:  # subclasses may change forward: leave them alone
+            mod.forward = nhwc_group_norm_forward(mod)
+            undo.append(lambda m=mod: m.__dict__.pop("forward", None))
+            count += 1
+    return count
 
 
 def weight_bytes(layers: dict[str, _QuantBase]) -> dict[str, int]:

@@ -1,0 +1,132 @@
+"""GroupNorm on channels-last (NHWC) activations, without leaving NHWC.
+
+Why: the kernel backends run the UNet in channels-last so that the implicit-GEMM convolutions read
+and write NHWC without copies. PyTorch's CUDA GroupNorm (torch ≤ 2.11) accepts only NCHW: it copies
+a channels-last input to NCHW and returns NCHW, which the next 8-bit conv copies back. The SD 1.5
+profile on the H200 (``benchmarks/results/h200-2026-12-01-run5-sd15-profile.json``) shows the cost:
+9,338 copy kernels (114.5 ms) per image on the 8-bit paths against 1,637 (18.8 ms) in fp16, with
+~61 GroupNorms per UNet call, each good for two copies.
+
+Two passes over x, both reading NHWC directly:
+
+1. ``_stats_kernel``: grid (N·G, chunks of HW); each program reduces its chunk of one group's
+   ``(HW, C/G)`` slab to (count, mean, M2), M2 = Σ(x − mean)² computed around the chunk's own mean
+   (a second read of the chunk, from L2), so that no E[x²] − E[x]² cancellation occurs.
+2. The chunks are merged with Chan et al.'s pairwise formula, M2 = Σ M2ᵢ + Σ nᵢ(meanᵢ − mean)²,
+   on the small (N·G, chunks) table; then per (n, c): a = γ_c·rstd_{n,g}.
+3. ``_apply_kernel``: y = (x − mean)·a + β in fp32, stored in x's dtype, NHWC. Subtracting the
+   mean first keeps the mean ≫ std case accurate where the folded x·a + (β − mean·a) cancels.
+
+The result equals ``torch.nn.functional.group_norm`` to rounding (tested, also through Triton's
+interpreter on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["HW", "C", "CHUNK"])
+def _stats_kernel(x_ptr, part_ptr, HW, C, CHUNK, G: tl.constexpr, CG: tl.constexpr,
+                  BHW: tl.constexpr, BCG: tl.constexpr):
+    pid_ng = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_ng // G
+    g = pid_ng % G
+    base = x_ptr + n.to(tl.int64) * HW * C + g * CG
+    cols = tl.arange(0, BCG)
+    cmask = cols < CG
+    start = pid_k * CHUNK
+    stop = tl.minimum(start + CHUNK, HW)
+    acc = tl.zeros((BHW, BCG), dtype=tl.float32)
+    for off in range(start, stop, BHW):
+        rows = off + tl.arange(0, BHW)
+        m = (rows < stop)[:, None] & cmask[None, :]
+        acc += tl.load(base + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    cnt = ((stop - start) * CG).to(tl.float32)
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / cnt
+    acc2 = tl.zeros((BHW, BCG), dtype=tl.float32)
+    for off in range(start, stop, BHW):
+        rows = off + tl.arange(0, BHW)
+        m = (rows < stop)[:, None] & cmask[None, :]
+        d = tl.load(base + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32) - mean
+        acc2 += tl.where(m, d * d, 0.0)
+    m2 = tl.sum(tl.sum(acc2, axis=1), axis=0)
+    out = part_ptr + (pid_ng * tl.num_programs(1) + pid_k) * 3
+    tl.store(out, cnt)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit(do_not_specialize=["HW", "C"])
+def _apply_kernel(x_ptr, y_ptr, m_ptr, a_ptr, b_ptr, HW, C, BM: tl.constexpr, BC: tl.constexpr):
+    n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_c * BC + tl.arange(0, BC)
+    cmask = cols < C
+    m = (rows < HW)[:, None] & cmask[None, :]
+    off = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    mu = tl.load(m_ptr + n * C + cols, mask=cmask, other=0.0)
+    a = tl.load(a_ptr + n * C + cols, mask=cmask, other=0.0)
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
+    tl.store(y_ptr + off, ((x - mu[None, :]) * a[None, :] + b[None, :]).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _chunk(hw: int, ng: int, target_programs: int = 1024, min_rows: int = 64) -> int:
+    """Rows of HW per stats program: enough programs to fill the GPU even when N·G is small
+    (SD 1.5 at batch 2: N·G = 64), but at least ``min_rows`` rows each."""
+    chunks = max(1, min(triton.cdiv(hw, min_rows), triton.cdiv(target_programs, ng)))
+    return triton.cdiv(hw, chunks)
+
+
+def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """``F.group_norm`` for a 4-d channels-last contiguous ``x``; returns channels-last."""
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("group_norm_nhwc needs a 4-d channels-last contiguous tensor "
+                         f"(got shape {tuple(x.shape)}, strides {x.stride()})")
+    n, c, h, w = x.shape
+    if c % num_groups:
+        raise ValueError(f"{c} channels are not divisible into {num_groups} groups")
+    hw, cg = h * w, c // num_groups
+    ng = n * num_groups
+    chunk = _chunk(hw, ng)
+    k = triton.cdiv(hw, chunk)
+    part = torch.empty((ng, k, 3), device=x.device, dtype=torch.float32)
+    bcg = triton.next_power_of_2(cg)
+    bhw = max(1, min(triton.next_power_of_2(chunk), 4096 // bcg))
+    _stats_kernel[(ng, k)](x, part, hw, c, chunk, G=num_groups, CG=cg, BHW=bhw, BCG=bcg, num_warps=4)
+    cnt, mean_k, m2_k = part.unbind(-1)
+    total = cnt.sum(1)
+    mean = (cnt * mean_k).sum(1) / total
+    m2 = m2_k.sum(1) + (cnt * (mean_k - mean[:, None]) ** 2).sum(1)
+    rstd = torch.rsqrt(m2 / total + eps).view(n, num_groups, 1)
+    mean = mean.view(n, num_groups, 1)
+    gamma = (torch.ones(c, device=x.device) if weight is None else weight.float()).view(1, num_groups, cg)
+    beta = (torch.zeros(c, device=x.device) if bias is None else bias.float()).view(1, num_groups, cg)
+    a = (gamma * rstd).reshape(n, c).contiguous()
+    mu = mean.expand(n, num_groups, cg).reshape(n, c).contiguous()
+    b = beta.reshape(c).contiguous()
+    y = torch.empty_like(x)  # empty_like keeps channels-last strides
+    bc = min(128, triton.next_power_of_2(c))
+    bm = 32
+    _apply_kernel[(n, triton.cdiv(hw, bm), triton.cdiv(c, bc))](x, y, mu, a, b, hw, c, BM=bm, BC=bc, num_warps=4)
+    return y
+
+
+def nhwc_group_norm_forward(module: torch.nn.GroupNorm):
+    """A forward for ``module`` that keeps channels-last inputs in NHWC and leaves any other input
+    to PyTorch's own GroupNorm."""
+    original = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return group_norm_nhwc(x, module.num_groups, module.weight, module.bias, module.eps)
+        return original(x)
+
+    return forward
