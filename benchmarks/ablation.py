@@ -435,7 +435,7 @@ def run_sample(args) -> int:
     # metrics right after each variant: the CPU parts overlap with the next variant's sampling, and a
     # session that ends early still has the metrics of what it sampled
     metrics = None if not args.ref_stats else MetricsRunner(work, table, args.ref_stats, args.device,
-                                                            quiet=args.quiet)
+                                                            quiet=args.quiet, fid_bootstrap=args.fid_bootstrap)
     t_start = time.time()
     pipe = None
     for v in variants:
@@ -603,12 +603,13 @@ class MetricsRunner:
     the CPU parts overlap with the sampling of the next variant."""
 
     def __init__(self, work: Path, table: Table, ref_stats: str, device: str, inception_batch: int = 500,
-                 workers: int | None = None, force: bool = False, quiet: bool = False):
+                 workers: int | None = None, force: bool = False, quiet: bool = False, fid_bootstrap: int = 20):
         from cachequant.metrics.fid import load_reference
         from cachequant.utils.cpus import usable_cpus
 
         self.work, self.table, self.device = work, table, device
         self.inception_batch, self.force, self.quiet = inception_batch, force, quiet
+        self.fid_bootstrap = fid_bootstrap
         self.tdir = work / table.name
         self.ref = load_reference(ref_stats)
         self.ref_id = {"path": str(ref_stats), "source": str(self.ref.get("source", "")),
@@ -643,7 +644,8 @@ class MetricsRunner:
         samples = str(sdir / "samples.npz")
         key = {"samples_sha1": file_hash(sdir / "samples.npz"), "fp_sha1": fp_hash, "reference": self.ref_id}
         old = read_json(vdir / "metrics.json")
-        if old and old.get("key") == key and not old.get("pending") and not self.force:
+        if old and old.get("key") == key and not old.get("pending") and not self.force \
+                and (self.fid_bootstrap == 0 or len(old.get("fid_bootstrap") or []) >= self.fid_bootstrap):
             return False
         try:
             t0 = time.time()
@@ -652,6 +654,14 @@ class MetricsRunner:
             t1 = time.time()
             p, r, n = self.pr(feats)
             t2 = time.time()
+            boot = None
+            if self.fid_bootstrap:
+                from cachequant.metrics.fid import fid_bootstrap
+
+                # on the device, next to the features: shared resamples across variants (paired)
+                boot = fid_bootstrap(feats, self.ref["mu"], self.ref["sigma"], self.fid_bootstrap, seed=0,
+                                     device=self.device)
+            t3 = time.time()
         except Exception as e:  # noqa: BLE001 - one variant's failure must not cost the others
             write_json(vdir / "metrics.json", {"key": None, "error": f"{type(e).__name__}: {e}",
                                                "traceback": traceback.format_exc()})
@@ -662,8 +672,13 @@ class MetricsRunner:
                 "num_samples": len(feats), "precision": p, "recall": r, "pr_k": 3, "pr_samples": n,
                 "fid_reference": self.ref_id["source"], "pending": ["fid", "psnr_vs_fp", "ssim_vs_fp"],
                 "seconds": {"inception": t1 - t0, "precision_recall": t2 - t1}}
+        if boot is not None:
+            base.update(fid_bootstrap=boot, fid_bootstrap_seed=0)
+            base["seconds"]["fid_bootstrap"] = t3 - t2
         write_json(vdir / "metrics.json", base)  # precision / recall survive a kill during the CPU part
-        self._log(v.slug, f"inception {t1 - t0:.1f} s, precision {p:.3f} / recall {r:.3f} ({t2 - t1:.1f} s)")
+        self._log(v.slug, f"inception {t1 - t0:.1f} s, precision {p:.3f} / recall {r:.3f} ({t2 - t1:.1f} s)"
+                  + (f", FID bootstrap std {np.std(boot, ddof=1):.2f} over {len(boot)} ({t3 - t2:.1f} s)"
+                     if boot and len(boot) > 1 else ""))
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
                                              initializer=_limit_threads, initargs=(self.threads,))
@@ -714,7 +729,7 @@ def run_metrics(args) -> int:
 
     table = TABLES[args.table]
     runner = MetricsRunner(Path(args.work), table, args.ref_stats, args.device, args.inception_batch,
-                           args.workers, args.force, args.quiet)
+                           args.workers, args.force, args.quiet, args.fid_bootstrap)
     for v in table.variants:
         runner.submit(v)
     if args.device.startswith("cuda"):
@@ -758,6 +773,7 @@ def table_rows(data: dict) -> list[dict]:
     """Flat per-variant numbers (None where unknown) plus a 'note' for variants without results."""
     fp = next((r for r in data["rows"] if r["variant"] == "fp"), None)
     fp_info = None if fp is None else (fp["shared_info"] or fp["info"])
+    fp_boot = ((fp or {}).get("metrics") or {}).get("fid_bootstrap")
     out = []
     for r in data["rows"]:
         info = r["shared_info"] or r["info"]
@@ -778,6 +794,7 @@ def table_rows(data: dict) -> list[dict]:
             "variant": r["variant"], "label": r["label"], "note": note,
             "same_as": (r["info"] or {}).get("same_as"),
             "fid": m.get("fid"), "precision": m.get("precision"), "recall": m.get("recall"),
+            **_bootstrap_cells(m.get("fid_bootstrap"), fp_boot, r["variant"] == "fp"),
             "psnr": m.get("psnr_vs_fp"), "ssim": m.get("ssim_vs_fp"),
             "gbops": None if bops is None else bops / 1e9,
             "mac_speedup": None if not (macs and fp_macs) else fp_macs / macs,
@@ -788,6 +805,18 @@ def table_rows(data: dict) -> list[dict]:
             "metrics_pending": m.get("pending"),
             **_calibration_coverage(info),
         })
+    return out
+
+
+def _bootstrap_cells(boot: list | None, fp_boot: list | None, is_fp: bool) -> dict:
+    """FID bootstrap spread, and the paired bootstrap of FID − FID_fp (shared resamples)."""
+    from cachequant.metrics.fid import paired_difference
+
+    out = {"fid_std": None, "dfid_fp": None, "dfid_fp_std": None}
+    if boot and len(boot) > 1:
+        out["fid_std"] = float(np.std(boot, ddof=1))
+        if fp_boot and len(fp_boot) == len(boot) and not is_fp:
+            out["dfid_fp"], out["dfid_fp_std"] = paired_difference(boot, fp_boot)
     return out
 
 
@@ -815,15 +844,21 @@ def render_table(data: dict) -> list[str]:
                  + (", ".join(f"{k}={v}" for k, v in (st.get("calibration") or {}).items()) or "–") + ".")
     if st.get("steps") and st["steps"] != data["default_steps"]:
         lines.append(f"**Smoke-test run: {st['steps']} steps instead of {data['default_steps']}.**")
-    lines += ["", "| variant | FID | precision | recall | PSNR vs FP (dB) | SSIM vs FP | Bops (G) | MAC speed-up vs FP "
+    boot = any(r["fid_std"] is not None for r in table_rows(data))
+    if boot:
+        lines.append("FID ± the standard deviation over bootstrap resamples of the generated features; ΔFID vs FP: "
+                     "the paired bootstrap of FID − FID(full precision) over the same resamples (the variants share "
+                     "seeds), mean ± standard deviation.")
+    lines += ["", "| variant | FID | " + ("ΔFID vs FP (paired) | " if boot else "") + "precision | recall | "
+              "PSNR vs FP (dB) | SSIM vs FP | Bops (G) | MAC speed-up vs FP "
               "| calibration (s) | calibration entries: fewest per step (steps with ≤ 2) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if boot else "")]
     for r in table_rows(data):
         name = f"{r['label']} (`{r['variant']}`)"
         if r["same_as"]:
             name += f" = `{r['same_as']}`"
         if r["note"]:
-            lines.append(f"| {name} | {r['note']} | | | | | | | | |")
+            lines.append(f"| {name} | {r['note']} | | | | | | | | |" + (" |" if boot else ""))
             continue
         cal = "–" if r["variant"] == "fp" else _fmt(r["calib_s"], ".1f")
         if r["same_as"] and r["calib_s"] is not None:
@@ -834,7 +869,9 @@ def render_table(data: dict) -> list[str]:
         psnr, ssim = _fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f")
         if r["variant"] == "fp":
             psnr = ssim = "(reference)"
-        lines.append(f"| {name}{err} | {_fmt(r['fid'], '.2f')} | {_fmt(r['precision'], '.3f')} | "
+        fid = _fmt(r["fid"], ".2f") + (f" ± {r['fid_std']:.2f}" if r["fid_std"] is not None else "")
+        dfid = "" if not boot else ("– | " if r["dfid_fp"] is None else f"{r['dfid_fp']:+.2f} ± {r['dfid_fp_std']:.2f} | ")
+        lines.append(f"| {name}{err} | {fid} | {dfid}{_fmt(r['precision'], '.3f')} | "
                      f"{_fmt(r['recall'], '.3f')} | {psnr} | {ssim} | "
                      f"{_fmt(r['gbops'], '.1f')} | {_fmt(r['mac_speedup'], '.2f')}{'×' if r['mac_speedup'] else ''} "
                      f"| {cal} | {_coverage_cell(r)} |")
@@ -1121,6 +1158,17 @@ def _report_from_json(paths: list[Path], out: Path) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+FID_BOOTSTRAP_HELP = ("bootstrap resamples of each variant's features for the FID spread, the same resamples "
+                      "for every variant (paired differences); 0 = off (default 20)")
+
+
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1153,6 +1201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ref-stats", default=None,
                    help="reference .npz from `cachequant ref-stats`: compute each variant's metrics as soon as it "
                         "is sampled (as the `metrics` step would)")
+    s.add_argument("--fid-bootstrap", type=_nonneg_int, default=20, help=FID_BOOTSTRAP_HELP)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=run_sample)
 
@@ -1165,6 +1214,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=None,
                    help="processes for the CPU parts (sqrtm, SSIM); default: half the usable CPUs")
     m.add_argument("--force", action="store_true", help="recompute metrics that are up to date")
+    m.add_argument("--fid-bootstrap", type=_nonneg_int, default=20, help=FID_BOOTSTRAP_HELP)
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(fn=run_metrics)
 

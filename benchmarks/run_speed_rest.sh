@@ -7,6 +7,7 @@
 #   ddpm250   DiT-XL/2, DDPM 250 steps, batch 1 (the DiT target: N = 2 W8A8 ≥ 4× fp16 eager)
 #   batch8    SD 1.5 and DiT-XL/2 DDIM 50 at batch 8
 #   torchao   torchao int8 / float8 dynamic + compile (compilation alone took > 2 min before)
+#   groupnorm the NHWC GroupNorm kernel against PyTorch's (with its layout copies), SD 1.5 shapes
 # Usage: benchmarks/run_speed_rest.sh OUT_DIR PART [PART ...]   (PYTHONPATH must reach cachequant,
 # diffusers, torchao, DeepCache)
 set -u
@@ -29,6 +30,7 @@ for part in "$@"; do
         --rows "fp16 eager,fp16 + CUDA,N=2 FP8 + graph,N=3 FP8 + graph" --out "$out/dit-ddim50-b8.json" ;;
     torchao) timeout 500 python3 $s --model sd15 --batch 1 --repeats 3 --time-budget-s 400 \
         --rows "fp16 eager,torchao" --out "$out/sd15-torchao.json" ;;
-    *) echo "unknown part $part (profile, ddpm250, batch8, torchao)"; exit 2 ;;
+    groupnorm) timeout 120 python3 benchmarks/groupnorm_speed.py --out "$out/groupnorm.json" ;;
+    *) echo "unknown part $part (profile, ddpm250, batch8, torchao, groupnorm)"; exit 2 ;;
   esac 2>&1 | grep -v '^{' | tail -14
 done

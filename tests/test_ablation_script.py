@@ -95,7 +95,8 @@ def test_metrics_are_written_per_variant_while_sampling(ablation, tmp_path, monk
         assert "pending" not in mm and "error" not in mm, (slug, mm)
         assert np.isfinite(mm["fid"]) and mm["fid"] > 0
         assert 0 <= mm["precision"] <= 1 and 0 <= mm["recall"] <= 1 and mm["pr_samples"] == 4
-        assert set(mm["seconds"]) == {"inception", "precision_recall", "fid_psnr_ssim"}
+        assert set(mm["seconds"]) == {"inception", "precision_recall", "fid_bootstrap", "fid_psnr_ssim"}
+        assert len(mm["fid_bootstrap"]) == 20 and all(np.isfinite(mm["fid_bootstrap"]))
     assert m["fp"]["is_fp_reference"] and 5 < m["w8a8"]["psnr_vs_fp"] < 100
     table = json.loads((work / "unet.json").read_text())
     assert {r["variant"]: r["metrics"]["fid"] for r in table["rows"] if r["metrics"]} == \
@@ -109,6 +110,9 @@ def test_metrics_are_written_per_variant_while_sampling(ablation, tmp_path, monk
     assert ablation.main(["report", "--work", str(work), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "ablation.md").read_text()  # the report reads the variants' files, not unet.json
     assert "not computed: the metrics run stopped first" in md and f"{m['fp']['fid']:.2f}" in md
+    # FID ± its bootstrap spread, and the paired difference to fp over the same resamples
+    d = np.asarray(m["w8a8"]["fid_bootstrap"]) - np.asarray(m["fp"]["fid_bootstrap"])
+    assert f"± {np.std(m['fp']['fid_bootstrap'], ddof=1):.2f}" in md and f"{d.mean():+.2f} ± {d.std(ddof=1):.2f}" in md
     assert ablation.main(["metrics", "--table", "unet", "--work", str(work), "--ref-stats", str(ref),
                           "--device", "cpu", "--workers", "1", "--quiet"]) == 0
     assert (tdir / "fp" / "metrics.json").stat().st_mtime_ns == mtime

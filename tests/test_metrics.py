@@ -136,3 +136,32 @@ def test_precision_recall_with_precomputed_reference_radii():
     expected = precision_recall(real, fake)
     assert precision_recall(real, fake, real_radii=radii) == expected
     assert 0.0 < expected[0] < 1.0 and 0.0 < expected[1] < 1.0
+
+
+def test_fid_bootstrap_values_are_frechet_distances_of_the_resamples_and_pairing_tightens_them():
+    """Each bootstrap value is the Fréchet distance of one resample (same indices for every call),
+    and the paired difference of two variants from the same seeds spreads far less than either FID."""
+    from cachequant.metrics.fid import (bootstrap_indices, feature_stats, fid_bootstrap, frechet_distance,
+                                        paired_difference)
+
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((12, 12)) * 0.3
+    a = rng.standard_normal((400, 12)) @ mix + 0.2
+    b = a + 0.05 * rng.standard_normal(a.shape)  # "another variant": the same seeds, slightly perturbed
+    ref = rng.standard_normal((400, 12)) @ mix
+    mu_r, sig_r = feature_stats(ref)
+    fa = fid_bootstrap(a, mu_r, sig_r, n_boot=8, seed=3)
+    assert fa == fid_bootstrap(a, mu_r, sig_r, n_boot=8, seed=3)  # deterministic
+    idx = bootstrap_indices(len(a), 8, seed=3)
+    for r in (0, 5):
+        assert fa[r] == pytest.approx(frechet_distance(*feature_stats(a[idx[r]]), mu_r, sig_r), rel=1e-9, abs=1e-9)
+    fb = fid_bootstrap(b, mu_r, sig_r, n_boot=8, seed=3)
+    mean, std = paired_difference(fb, fa)
+    assert std < 0.3 * min(np.std(fa, ddof=1), np.std(fb, ddof=1))
+    assert mean == pytest.approx(np.mean(fb) - np.mean(fa))
+    with pytest.raises(ValueError, match="n_boot"):
+        fid_bootstrap(a, mu_r, sig_r, n_boot=0)
+    with pytest.raises(ValueError, match="do not match"):
+        fid_bootstrap(a[:, :5], mu_r, sig_r)
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference(fa, fb[:3])
