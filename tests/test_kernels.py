@@ -443,3 +443,28 @@ def test_groupnorm_speed_script(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(r["out_channels_last"] and r["max_abs_diff_vs_nchw"] < 1e-5 for r in rows)
     assert all(r["cachequant_nhwc_s"] > 0 and r["torch_nhwc_copies_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["int8"] + (["fp8"] if CUDA else []))
+def test_conv_input_layouts_give_identical_outputs(kind):
+    """The two-pass conv quantizes NCHW, NHWC and other pixel-strided inputs straight to NHWC codes
+    (no fp16 copy); inputs it cannot address that way are copied first. All give the same bits."""
+    from cachequant.kernels.backend import pixel_strides
+
+    torch.manual_seed(0)
+    q, rt, xs = _layer(nn.Conv2d(32, 24, 3, padding=1), (2, 32, 6, 5), split=16, dec=True)
+    enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False)
+    x = xs[1]
+    wide = torch.zeros(2, 32, 6, 9, device=DEV, dtype=x.dtype)
+    wide[..., :5] = x
+    sliced = wide[..., :5]  # rows of 9 with 5 used: pixels are not one stride apart
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert pixel_strides(x) == (30, 32 * 30, 1, 30) and pixel_strides(nhwc) == (30, 32 * 30, 32, 1)
+    assert pixel_strides(sliced) is None
+    rt.step = 1
+    rt.step_t.fill_(1)
+    with torch.no_grad():
+        outs = [kernel_forward(q, t) for t in (x, nhwc, sliced)]
+        ref = fake_forward(q, x)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert float((outs[0] - ref).abs().max() / outs[0].abs().max()) < (1e-4 if kind == "int8" else 0.08)

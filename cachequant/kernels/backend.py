@@ -55,8 +55,18 @@ def select_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def _run(pk, x2d, y2d, rt, c: int, m_out: int, geom: tuple) -> None:
-    """x2d: (rows, C) activations (NHWC rows for a conv); y2d: (m_out, N) output."""
+def pixel_strides(x: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(H·W, stride of an image, of a pixel, of a channel) of a 4-d activation whose pixels are one
+    stride apart (NCHW or NHWC contiguous, among others); None when they are not."""
+    n, c, h, w = x.shape
+    if h > 1 and w > 1 and x.stride(2) != w * x.stride(3):
+        return None
+    return h * w, x.stride(0), x.stride(3) if w > 1 else x.stride(2), x.stride(1)
+
+
+def _run(pk, x2d, y2d, rt, c: int, m_out: int, geom: tuple, rows: tuple | None = None) -> None:
+    """x2d: (rows, C) activations (NHWC rows for a conv), or with ``rows`` (two-pass only) a 4-d
+    conv input in any layout ``pixel_strides`` describes; y2d: (m_out, N) output."""
     n = pk.w.shape[0]
     fp8 = pk.kind == "fp8"
     args = (pk.w, y2d, rt.step_t, pk.act_s, pk.act_z, pk.w_s, pk.w_z, pk.w_sum, pk.bias, pk.dec_a, pk.dec_b,
@@ -69,8 +79,9 @@ def _run(pk, x2d, y2d, rt, c: int, m_out: int, geom: tuple) -> None:
     from .triton_gemm import gemm
     from .triton_quantize import quantize
 
-    q = torch.empty(x2d.shape, device=x2d.device, dtype=torch.uint8 if fp8 else torch.int8)
-    quantize(x2d, q, rt.step_t, pk.act_s, pk.act_z, pk.split, rt.num_calls, fp8)
+    m_in = x2d.shape[0] if rows is None else x2d.shape[0] * rows[0]
+    q = torch.empty((m_in, c), device=x2d.device, dtype=torch.uint8 if fp8 else torch.int8)
+    quantize(x2d, q, rt.step_t, pk.act_s, pk.act_z, pk.split, rt.num_calls, fp8, rows)
     gemm(q, *args, w4=pk.w4)
 
 
@@ -79,14 +90,17 @@ def kernel_forward(layer: _QuantBase, x: torch.Tensor) -> torch.Tensor:
     rt = layer.runtime
     n = pk.w.shape[0]
     if isinstance(layer, QuantConv2d):
-        x = x.contiguous(memory_format=torch.channels_last)
+        rows = None if pk.algo == "fused" else pixel_strides(x)
+        if rows is None:  # the fused GEMM reads NHWC rows itself
+            x = x.contiguous(memory_format=torch.channels_last)
         nb, c, h, w = x.shape
         cv = pk.conv
         oh = (h + 2 * cv["pad"] - cv["dil"] * (pk.kh - 1) - 1) // cv["stride"] + 1
         ow = (w + 2 * cv["pad"] - cv["dil"] * (pk.kw - 1) - 1) // cv["stride"] + 1
         y = torch.empty((nb, oh, ow, n), device=x.device, dtype=x.dtype)
-        _run(pk, x.permute(0, 2, 3, 1).reshape(-1, c), y.view(-1, n), rt, c, nb * oh * ow,
-             (h, w, oh, ow, cv["stride"], cv["pad"], cv["dil"]))
+        # two-pass: the quantize pass reads x in its own layout and writes NHWC codes (no fp16 copy)
+        src = x if rows is not None else x.permute(0, 2, 3, 1).reshape(-1, c)
+        _run(pk, src, y.view(-1, n), rt, c, nb * oh * ow, (h, w, oh, ow, cv["stride"], cv["pad"], cv["dil"]), rows)
         return y.permute(0, 3, 1, 2)
     c = x.shape[-1]
     x2 = x.reshape(-1, c).contiguous()

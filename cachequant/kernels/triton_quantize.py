@@ -28,8 +28,8 @@ def _per_part(ptr, T, step, offs_c, SPLIT, HAS_SPLIT: tl.constexpr):
     return v
 
 
-@triton.jit(do_not_specialize=["M", "SPLIT", "T"])
-def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, T,
+@triton.jit(do_not_specialize=["M", "SPLIT", "T", "HW", "S_N", "S_HW", "S_C"])
+def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, T, HW, S_N, S_HW, S_C,
                      IS_FP8: tl.constexpr, HAS_SPLIT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -37,7 +37,9 @@ def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_c = pid_c * BC + tl.arange(0, BC)
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
-    x = tl.load(x_ptr + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    # row m = (image n, pixel p): any layout whose pixels are one stride apart (NHWC or NCHW)
+    src = (offs_m // HW).to(tl.int64) * S_N + (offs_m % HW).to(tl.int64) * S_HW
+    x = tl.load(x_ptr + src[:, None] + offs_c[None, :].to(tl.int64) * S_C, mask=mask, other=0.0).to(tl.float32)
     s = _per_part(act_s_ptr, T, step, offs_c, SPLIT, HAS_SPLIT)
     if IS_FP8:
         y = fp8_code(x, s).to(tl.uint8, bitcast=True)
@@ -46,10 +48,17 @@ def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, 
     tl.store(q_ptr + offs_m[:, None] * C + offs_c[None, :], y, mask=mask)
 
 
-def quantize(x, q, step_t, act_s, act_z, split: int, T: int, fp8: bool) -> None:
-    """``x`` (M, C) contiguous → ``q`` (M, C) int8 (INT8 codes) or uint8 (e4m3 bytes)."""
-    M, C = x.shape
+def quantize(x, q, step_t, act_s, act_z, split: int, T: int, fp8: bool, rows: tuple | None = None) -> None:
+    """Activations → ``q`` (M, C) int8 (INT8 codes) or uint8 (e4m3 bytes), rows in NHWC order.
+
+    ``x`` is (M, C) contiguous, or, with ``rows = backend.pixel_strides(x)``, a 4-d conv input in any
+    layout those strides describe. Why: an NCHW input (PyTorch's CUDA GroupNorm output, diffusers'
+    transformer blocks' ``permute(...).contiguous()``) then becomes NHWC codes in this one pass,
+    which reads and writes every element anyway, instead of an fp16 NHWC copy first."""
+    C = q.shape[1]
+    M = q.shape[0]
+    hw, s_n, s_hw, s_c = rows if rows is not None else (M, 0, C, 1)
     bm, bc = 64, min(128, triton.next_power_of_2(C))
     grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-    _quantize_kernel[grid](x, q, step_t, act_s, act_z, M, C, split, T, IS_FP8=fp8, HAS_SPLIT=split > 0,
-                           BM=bm, BC=bc, num_warps=4)
+    _quantize_kernel[grid](x, q, step_t, act_s, act_z, M, C, split, T, hw, s_n, s_hw, s_c, IS_FP8=fp8,
+                           HAS_SPLIT=split > 0, BM=bm, BC=bc, num_warps=4)
