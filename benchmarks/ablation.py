@@ -441,6 +441,13 @@ def run_sample(args) -> int:
     for v in variants:
         vdir = tdir / v.slug
         if is_done(vdir):
+            have, want = (read_json(vdir / "info.json") or {}).get("run_key_hash"), key_hash(run_key(table, v, args, steps, model))
+            if have not in (None, want):  # e.g. samples carried from another session's run (carry_variant.py)
+                status["failed"][v.slug] = (f"{vdir} holds samples of other settings (run key {have}, these arguments "
+                                            f"give {want}); move it away or rerun with that run's arguments")
+                print(f"[{table.name}/{v.slug}] FAILED: {status['failed'][v.slug]}", file=sys.stderr, flush=True)
+                write_json(status_path, status)
+                continue
             status["done_before"].append(v.slug)
             print(f"[{table.name}/{v.slug}] already done, skipped", flush=True)
             if metrics is not None:

@@ -201,3 +201,47 @@ def test_report_from_json_merges_runs_and_refuses_incomparable_ones(ablation, tm
         ablation.main(["report", "--from-json", str(tmp_path / "bad.json"), "--out", str(out)])
     with pytest.raises(SystemExit, match="--work"):
         ablation.main(["report", "--out", str(out)])
+
+
+def test_carry_variant_moves_fp_between_sessions(ablation, tmp_path):
+    """fp sampled in one session's work folder, exported in parts, imported into a fresh one: the
+    sampler skips it there; damaged parts, other samples and other settings are refused."""
+    from conftest import load_benchmark
+
+    carry = load_benchmark("carry_variant")
+    w1, w2, parts = tmp_path / "s1", tmp_path / "s2", tmp_path / "carry"
+    assert _sample(ablation, w1, "fp") == 0
+    manifest = carry.export_variant(w1, "unet", "fp", parts, part_bytes=1000)  # several parts
+    m = json.loads(manifest.read_text())
+    assert len(m["parts"]) > 1 and m["samples_sha1"] == carry._sha1(w1 / "unet" / "fp" / "samples.npz")
+    assert carry.main(["import", "--work", str(w2), "--parts", str(parts)]) == 0
+    assert (w2 / "unet" / "fp" / "samples.npz").read_bytes() == (w1 / "unet" / "fp" / "samples.npz").read_bytes()
+    assert carry.import_variants(w2, parts) == ["unet/fp: already there"]
+    assert _sample(ablation, w2, "cache-n5") == 0
+    status = json.loads((w2 / "unet" / "sample-status.json").read_text())
+    assert status["done_before"] == ["fp"] and status["done"] == ["cache-n5"]
+
+    # a variant sampled under other settings is not silently reused
+    assert _sample(ablation, w2, "cache-n5", "--seed", "1") == 1
+    status = json.loads((w2 / "unet" / "sample-status.json").read_text())
+    assert "other settings" in status["failed"]["fp"]
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for p in [manifest.name] + m["parts"]:
+        (damaged / p).write_bytes((parts / p).read_bytes())
+    (damaged / m["parts"][0]).write_bytes(b"x" * 1000)
+    with pytest.raises(SystemExit, match="SHA-1"):
+        carry.import_variants(tmp_path / "s3", damaged)
+    assert not (tmp_path / "s3" / "unet" / "fp" / "info.json").exists()  # a failed import leaves no 'done'
+    (damaged / m["parts"][-1]).unlink()
+    with pytest.raises(SystemExit, match="missing"):
+        carry.import_variants(tmp_path / "s4", damaged)
+    other = json.loads(manifest.read_text())
+    other["samples_sha1"] = "0" * 40
+    (damaged / manifest.name).write_text(json.dumps(other))
+    (damaged / m["parts"][-1]).write_bytes((parts / m["parts"][-1]).read_bytes())
+    with pytest.raises(SystemExit, match="different samples"):
+        carry.import_variants(w2, damaged)
+    with pytest.raises(SystemExit, match="no finished samples"):
+        carry.export_variant(w2, "unet", "w8a8", parts)
