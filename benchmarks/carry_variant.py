@@ -21,20 +21,14 @@ run key equals the one the current arguments give.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ablation import file_hash as _sha1  # noqa: E402 - the SHA-1 the metrics keys use
 
 
 def export_variant(work: Path, table: str, variant: str, out: Path, part_bytes: int = 15 << 20) -> Path:
