@@ -441,7 +441,8 @@ def run_sample(args) -> int:
     for v in variants:
         vdir = tdir / v.slug
         if is_done(vdir):
-            have, want = (read_json(vdir / "info.json") or {}).get("run_key_hash"), key_hash(run_key(table, v, args, steps, model))
+            have = (read_json(vdir / "info.json") or {}).get("run_key_hash")
+            want = key_hash(run_key(table, v, args, steps, model))
             if have not in (None, want):  # e.g. samples carried from another session's run (carry_variant.py)
                 status["failed"][v.slug] = (f"{vdir} holds samples of other settings (run key {have}, these arguments "
                                             f"give {want}); move it away or rerun with that run's arguments")
@@ -851,7 +852,8 @@ def render_table(data: dict) -> list[str]:
                  + (", ".join(f"{k}={v}" for k, v in (st.get("calibration") or {}).items()) or "–") + ".")
     if st.get("steps") and st["steps"] != data["default_steps"]:
         lines.append(f"**Smoke-test run: {st['steps']} steps instead of {data['default_steps']}.**")
-    boot = any(r["fid_std"] is not None for r in table_rows(data))
+    rows = table_rows(data)
+    boot = any(r["fid_std"] is not None for r in rows)
     if boot:
         lines.append("FID ± the standard deviation over bootstrap resamples of the generated features; ΔFID vs FP: "
                      "the paired bootstrap of FID − FID(full precision) over the same resamples (the variants share "
@@ -860,7 +862,7 @@ def render_table(data: dict) -> list[str]:
               "PSNR vs FP (dB) | SSIM vs FP | Bops (G) | MAC speed-up vs FP "
               "| calibration (s) | calibration entries: fewest per step (steps with ≤ 2) |",
               "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if boot else "")]
-    for r in table_rows(data):
+    for r in rows:
         name = f"{r['label']} (`{r['variant']}`)"
         if r["same_as"]:
             name += f" = `{r['same_as']}`"
@@ -1150,11 +1152,11 @@ def _report_from_json(paths: list[Path], out: Path) -> int:
         merged = merge_table_jsons(datas)
     except ValueError as e:
         raise SystemExit(f"--from-json: {e}")
+    have = {d["table"]: d for d in merged}
     for name, tables in REPORT_FILES.items():
-        if not any(d["table"] in tables for d in merged):
+        if not any(t in have for t in tables):
             continue
         # a table none of the files has is listed as not sampled, as in a report from a work folder
-        have = {d["table"]: d for d in merged}
         chosen = [have.get(t) or gather_table(out / "__none__", TABLES[t]) for t in tables]
         print(f"written {write_report(chosen, out, name, REPORT_TITLES[name])}")
     return 0
