@@ -231,7 +231,9 @@ def run_key(table: Table, variant: Variant, args, steps: int, model: str) -> dic
             "num_samples": args.num_samples, "seed": args.seed, "config": full_config(variant, calib_settings(args)),
             "backend": getattr(args, "backend", "fake"),
             # kernel backends only (the reference path always runs the plan's attention)
-            **({"kernel_attention": args.kernel_attention} if getattr(args, "backend", "fake") != "fake" else {})}
+            **({"kernel_attention": args.kernel_attention} if getattr(args, "backend", "fake") != "fake" else {}),
+            # TF32 matmuls change every float matmul's rounding, so samples of the two settings never mix
+            **({"matmul_tf32": True} if getattr(args, "matmul_tf32", False) else {})}
 
 
 def key_hash(key: dict) -> str:
@@ -415,6 +417,8 @@ def run_sample(args) -> int:
     tdir = work / table.name
     tdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    if args.matmul_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     if args.threads:
         torch.set_num_threads(args.threads)
     only = [s for s in args.only.split(",") if s] if args.only else None
@@ -1207,6 +1211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --backend int8/fp8: keep the plans' 8-bit attention matmuls (default: the tables "
                         "then compute what the reference computes, at kernel speed for the linear / conv layers) "
                         "or run fused float SDPA")
+    s.add_argument("--matmul-tf32", action="store_true",
+                   help="float matmuls in TF32 on the GPU (cuDNN convolutions use TF32 by default anyway): the fp32 "
+                        "DiT tables are matmul-bound, so this ~halves their GPU time; recorded in the run key")
     s.add_argument("--ref-stats", default=None,
                    help="reference .npz from `cachequant ref-stats`: compute each variant's metrics as soon as it "
                         "is sampled (as the `metrics` step would)")

@@ -225,6 +225,15 @@ def test_carry_variant_moves_fp_between_sessions(ablation, tmp_path):
     assert _sample(ablation, w2, "cache-n5", "--seed", "1") == 1
     status = json.loads((w2 / "unet" / "sample-status.json").read_text())
     assert "other settings" in status["failed"]["fp"]
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:  # TF32 matmuls are another setting too
+        assert _sample(ablation, w2, "cache-n5", "--matmul-tf32") == 1
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    status = json.loads((w2 / "unet" / "sample-status.json").read_text())
+    assert "other settings" in status["failed"]["fp"] and status["environment"]["matmul_allow_tf32"] is True
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
