@@ -396,7 +396,7 @@ def test_kernel_path_with_8bit_attention_computes_the_reference(make_pipe):
 @pytest.mark.parametrize("shape,groups,dtype,loc,scale", [
     ((2, 64, 8, 8), 32, torch.float32, 0.0, 1.0),
     ((1, 96, 5, 7), 32, torch.float32, 0.3, 2.0),      # 3 channels per group: a masked tile
-    ((2, 32, 16, 16), 8, torch.float32, 0.0, 1.0),     # 256 rows: several stats chunks merged
+    ((2, 32, 16, 16), 8, torch.float32, 0.0, 1.0),     # 256 rows: the stats loop runs several tiles
     ((1, 32, 16, 12), 4, torch.float32, 10.0, 0.01),   # mean = 1000 std: no E[x²] − E[x]² cancellation
     ((2, 64, 8, 8), 32, torch.float16, 0.5, 3.0),
 ])
@@ -410,11 +410,14 @@ def test_nhwc_group_norm_equals_torch(shape, groups, dtype, loc, scale):
     w = (1 + 0.2 * torch.randn(c, generator=g)).to(DEV, dtype)
     b = (0.1 * torch.randn(c, generator=g)).to(DEV, dtype)
     y = group_norm_nhwc(x, groups, w, b, 1e-5)
+    plain = group_norm_nhwc(x, groups, None, None, 1e-5)  # affine=False GroupNorm
+    ref_plain = torch.nn.functional.group_norm(x.double(), groups, eps=1e-5).float()
     # float64 reference: PyTorch's fp32 CPU GroupNorm itself loses the mean ≫ std case (E[x²] − E[x]²)
     ref = torch.nn.functional.group_norm(x.double(), groups, w.double(), b.double(), 1e-5).float()
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     tol = 1e-4 if dtype == torch.float32 else 4e-3
     assert (y.float() - ref).abs().max().item() < tol * ref.abs().max().item()
+    assert (plain.float() - ref_plain).abs().max().item() < tol * ref_plain.abs().max().item()
 
 
 def test_nhwc_group_norm_refuses_other_layouts():
@@ -445,22 +448,29 @@ def test_groupnorm_speed_script(tmp_path):
     assert all(r["cachequant_nhwc_s"] > 0 and r["torch_nhwc_copies_s"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("kind", ["int8"] + (["fp8"] if CUDA else []))
-def test_conv_input_layouts_give_identical_outputs(kind):
+@pytest.mark.parametrize("kind,hw", [("int8", (6, 5)), ("int8", (8, 16))]
+                         + ([("fp8", (6, 5)), ("fp8", (8, 16))] if CUDA else []))
+def test_conv_input_layouts_give_identical_outputs(kind, hw):
     """The two-pass conv quantizes NCHW, NHWC and other pixel-strided inputs straight to NHWC codes
-    (no fp16 copy); inputs it cannot address that way are copied first. All give the same bits."""
+    (no fp16 copy); inputs it cannot address that way are copied first. All give the same bits.
+    6×5 pixels read NCHW through the general strided path, 8×16 through the pixel-contiguous one."""
     from cachequant.kernels.backend import pixel_strides
+    from cachequant.kernels.triton_quantize import DENSE, PIXEL_CONTIGUOUS, STRIDED, _layout
 
     torch.manual_seed(0)
-    q, rt, xs = _layer(nn.Conv2d(32, 24, 3, padding=1), (2, 32, 6, 5), split=16, dec=True)
+    h, w = hw
+    q, rt, xs = _layer(nn.Conv2d(32, 24, 3, padding=1), (2, 32, h, w), split=16, dec=True)
     enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False)
     x = xs[1]
-    wide = torch.zeros(2, 32, 6, 9, device=DEV, dtype=x.dtype)
-    wide[..., :5] = x
-    sliced = wide[..., :5]  # rows of 9 with 5 used: pixels are not one stride apart
+    wide = torch.zeros(2, 32, h, w + 4, device=DEV, dtype=x.dtype)
+    wide[..., :w] = x
+    sliced = wide[..., :w]  # rows of w + 4 with w used: pixels are not one stride apart
     nhwc = x.contiguous(memory_format=torch.channels_last)
-    assert pixel_strides(x) == (30, 32 * 30, 1, 30) and pixel_strides(nhwc) == (30, 32 * 30, 32, 1)
+    assert pixel_strides(x) == (h * w, 32 * h * w, 1, h * w) and pixel_strides(nhwc) == (h * w, 32 * h * w, 32, 1)
     assert pixel_strides(sliced) is None
+    m = 2 * h * w
+    assert _layout(pixel_strides(nhwc), m, 32, 64) == DENSE and _layout(None, m, 32, 64) == DENSE
+    assert _layout(pixel_strides(x), m, 32, 64) == (PIXEL_CONTIGUOUS if h * w % 64 == 0 else STRIDED)
     rt.step = 1
     rt.step_t.fill_(1)
     with torch.no_grad():

@@ -7,15 +7,17 @@ profile on the H200 (``benchmarks/results/h200-2026-12-01-run5-sd15-profile.json
 9,338 copy kernels (114.5 ms) per image on the 8-bit paths against 1,637 (18.8 ms) in fp16, with
 ~61 GroupNorms per UNet call, each good for two copies.
 
-Two passes over x, both reading NHWC directly:
+Two kernels, nothing else between them (a first version merged per-chunk statistics with a dozen
+small torch ops per call and lost to PyTorch's own GroupNorm; a second, one statistics program per
+(n, g), ran 64 programs at SD's batch 2 and took 45 ms of an SD image's GPU time, 14.5 µs a call,
+fifth-session profile in ``benchmarks/results/h200.md``):
 
-1. ``_stats_kernel``: grid (N·G, chunks of HW); each program reduces its chunk of one group's
-   ``(HW, C/G)`` slab to (count, mean, M2), M2 = Σ(x − mean)² computed around the chunk's own mean
-   (a second read of the chunk, from L2), so that no E[x²] − E[x]² cancellation occurs.
-2. The chunks are merged with Chan et al.'s pairwise formula, M2 = Σ M2ᵢ + Σ nᵢ(meanᵢ − mean)²,
-   on the small (N·G, chunks) table; then per (n, c): a = γ_c·rstd_{n,g}.
-3. ``_apply_kernel``: y = (x − mean)·a + β in fp32, stored in x's dtype, NHWC. Subtracting the
-   mean first keeps the mean ≫ std case accurate where the folded x·a + (β − mean·a) cancels.
+1. ``_stats_kernel``: grid (N·G, K chunks of HW), enough programs to fill the GPU. Each reduces its
+   chunk of one group's ``(HW, C/G)`` slab to (mean, M2), M2 = Σ(x − mean)² computed around the
+   chunk's own mean (a second read of the chunk, from L2), so no E[x²] − E[x]² cancellation occurs.
+2. ``_apply_kernel`` merges the K chunks of each of its columns' groups with Chan et al.'s pairwise
+   formula (M2 = M2_a + M2_b + δ²·n_a·n_b/n), then y = (x − mean)·rstd·γ + β in fp32, stored in
+   x's dtype, NHWC. Subtracting the mean first keeps the mean ≫ std case accurate.
 
 The result equals ``torch.nn.functional.group_norm`` to rounding (tested, also through Triton's
 interpreter on the CPU).
@@ -31,7 +33,7 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["HW", "C", "CHUNK"])
 def _stats_kernel(x_ptr, part_ptr, HW, C, CHUNK, G: tl.constexpr, CG: tl.constexpr,
                   BHW: tl.constexpr, BCG: tl.constexpr):
-    pid_ng = tl.program_id(0)
+    pid_ng = tl.program_id(0)  # = n·G + g
     pid_k = tl.program_id(1)
     n = pid_ng // G
     g = pid_ng % G
@@ -45,41 +47,56 @@ def _stats_kernel(x_ptr, part_ptr, HW, C, CHUNK, G: tl.constexpr, CG: tl.constex
         rows = off + tl.arange(0, BHW)
         m = (rows < stop)[:, None] & cmask[None, :]
         acc += tl.load(base + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    cnt = ((stop - start) * CG).to(tl.float32)
-    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / cnt
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / ((stop - start) * CG).to(tl.float32)
     acc2 = tl.zeros((BHW, BCG), dtype=tl.float32)
     for off in range(start, stop, BHW):
         rows = off + tl.arange(0, BHW)
         m = (rows < stop)[:, None] & cmask[None, :]
         d = tl.load(base + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32) - mean
         acc2 += tl.where(m, d * d, 0.0)
-    m2 = tl.sum(tl.sum(acc2, axis=1), axis=0)
-    out = part_ptr + (pid_ng * tl.num_programs(1) + pid_k) * 3
-    tl.store(out, cnt)
-    tl.store(out + 1, mean)
-    tl.store(out + 2, m2)
+    out = part_ptr + (pid_ng * tl.num_programs(1) + pid_k) * 2
+    tl.store(out, mean)
+    tl.store(out + 1, tl.sum(tl.sum(acc2, axis=1), axis=0))
 
 
-@triton.jit(do_not_specialize=["HW", "C"])
-def _apply_kernel(x_ptr, y_ptr, m_ptr, a_ptr, b_ptr, HW, C, BM: tl.constexpr, BC: tl.constexpr):
+@triton.jit(do_not_specialize=["HW", "C", "CHUNK", "K"])
+def _apply_kernel(x_ptr, y_ptr, part_ptr, w_ptr, b_ptr, HW, C, CHUNK, K, eps, G: tl.constexpr, CG: tl.constexpr,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_c = tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_c * BC + tl.arange(0, BC)
     cmask = cols < C
+    # this program's columns' group statistics, merged from the K chunks (Chan et al.)
+    part = part_ptr + (n * G + cols // CG) * K * 2
+    cnt = tl.zeros((BC,), dtype=tl.float32)
+    mu = tl.zeros((BC,), dtype=tl.float32)
+    m2 = tl.zeros((BC,), dtype=tl.float32)
+    for k in range(0, K):
+        nb = (tl.minimum(CHUNK, HW - k * CHUNK) * CG).to(tl.float32)
+        mb = tl.load(part + k * 2, mask=cmask, other=0.0)
+        m2b = tl.load(part + k * 2 + 1, mask=cmask, other=0.0)
+        tot = cnt + nb
+        delta = mb - mu
+        mu = mu + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (cnt * nb / tot)
+        cnt = tot
+    a = 1.0 / tl.sqrt(m2 / cnt + eps)
+    if HAS_W:
+        a = a * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     m = (rows < HW)[:, None] & cmask[None, :]
     off = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-    mu = tl.load(m_ptr + n * C + cols, mask=cmask, other=0.0)
-    a = tl.load(a_ptr + n * C + cols, mask=cmask, other=0.0)
-    b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-    tl.store(y_ptr + off, ((x - mu[None, :]) * a[None, :] + b[None, :]).to(y_ptr.dtype.element_ty), mask=m)
+    y = (x - mu[None, :]) * a[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _chunk(hw: int, ng: int, target_programs: int = 1024, min_rows: int = 64) -> int:
-    """Rows of HW per stats program: enough programs to fill the GPU even when N·G is small
-    (SD 1.5 at batch 2: N·G = 64), but at least ``min_rows`` rows each."""
+def _chunk(hw: int, ng: int, target_programs: int = 528, min_rows: int = 64) -> int:
+    """Rows of HW per statistics program: enough programs to fill the GPU (4 per SM of an H100/H200)
+    even when N·G is small (SD 1.5 at batch 2: N·G = 64), but at least ``min_rows`` rows each."""
     chunks = max(1, min(triton.cdiv(hw, min_rows), triton.cdiv(target_programs, ng)))
     return triton.cdiv(hw, chunks)
 
@@ -97,25 +114,16 @@ def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     ng = n * num_groups
     chunk = _chunk(hw, ng)
     k = triton.cdiv(hw, chunk)
-    part = torch.empty((ng, k, 3), device=x.device, dtype=torch.float32)
+    part = torch.empty((ng, k, 2), device=x.device, dtype=torch.float32)
     bcg = triton.next_power_of_2(cg)
     bhw = max(1, min(triton.next_power_of_2(chunk), 4096 // bcg))
     _stats_kernel[(ng, k)](x, part, hw, c, chunk, G=num_groups, CG=cg, BHW=bhw, BCG=bcg, num_warps=4)
-    cnt, mean_k, m2_k = part.unbind(-1)
-    total = cnt.sum(1)
-    mean = (cnt * mean_k).sum(1) / total
-    m2 = m2_k.sum(1) + (cnt * (mean_k - mean[:, None]) ** 2).sum(1)
-    rstd = torch.rsqrt(m2 / total + eps).view(n, num_groups, 1)
-    mean = mean.view(n, num_groups, 1)
-    gamma = (torch.ones(c, device=x.device) if weight is None else weight.float()).view(1, num_groups, cg)
-    beta = (torch.zeros(c, device=x.device) if bias is None else bias.float()).view(1, num_groups, cg)
-    a = (gamma * rstd).reshape(n, c).contiguous()
-    mu = mean.expand(n, num_groups, cg).reshape(n, c).contiguous()
-    b = beta.reshape(c).contiguous()
     y = torch.empty_like(x)  # empty_like keeps channels-last strides
     bc = min(128, triton.next_power_of_2(c))
     bm = 32
-    _apply_kernel[(n, triton.cdiv(hw, bm), triton.cdiv(c, bc))](x, y, mu, a, b, hw, c, BM=bm, BC=bc, num_warps=4)
+    _apply_kernel[(n, triton.cdiv(hw, bm), triton.cdiv(c, bc))](
+        x, y, part, x if weight is None else weight, x if bias is None else bias, hw, c, chunk, k, float(eps),
+        G=num_groups, CG=cg, HAS_W=weight is not None, HAS_B=bias is not None, BM=bm, BC=bc, num_warps=4)
     return y
 
 

@@ -28,24 +28,49 @@ def _per_part(ptr, T, step, offs_c, SPLIT, HAS_SPLIT: tl.constexpr):
     return v
 
 
+# LAYOUT of the input rows (a constexpr, so that Triton knows which addresses are contiguous and
+# vectorizes those loads; with runtime strides alone it could prove nothing, and the pass ran 3×
+# slower on the H200: 149 vs 51 ms per SD image, fifth-session profile in benchmarks/results/h200.md)
+DENSE, STRIDED, PIXEL_CONTIGUOUS = 0, 1, 2
+
+
 @triton.jit(do_not_specialize=["M", "SPLIT", "T", "HW", "S_N", "S_HW", "S_C"])
 def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, T, HW, S_N, S_HW, S_C,
-                     IS_FP8: tl.constexpr, HAS_SPLIT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+                     IS_FP8: tl.constexpr, HAS_SPLIT: tl.constexpr, LAYOUT: tl.constexpr,
+                     BM: tl.constexpr, BC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     step = tl.load(step_ptr)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_c = pid_c * BC + tl.arange(0, BC)
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
-    # row m = (image n, pixel p): any layout whose pixels are one stride apart (NHWC or NCHW)
-    src = (offs_m // HW).to(tl.int64) * S_N + (offs_m % HW).to(tl.int64) * S_HW
-    x = tl.load(x_ptr + src[:, None] + offs_c[None, :].to(tl.int64) * S_C, mask=mask, other=0.0).to(tl.float32)
+    if LAYOUT == 0:  # (M, C) rows, channels contiguous: a linear's input or an NHWC conv input
+        ptrs = x_ptr + offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
+    elif LAYOUT == 2:  # pixels contiguous (NCHW) and a block never straddles two images (HW % BM == 0)
+        n = (pid_m * BM) // HW
+        p = (pid_m * BM) % HW + tl.arange(0, BM)
+        ptrs = x_ptr + n.to(tl.int64) * S_N + p[:, None] + offs_c[None, :].to(tl.int64) * S_C
+    else:  # row m = (image n, pixel p): any layout whose pixels are one stride apart
+        src = (offs_m // HW).to(tl.int64) * S_N + (offs_m % HW).to(tl.int64) * S_HW
+        ptrs = x_ptr + src[:, None] + offs_c[None, :].to(tl.int64) * S_C
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     s = _per_part(act_s_ptr, T, step, offs_c, SPLIT, HAS_SPLIT)
     if IS_FP8:
         y = fp8_code(x, s).to(tl.uint8, bitcast=True)
     else:
         y = int8_code(x, s, _per_part(act_z_ptr, T, step, offs_c, SPLIT, HAS_SPLIT)).to(tl.int8)
-    tl.store(q_ptr + offs_m[:, None] * C + offs_c[None, :], y, mask=mask)
+    tl.store(q_ptr + offs_m[:, None].to(tl.int64) * C + offs_c[None, :], y, mask=mask)
+
+
+def _layout(rows: tuple | None, m: int, c: int, bm: int) -> int:
+    if rows is None:
+        return DENSE
+    hw, s_n, s_hw, s_c = rows
+    if s_c == 1 and s_hw == c and (s_n == hw * c or m == hw):  # NHWC contiguous: plain (M, C) rows
+        return DENSE
+    if s_hw == 1 and hw % bm == 0:
+        return PIXEL_CONTIGUOUS
+    return STRIDED
 
 
 def quantize(x, q, step_t, act_s, act_z, split: int, T: int, fp8: bool, rows: tuple | None = None) -> None:
@@ -57,8 +82,9 @@ def quantize(x, q, step_t, act_s, act_z, split: int, T: int, fp8: bool, rows: tu
     which reads and writes every element anyway, instead of an fp16 NHWC copy first."""
     C = q.shape[1]
     M = q.shape[0]
-    hw, s_n, s_hw, s_c = rows if rows is not None else (M, 0, C, 1)
     bm, bc = 64, min(128, triton.next_power_of_2(C))
+    layout = _layout(rows, M, C, bm)
+    hw, s_n, s_hw, s_c = rows if rows is not None else (M, 0, C, 1)
     grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
     _quantize_kernel[grid](x, q, step_t, act_s, act_z, M, C, split, T, hw, s_n, s_hw, s_c, IS_FP8=fp8,
-                           HAS_SPLIT=split > 0, BM=bm, BC=bc, num_warps=4)
+                           HAS_SPLIT=split > 0, LAYOUT=layout, BM=bm, BC=bc, num_warps=4)
