@@ -19,6 +19,9 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     rows = {row["row"]: row for row in res["rows"]}
+    pats = ["fp16 eager", "cache-only", "FirstBlockCache", "INT8 + graph", "8-bit", "W4A8 + graph"]
+    first = [next(i for i, s in enumerate(pats) if s in r["row"]) for r in res["rows"]]
+    assert first == sorted(first) and len(first) > 5  # rows run in the order --rows names them
     assert rows["fp16 eager"]["speedup_vs_eager"] == 1.0 and len(rows["fp16 eager"]["times_s"]) == 2
     cached = rows["cachequant cache-only N=2 + graph"]
     assert cached["full_steps"] == 2 and cached["calls"] == 4 and cached["median_s"] > 0
@@ -64,3 +67,19 @@ def test_top_kernels_of_a_category():
             "ms_by_category": {speed.OTHER: 0.27}, "top_other_kernels": top}
     text = load_benchmark("speed_report").profile_table({"rows": [{"row": "INT8", "profile": prof}]})
     assert "Largest 'other' kernels, INT8" in text and "| `elementwise_add` | 0.1 | 2 |" in text
+
+
+def test_torchao_rows_keep_the_small_linears_out():
+    """torch._int_mm refuses M ≤ 16: the torchao rows quantize only the Linears that see more rows.
+    On the tiny DiT at batch 1 (2 rows with CFG) those are the token-wise ones, not the adaLN /
+    time-embedding MLPs."""
+    from conftest import load_benchmark
+
+    speed = load_benchmark("speed")
+    pipe = speed.build("dit-xl2", "ddim", "cpu", tiny=True)
+    rows = speed.linear_rows(pipe, "dit-xl2", 1, True)
+    small = {n for n, r in rows.items() if r < speed.TORCHAO_MIN_ROWS}
+    assert small and small != set(rows)
+    assert all(rows[n] == 2 for n in small)  # batch 1 with CFG
+    assert any("timestep_embedder" in n for n in small) and any("attn1.to_q" in n for n in set(rows) - small)
+    assert [r[0] for r in speed.select_rows([("a x", 0, 0), ("b", 0, 0), ("c x", 0, 0)], "b, x")] == ["b", "a x", "c x"]
