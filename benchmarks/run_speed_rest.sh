@@ -25,8 +25,9 @@ for part in "$@"; do
     ddpm250) timeout 420 python3 $s --model dit-xl2 --sampler ddpm --batch 1 --repeats 5 --time-budget-s 360 \
         --rows "fp16 eager,N=2 INT8 + graph,N=2 FP8 + graph,fp16 + CUDA,cache-only N=2,N=3 FP8 + graph,INT8 quant-only,FP8 quant-only" \
         --out "$out/dit-ddpm250.json" ;;
-    batch8) timeout 200 python3 $s --model sd15 --batch 8 --repeats 3 --time-budget-s 160 \
-        --rows "fp16 eager,fp16 + CUDA,N=5 INT8 + graph,N=5 FP8 + graph,DeepCache N=5" --out "$out/sd15-b8.json"
+    batch8) timeout 300 python3 $s --model sd15 --batch 8 --repeats 3 --time-budget-s 250 \
+        --rows "fp16 eager,DeepCache N=5,cache-only N=5,N=5 FP8 + graph,FP8 quant-only,fp16 + CUDA,N=5 INT8 + graph,INT8 quant-only" \
+        --out "$out/sd15-b8.json"
       timeout 120 python3 $s --model dit-xl2 --sampler ddim --batch 8 --repeats 3 --time-budget-s 90 \
         --rows "fp16 eager,fp16 + CUDA,N=2 FP8 + graph,N=3 FP8 + graph" --out "$out/dit-ddim50-b8.json" ;;
     torchao) timeout 450 python3 $s --model sd15 --batch 1 --repeats 3 --time-budget-s 340 \
