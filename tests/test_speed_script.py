@@ -83,3 +83,22 @@ def test_torchao_rows_keep_the_small_linears_out():
     assert all(rows[n] == 2 for n in small)  # batch 1 with CFG
     assert any("timestep_embedder" in n for n in small) and any("attn1.to_q" in n for n in set(rows) - small)
     assert [r[0] for r in speed.select_rows([("a x", 0, 0), ("b", 0, 0), ("c x", 0, 0)], "b, x")] == ["b", "a x", "c x"]
+
+
+def test_plan_cache_reuses_stored_plans_only_for_the_same_model(tmp_path, capsys):
+    """--plan-dir: a later run on the same machine loads the plan instead of calibrating again,
+    unless the model's weights differ."""
+    import torch
+    from conftest import load_benchmark
+
+    speed = load_benchmark("speed")
+    pipe = speed.build("dit-xl2", "ddim", "cpu", tiny=True)
+    first = speed.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
+    assert "bench_plan_loaded" not in first.meta and len(list(tmp_path.glob("*.cqplan"))) == 1
+    again = speed.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
+    assert again.meta["bench_plan_loaded"] and again.schedule == first.schedule
+    assert torch.equal(again.tensors[next(iter(first.tensors))], first.tensors[next(iter(first.tensors))])
+    with torch.no_grad():
+        next(speed.denoiser(pipe).parameters()).add_(1.0)
+    other = speed.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
+    assert "bench_plan_loaded" not in other.meta and "not used" in capsys.readouterr().err
