@@ -8,6 +8,7 @@
 #   batch8    SD 1.5 and DiT-XL/2 DDIM 50 at batch 8
 #   torchao   torchao int8 / float8 dynamic + compile (compilation alone took > 2 min before)
 #   groupnorm the NHWC GroupNorm kernel against PyTorch's (with its layout copies), SD 1.5 shapes
+#   tune      tile configs of the 8-bit GEMM measured on SD 1.5's layer shapes (benchmarks/tune_tiles.py)
 # Usage: benchmarks/run_speed_rest.sh OUT_DIR PART [PART ...]   (PYTHONPATH must reach cachequant,
 # diffusers, torchao, DeepCache)
 set -u
@@ -35,6 +36,10 @@ for part in "$@"; do
     torchao) timeout 450 python3 $s --model sd15 --batch 1 --repeats 3 --time-budget-s 340 \
         --rows "fp16 eager,torchao" --out "$out/sd15-torchao.json" ;;
     groupnorm) timeout 120 python3 benchmarks/groupnorm_speed.py --out "$out/groupnorm.json" ;;
-    *) echo "unknown part $part (profile, ddpm250, batch8, torchao, groupnorm)"; exit 2 ;;
+    # measured tile configs for SD 1.5 at batch 1 and 8 (then copy tiles-sd15.json's entries into
+    # cachequant/kernels/tile_tables/<gpu>.json and rerun profile / batch8 to measure the effect)
+    tune) timeout 560 python3 benchmarks/tune_tiles.py --models sd15 --batch 1 8 --time-budget-s 400 \
+        --out "$out/tiles-sd15.json" ;;
+    *) echo "unknown part $part (profile, ddpm250, batch8, torchao, groupnorm, tune)"; exit 2 ;;
   esac 2>&1 | grep -v '^{' | tail -14
 done

@@ -6,6 +6,8 @@ The INT8 kernel does exact integer arithmetic, so it must agree with the float r
 rounding noise; FP8 is a different quantizer (e4m3) and is held to its own error bound.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -478,3 +480,62 @@ def test_conv_input_layouts_give_identical_outputs(kind, hw):
         ref = fake_forward(q, x)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert float((outs[0] - ref).abs().max() / outs[0].abs().max()) < (1e-4 if kind == "int8" else 0.08)
+
+
+def test_tile_table_entry_is_used_and_gives_the_rules_bits(tmp_path, monkeypatch):
+    """A GPU's tile table (benchmarks/tune_tiles.py) replaces the tile rule for its shapes; INT8
+    accumulates integers, so any tiles and splits give the rule's bits. Damaged tables raise."""
+    from cachequant.kernels import tiles, triton_gemm
+
+    torch.manual_seed(0)
+    q, rt, xs = _layer(nn.Conv2d(32, 48, 3, padding=1), (2, 32, 6, 5), dec=True)
+    enable_kernels(nn.Sequential(q), {"l": q}, rt, "int8", channels_last=False)
+    rt.step = 1
+    rt.step_t.fill_(1)
+    monkeypatch.setenv("CACHEQUANT_TILES", "off")
+    rec = []
+    monkeypatch.setattr(triton_gemm, "RECORD", rec)
+    with torch.no_grad():
+        ref = kernel_forward(q, xs[1])
+    monkeypatch.setattr(triton_gemm, "RECORD", None)
+    (*_, M, N, C, split, T_, geom, kh, kw, fp8, w4) = rec[0]
+    key = tiles.shape_key("int8", M, N, C, split, kh * kw, w4)
+    table = tmp_path / "gpu.json"
+    entry = {"BM": 32, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 2, "split_k": 3}  # 3-way tap split
+    table.write_text(json.dumps({"entries": {key: entry}}))
+    monkeypatch.setenv("CACHEQUANT_TILES", str(table))
+
+    def no_rule(*a):
+        raise AssertionError("the tile rule was used for a shape the table has")
+
+    monkeypatch.setattr(triton_gemm, "block_config", no_rule)
+    with torch.no_grad():
+        out = kernel_forward(q, xs[1])
+    assert torch.equal(out, ref)
+    assert triton_gemm.tuned_config(C, split, kh * kw, False, entry)[1:] == (3, True)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"entries": {key: {**entry, "BM": 48}}}))
+    monkeypatch.setenv("CACHEQUANT_TILES", str(bad))
+    with pytest.raises(ValueError, match="power of two"):
+        kernel_forward(q, xs[1])
+    monkeypatch.setenv("CACHEQUANT_TILES", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="no such file"):
+        kernel_forward(q, xs[1])
+
+
+@pytest.mark.skipif(CUDA, reason="the --tiny smoke test is for the interpreter; on the GPU run the script itself")
+def test_tune_tiles_smoke(tmp_path):
+    """The tuner records the tiny DiT's GEMM shapes, times candidates and writes a table the kernels
+    accept; every candidate it tried gave the rule's INT8 bits."""
+    from conftest import load_benchmark
+
+    from cachequant.kernels.tiles import load_table
+
+    out = tmp_path / "tiles.json"
+    assert load_benchmark("tune_tiles").main(["--tiny", "--models", "dit-xl2", "--batch", "1", "--kinds", "int8",
+                                              "--candidates", "0", "5", "--reps", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["shapes"]) >= 5 and all(s["tried"] >= 2 and s["rejected"] == [] for s in res["shapes"])
+    assert any("|t4|" in s["key"] for s in res["shapes"])  # the 2×2 patch-embedding conv: taps split too
+    assert set(load_table(str(out))) == set(res["entries"])

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import lookup
 from .triton_common import dec_scale, int8_total, part_range, store_output, tap_rows, tile_setup
 
 
@@ -217,15 +218,46 @@ def block_config(M: int, N: int, C: int, split: int) -> dict:
     return {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": even, "GROUP_M": 8, "num_warps": warps, "num_stages": 4}
 
 
+# benchmarks/tune_tiles.py sets this to a list: every gemm() call then appends its arguments
+RECORD: list | None = None
+
+
+def tuned_config(C: int, split: int, taps: int, w4: bool, entry: dict) -> tuple[dict, int, bool] | None:
+    """(cfg, SPLIT_K, TAP_SPLIT) from a tile-table entry, or None when the entry cannot serve this
+    layer (4-bit weights need a BK that divides every input part)."""
+    bk = entry["BK"]
+    parts = [C] if not split else [split, C - split]
+    even = all(p % bk == 0 for p in parts)
+    if w4 and not even:
+        return None
+    cfg = {"BM": entry["BM"], "BN": entry["BN"], "BK": bk, "EVEN_K": even, "GROUP_M": 8,
+           "num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
+    limit = taps if taps > 1 else max(1, triton.cdiv(C, bk) // 2)
+    sk = max(1, min(entry["split_k"], limit, 16))
+    return cfg, sk, sk > 1 and taps > 1
+
+
 def gemm(q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
          M: int, N: int, C: int, split: int, T: int, geom: tuple, kh: int, kw: int, fp8: bool,
-         w4: bool = False) -> None:
+         w4: bool = False, tiles: dict | None = None) -> None:
+    """``tiles``: a tile-table entry to use instead of the GPU's table / the rule (the tuner's way
+    of trying a config)."""
     H, W, OH, OW, stride, pad, dil = geom
-    cfg = block_config(M, N, C, split)
+    if RECORD is not None:
+        RECORD.append((q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
+                       M, N, C, split, T, geom, kh, kw, fp8, w4))
+    kind = "fp8" if fp8 else "int8"
+    entry = tiles if tiles is not None else lookup(y.device, kind, M, N, C, split, kh * kw, w4)
+    tuned = None if entry is None else tuned_config(C, split, kh * kw, w4, entry)
+    if tuned is not None:
+        cfg, sk, tap_split = tuned
+    else:
+        cfg = block_config(M, N, C, split)
     if w4 and (fp8 or not cfg["EVEN_K"]):
         raise ValueError("4-bit packed weights need the INT8 kernel and input parts divisible by 32 "
                          "(pack.pack_layer only packs such layers)")
-    sk, tap_split = split_k(M, N, C, kh * kw, cfg, num_sms(y.device))
+    if tuned is None or os.environ.get("CACHEQUANT_SPLIT_K", "auto") != "auto":
+        sk, tap_split = split_k(M, N, C, kh * kw, cfg, num_sms(y.device))
     out = y
     if sk > 1:  # per-part raw sums, added up by the splits: int32 (exact) for INT8, fp32 for FP8
         out = torch.zeros((2 if split else 1, M, N), device=y.device, dtype=torch.float32 if fp8 else torch.int32)
