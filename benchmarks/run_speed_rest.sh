@@ -38,8 +38,9 @@ for part in "$@"; do
     groupnorm) timeout 120 python3 benchmarks/groupnorm_speed.py --out "$out/groupnorm.json" ;;
     # measured tile configs for SD 1.5 at batch 1 and 8 (then copy tiles-sd15.json's entries into
     # cachequant/kernels/tile_tables/<gpu>.json and rerun profile / batch8 to measure the effect)
+    # (a later call of the same warm machine can use it at once: CACHEQUANT_TILES=/tmp/cq-tiles.json)
     tune) timeout 560 python3 benchmarks/tune_tiles.py --models sd15 --batch 1 8 --time-budget-s 400 \
-        --out "$out/tiles-sd15.json" ;;
+        --out "$out/tiles-sd15.json" && cp "$out/tiles-sd15.json" /tmp/cq-tiles.json ;;
     *) echo "unknown part $part (profile, ddpm250, batch8, torchao, groupnorm, tune)"; exit 2 ;;
   esac 2>&1 | grep -v '^{' | tail -14
 done
