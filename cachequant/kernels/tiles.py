@@ -30,8 +30,12 @@ def gpu_slug(device: torch.device) -> str:
     """File name of a GPU model's table, e.g. ``nvidia-h200``; ``interpreter`` on the CPU."""
     if device.type != "cuda":
         return "interpreter"
-    name = torch.cuda.get_device_name(device)
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return _cuda_slug(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_slug(index: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(index).lower()).strip("-")
 
 
 def shape_key(kind: str, M: int, N: int, C: int, split: int, taps: int, w4: bool) -> str:
@@ -65,7 +69,13 @@ def load_table(path: str) -> dict[str, dict]:
 
 
 def table_path(device: torch.device) -> str | None:
-    env = os.environ.get("CACHEQUANT_TILES")
+    """The table for this device: ``CACHEQUANT_TILES``, else the GPU model's committed one, else None.
+    Resolved once per (setting, GPU model): ``gemm`` asks on every call."""
+    return _table_path(os.environ.get("CACHEQUANT_TILES"), gpu_slug(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _table_path(env: str | None, slug: str) -> str | None:
     if env:
         if env == "off":
             return None
@@ -73,7 +83,7 @@ def table_path(device: torch.device) -> str | None:
             raise ValueError(f"CACHEQUANT_TILES={env!r}: no such file (give a table written by "
                              "benchmarks/tune_tiles.py, or 'off')")
         return env
-    path = TILE_DIR / f"{gpu_slug(device)}.json"
+    path = TILE_DIR / f"{slug}.json"
     return str(path) if path.is_file() else None
 
 
