@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (channels, height = width) of SD 1.5's GroupNorms at 512² (latent 64²), 32 groups each
 SD15_SHAPES = [(320, 64), (640, 64), (960, 64), (640, 32), (1920, 32), (1280, 16), (2560, 16), (1280, 8), (2560, 8)]
@@ -29,27 +30,14 @@ TINY_SHAPES = [(32, 8), (64, 4)]
 
 
 def _time(fn, repeats: int, cuda: bool) -> float:
-    """Median seconds of ``fn()``. On a GPU: ``repeats`` calls captured in one CUDA graph, replayed
-    five times, as the graph-captured UNet steps run them (eager timing would measure Python's
-    launch overhead instead of the kernels); perf_counter on the CPU."""
-    import torch
-
-    fn()  # warm-up (Triton compiles here)
+    """Seconds per call of ``fn()``. On a GPU: graph-replayed (``speed.graph_ms``), as the
+    graph-captured UNet steps run it (eager timing would measure Python's launch overhead instead
+    of the kernels); the median of ``repeats`` perf_counter timings on the CPU."""
     if cuda:
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(repeats):
-                fn()
-        out = []
-        for _ in range(5):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            torch.cuda.synchronize()
-            out.append(a.elapsed_time(b) / 1e3 / repeats)
-        return sorted(out)[2]
+        from speed import graph_ms
+
+        return graph_ms(fn, repeats) / 1e3
+    fn()  # warm-up (Triton compiles here)
     out = []
     for _ in range(repeats):
         t = time.perf_counter()

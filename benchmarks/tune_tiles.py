@@ -62,29 +62,16 @@ class Recorder:
 
 
 def time_call(fn, reps: int, cuda: bool) -> float:
-    """Seconds per call: ``reps`` calls captured in one CUDA graph, median of 5 replays (the
-    interpreter: one timed call)."""
-    import torch
+    """Seconds per call: graph-replayed on a GPU (``speed.graph_ms``), as a captured denoiser runs
+    the kernels; the interpreter: one timed call after a warm-up."""
+    if cuda:
+        from speed import graph_ms
 
-    fn()  # compile
-    if not cuda:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    out = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / 1e3 / reps)
-    return sorted(out)[2]
+        return graph_ms(fn, reps) / 1e3
+    fn()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def candidates(args: tuple, picks: list[int] | None) -> list[dict]:
