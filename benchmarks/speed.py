@@ -300,8 +300,11 @@ def linear_rows(pipe, model: str, batch: int, tiny: bool) -> dict[str, int]:
     """Rows (M) each ``nn.Linear`` of the denoiser sees in a model call at this batch, from one short
     run (the time-embedding MLPs and adaLN projections see only the CFG batch, e.g. M = 2)."""
     rows: dict[str, int] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: rows.__setitem__(n, max(rows.get(n, 0),
-                                                                                   a[0].numel() // a[0].shape[-1])))
+
+    def seen(name: str, x: torch.Tensor) -> None:
+        rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])
+
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen(n, a[0]))
              for n, m in denoiser(pipe).named_modules() if isinstance(m, torch.nn.Linear)]
     try:
         with torch.no_grad():
@@ -314,25 +317,34 @@ def linear_rows(pipe, model: str, batch: int, tiny: bool) -> dict[str, int]:
 
 def row_torchao(pipe, model, kind, batch=1, tiny=False, **_):
     """torchao's dynamic int8 / float8 quantization of every Linear that has more than 16 rows,
-    then torch.compile. The few Linears with M ≤ 16 (time embedding, adaLN: < 0.1 % of the MACs)
-    stay fp16, because ``torch._int_mm`` refuses them (the first attempt failed with "self.size(0)
-    needs to be greater than 16, but got 2"); the same set is skipped for float8 so that both rows
-    quantize the same layers."""
+    then torch.compile. The few Linears with M ≤ 16 (time embedding, adaLN) stay fp16, because
+    ``torch._int_mm`` refuses them (the first attempt failed with "self.size(0) needs to be greater
+    than 16, but got 2"); the same set is skipped for float8 so that both rows quantize the same
+    layers. Their share of the Linear MACs is recorded (``torchao_kept_linear_mac_share``)."""
     from torchao.quantization import quantize_
 
     if kind == "int8":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig as C
     else:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig as C
-    rows = linear_rows(pipe, model, batch, tiny)
-    small = sorted(n for n, r in rows.items() if r < TORCHAO_MIN_ROWS)
+    keep, info = torchao_filter(pipe, model, batch, tiny)
     orig = denoiser(pipe)
     q = copy.deepcopy(orig)
-    quantize_(q, C(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and rows.get(fqn, 0) >= TORCHAO_MIN_ROWS)
+    quantize_(q, C(), filter_fn=keep)
     set_denoiser(pipe, torch.compile(q))
-    info = {"torchao": __import__("torchao").__version__, "torchao_linears_quantized": len(rows) - len(small),
-            "torchao_linears_kept_fp16": len(small), "torchao_kept_examples": small[:4]}
-    return info, lambda: set_denoiser(pipe, orig)
+    return {"torchao": __import__("torchao").__version__, **info}, lambda: set_denoiser(pipe, orig)
+
+
+def torchao_filter(pipe, model: str, batch: int, tiny: bool):
+    """(filter_fn for torchao's ``quantize_``, what it keeps in fp16): Linears with more than 16 rows."""
+    rows = linear_rows(pipe, model, batch, tiny)
+    small = sorted(n for n, r in rows.items() if r < TORCHAO_MIN_ROWS)
+    mods = dict(denoiser(pipe).named_modules())
+    macs = {n: r * mods[n].in_features * mods[n].out_features for n, r in rows.items()}
+    info = {"torchao_linears_quantized": len(rows) - len(small), "torchao_linears_kept_fp16": len(small),
+            "torchao_kept_examples": small[:4],
+            "torchao_kept_linear_mac_share": sum(macs[n] for n in small) / max(1, sum(macs.values()))}
+    return (lambda m, fqn: isinstance(m, torch.nn.Linear) and rows.get(fqn, 0) >= TORCHAO_MIN_ROWS), info
 
 
 def row_deepcache(pipe, model, interval, **_):

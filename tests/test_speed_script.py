@@ -82,6 +82,10 @@ def test_torchao_rows_keep_the_small_linears_out():
     assert small and small != set(rows)
     assert all(rows[n] == 2 for n in small)  # batch 1 with CFG
     assert any("timestep_embedder" in n for n in small) and any("attn1.to_q" in n for n in set(rows) - small)
+    keep, info = speed.torchao_filter(pipe, "dit-xl2", 1, True)
+    mods = dict(speed.denoiser(pipe).named_modules())
+    assert {n for n in rows if keep(mods[n], n)} == set(rows) - small
+    assert info["torchao_linears_kept_fp16"] == len(small) and 0 < info["torchao_kept_linear_mac_share"] < 1
     assert [r[0] for r in speed.select_rows([("a x", 0, 0), ("b", 0, 0), ("c x", 0, 0)], "b, x")] == ["b", "a x", "c x"]
 
 
