@@ -34,8 +34,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-os.environ["CACHEQUANT_TILES"] = "off"  # the rule is the baseline: never an older table
-
 # (BM, BN, BK, num_warps, num_stages); split_k is tried at 1 and at the rule's choice for each
 CANDIDATES = [
     (128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 128, 8, 3),
@@ -143,7 +141,20 @@ def record_shapes(model: str, batches: list[int], kind: str, device: str, tiny: 
 def run(models: list[str], batches: list[int], kinds: list[str], reps: int, picks: list[int] | None,
         tiny: bool, budget_s: float = float("inf")) -> dict:
     """Per model and kind: the rule's time for every shape first, then candidates for the shapes in
-    order of their share of the run (calls × time), until that pair's share of ``budget_s`` is spent."""
+    order of their share of the run (calls × time), until that pair's share of ``budget_s`` is spent.
+    Runs with ``CACHEQUANT_TILES=off`` (the rule is the baseline, never an older table), restored after."""
+    saved = os.environ.get("CACHEQUANT_TILES")
+    os.environ["CACHEQUANT_TILES"] = "off"
+    try:
+        return _run(models, batches, kinds, reps, picks, tiny, budget_s)
+    finally:
+        if saved is None:
+            os.environ.pop("CACHEQUANT_TILES", None)
+        else:
+            os.environ["CACHEQUANT_TILES"] = saved
+
+
+def _run(models, batches, kinds, reps, picks, tiny, budget_s) -> dict:
     import torch
     import triton
 

@@ -218,8 +218,9 @@ def block_config(M: int, N: int, C: int, split: int) -> dict:
     return {"BM": bm, "BN": bn, "BK": bk, "EVEN_K": even, "GROUP_M": 8, "num_warps": warps, "num_stages": 4}
 
 
-# benchmarks/tune_tiles.py sets this to a list: every gemm() call then appends its arguments
-RECORD: list | None = None
+# benchmarks/tune_tiles.py sets this to a recorder (anything with ``append``): every gemm() call
+# then appends its arguments
+RECORD = None
 
 
 def tuned_config(C: int, split: int, taps: int, w4: bool, entry: dict) -> tuple[dict, int, bool] | None:

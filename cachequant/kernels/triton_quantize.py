@@ -44,13 +44,13 @@ def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_c = pid_c * BC + tl.arange(0, BC)
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
-    if LAYOUT == 0:  # (M, C) rows, channels contiguous: a linear's input or an NHWC conv input
+    if LAYOUT == 0:  # DENSE: (M, C) rows, channels contiguous: a linear's input or an NHWC conv input
         ptrs = x_ptr + offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
-    elif LAYOUT == 2:  # pixels contiguous (NCHW) and a block never straddles two images (HW % BM == 0)
+    elif LAYOUT == 2:  # PIXEL_CONTIGUOUS: pixels contiguous (NCHW) and a block never straddles two images (HW % BM == 0)
         n = (pid_m * BM) // HW
         p = (pid_m * BM) % HW + tl.arange(0, BM)
         ptrs = x_ptr + n.to(tl.int64) * S_N + p[:, None] + offs_c[None, :].to(tl.int64) * S_C
-    else:  # row m = (image n, pixel p): any layout whose pixels are one stride apart
+    else:  # STRIDED: row m = (image n, pixel p), any layout whose pixels are one stride apart
         src = (offs_m // HW).to(tl.int64) * S_N + (offs_m % HW).to(tl.int64) * S_HW
         ptrs = x_ptr + src[:, None] + offs_c[None, :].to(tl.int64) * S_C
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
