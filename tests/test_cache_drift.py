@@ -1,0 +1,68 @@
+"""benchmarks/cache_drift.py: its reuse error is the DPS cost of the schedule, normalized, and
+cache-DEC fitted on the same trajectories never increases it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def drift():
+    from conftest import load_benchmark
+
+    yield load_benchmark("cache_drift")
+    sys.modules.pop("cache_drift", None)
+
+
+def _feats(seed: int, T: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    # a drifting feature with a per-channel scale / shift change each step, plus noise
+    return [base * (1 + 0.1 * t) + 0.05 * t + 0.02 * torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+            for t in range(T)]
+
+
+def test_reuse_error_is_normalized_schedule_cost(drift):
+    from cachequant.cache.schedules import make_schedule, schedule_cost
+
+    feats = _feats(0)
+    for n in (2, 3, 5):
+        sched = make_schedule("uniform", len(feats), n)
+        den = sum(float(x.abs().sum()) for t, x in enumerate(feats) if t not in set(sched))
+        got = drift.reuse_error(feats, sched)
+        assert got["relative_l1"] == pytest.approx(schedule_cost(feats, sched) / den, rel=1e-9)
+        assert len(got["relative_l1_by_fifth"]) == 5
+    # a feature that never changes is reused without error
+    assert drift.reuse_error([feats[0]] * 7, [0, 3, 6])["relative_l1"] == 0.0
+
+
+def test_rows_dps_and_cache_dec_reduce_error(drift):
+    fit, held_out = _feats(1), _feats(2)
+    rows = drift.interval_rows(fit, held_out, 3, channel_dim=1)
+    assert set(rows) == {"uniform", "uniform+cache-dec", "dps", "dps+cache-dec"}
+    # the affine drift is what cache-DEC models: it removes most of the error on held-out data
+    assert rows["uniform+cache-dec"]["relative_l1"] < 0.5 * rows["uniform"]["relative_l1"]
+    assert rows["dps+cache-dec"]["relative_l1"] < 0.5 * rows["dps"]["relative_l1"]
+    # same number of full steps for both schedules: K = ceil(11 / 3)
+    assert rows["dps"]["full_steps"] == rows["uniform"]["full_steps"] == 4
+
+
+def test_bad_runs_are_refused(drift):
+    for bad in ("ddpm", "ddpm:1", "euler:50", "ddim:x"):
+        with pytest.raises(SystemExit, match="SCHEDULER:STEPS"):
+            drift.parse_runs(bad)
+    assert drift.parse_runs("ddpm:250, ddim:50") == [("ddpm", 250), ("ddim", 50)]
+
+
+def test_tiny_dit_run_writes_json_and_is_deterministic(drift, tmp_path):
+    out = tmp_path / "drift.json"
+    data = drift.main(["--model", "tiny-dit", "--runs", "ddim:6,ddpm:6", "--num-samples", "2",
+                       "--intervals", "2,3", "--out", str(out)])
+    assert json.loads(out.read_text()) == data
+    assert [r["model_calls"] for r in data["runs"]] == [6, 6]
+    again = drift.main(["--model", "tiny-dit", "--runs", "ddim:6", "--num-samples", "2", "--intervals", "2,3"])
+    assert again["runs"][0]["intervals"] == data["runs"][0]["intervals"]
