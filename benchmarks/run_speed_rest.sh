@@ -9,11 +9,19 @@
 #   torchao   torchao int8 / float8 dynamic + compile (compilation alone took > 2 min before)
 #   groupnorm the NHWC GroupNorm kernel against PyTorch's (with its layout copies), SD 1.5 shapes
 #   tune      tile configs of the 8-bit GEMM measured on SD 1.5's layer shapes (benchmarks/tune_tiles.py)
+# and, for the final side-by-side table (every row the issue asks for, one configuration per part,
+# all on one warm machine; `speed_report.py --coverage` checks the result):
+#   sd15-b1, sd15-b8, dit-ddim50 (batch 1 and 8), dit-ddpm250-b1, dit-ddpm250-b8: all rows but torchao's
+#   torchao-sd15, torchao-dit   the torchao rows (their compilation is the slow part)
 # Usage: benchmarks/run_speed_rest.sh OUT_DIR PART [PART ...]   (PYTHONPATH must reach cachequant,
 # diffusers, torchao, DeepCache)
 set -u
 out=${1:?usage: run_speed_rest.sh OUT_DIR PART [PART ...]}; shift
 mkdir -p "$out"
+parts="profile ddpm250 batch8 torchao groupnorm tune sd15-b1 sd15-b8 dit-ddim50 dit-ddpm250-b1 dit-ddpm250-b8 torchao-sd15 torchao-dit"
+for part in "$@"; do
+  case " $parts " in *" $part "*) ;; *) echo "unknown part '$part'; known: $parts" >&2; exit 2 ;; esac
+done
 export PYTHONUNBUFFERED=1
 # plans kept on the machine's disk: a later call of the same warm machine reuses them (~70 s per
 # 250-step DiT plan)
@@ -41,6 +49,21 @@ for part in "$@"; do
     # (a later call of the same warm machine can use it at once: CACHEQUANT_TILES=/tmp/cq-tiles.json)
     tune) timeout 560 python3 benchmarks/tune_tiles.py --models sd15 --batch 1 8 --time-budget-s 400 \
         --out "$out/tiles-sd15.json" && cp "$out/tiles-sd15.json" /tmp/cq-tiles.json ;;
-    *) echo "unknown part $part (profile, ddpm250, batch8, torchao, groupnorm, tune)"; exit 2 ;;
+    sd15-b1|sd15-b8) timeout 560 python3 $s --model sd15 --batch ${part#sd15-b} --repeats 5 --time-budget-s 470 \
+        --rows "fp16 eager,fp16 + CUDA,cache-only N=5,N=5 INT8 + graph,N=5 FP8 + graph,INT8 quant-only,FP8 quant-only,DeepCache N=5,DeepCache N=3,FirstBlockCache,torch.compile" \
+        --out "$out/$part.json" ;;
+    dit-ddim50) timeout 560 python3 $s --model dit-xl2 --sampler ddim --batch 1 8 --repeats 5 --time-budget-s 470 \
+        --rows "fp16 eager,fp16 + CUDA,cache-only,N=2 INT8 + graph,N=2 FP8 + graph,N=3 INT8 + graph,N=3 FP8 + graph,INT8 quant-only,FP8 quant-only,FirstBlockCache,torch.compile" \
+        --out "$out/$part.json" ;;
+    dit-ddpm250-b1|dit-ddpm250-b8) timeout 560 python3 $s --model dit-xl2 --sampler ddpm --batch ${part#dit-ddpm250-b} \
+        --repeats 5 --time-budget-s 470 \
+        --rows "fp16 eager,N=2 INT8 + graph,N=2 FP8 + graph,N=3 INT8 + graph,N=3 FP8 + graph,fp16 + CUDA,cache-only,INT8 quant-only,FP8 quant-only,FirstBlockCache,torch.compile" \
+        --out "$out/$part.json" ;;
+    torchao-sd15) timeout 560 python3 $s --model sd15 --batch 1 8 --repeats 5 --time-budget-s 470 \
+        --rows "fp16 eager,torchao" --out "$out/$part.json" ;;
+    torchao-dit) timeout 280 python3 $s --model dit-xl2 --sampler ddim --batch 1 8 --repeats 5 --time-budget-s 220 \
+        --rows "fp16 eager,torchao" --out "$out/$part-ddim50.json"
+      timeout 280 python3 $s --model dit-xl2 --sampler ddpm --batch 1 8 --repeats 5 --time-budget-s 200 \
+        --rows "fp16 eager,torchao" --out "$out/$part-ddpm250.json" ;;
   esac 2>&1 | grep -v '^{' | tail -14
 done

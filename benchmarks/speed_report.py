@@ -1,6 +1,11 @@
 """Renders the JSON files of ``benchmarks/speed.py`` into the tables of ``benchmarks/results/<device>.md``.
 
     python benchmarks/speed_report.py benchmarks/results/h200-*.json > /tmp/tables.md
+    python benchmarks/speed_report.py --coverage benchmarks/results/h200-*.json
+
+``--coverage`` checks the files against the rows the speed issue asks for (``REQUIRED``): for each
+configuration and row, the newest file that measured it, else the newest error (a row that could
+not run, and why), else "missing".
 """
 
 from __future__ import annotations
@@ -75,7 +80,69 @@ def profile_table(res: dict) -> str:
     return text
 
 
+# The speed issue's configurations (model, sampler, steps, batch) and rows, as speed.py names them
+# (a row matches when the pattern is a substring of its name).
+_COMMON = ["fp16 eager", "fp16 + torch.compile", "diffusers FirstBlockCache", "torchao int8 dynamic + compile",
+           "torchao float8 dynamic + compile", "cachequant INT8 quant-only + graph",
+           "cachequant FP8 quant-only + graph"]
+_SD = _COMMON + ["DeepCache N=3", "DeepCache N=5", "cachequant cache-only N=5", "CacheQuant N=5 INT8 + graph",
+                 "CacheQuant N=5 FP8 + graph"]
+_DIT = _COMMON + ["cachequant cache-only N=2", "cachequant cache-only N=3", "CacheQuant N=2 INT8 + graph",
+                  "CacheQuant N=2 FP8 + graph", "CacheQuant N=3 INT8 + graph", "CacheQuant N=3 FP8 + graph"]
+REQUIRED: dict[tuple[str, str, int, int], list[str]] = {
+    ("sd15", "pndm", 50, 1): _SD, ("sd15", "pndm", 50, 8): _SD,
+    ("dit-xl2", "ddpm", 250, 1): _DIT, ("dit-xl2", "ddpm", 250, 8): _DIT,
+    ("dit-xl2", "ddim", 50, 1): _DIT, ("dit-xl2", "ddim", 50, 8): _DIT,
+}
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """Substring match that does not take "N=3" for "N=30" or "8-bit weights only" variants."""
+    i = name.find(pattern)
+    return i >= 0 and not name[i + len(pattern):i + len(pattern) + 1].isdigit() and "weights only" not in name
+
+
+def coverage(paths: list[str]) -> tuple[str, int]:
+    """Markdown checklist of ``REQUIRED`` against the files (later paths count as newer); returns
+    the text and the number of rows neither measured nor explained."""
+    found: dict[tuple, dict] = {}
+    for p in paths:
+        res = json.loads(Path(p).read_text())
+        if "rows" not in res or "model" not in res:
+            continue
+        for r in res["rows"]:
+            cfg = (res["model"], res["sampler"], int(res["steps"]), int(r["batch"]))
+            for pat in REQUIRED.get(cfg, []):
+                if _matches(pat, r["row"]):
+                    slot = found.setdefault(cfg + (pat,), {})
+                    slot["measured" if "median_s" in r else "error"] = (Path(p).name, r)
+    out, missing = [], 0
+    for cfg, pats in REQUIRED.items():
+        model, sampler, steps, batch = cfg
+        out += [f"\n**{model}, {sampler.upper()} {steps}, batch {batch}**\n", "| row | s / image | × fp16 eager | file |",
+                "|---|---|---|---|"]
+        for pat in pats:
+            slot = found.get(cfg + (pat,), {})
+            if "measured" in slot:
+                f, r = slot["measured"]
+                out.append(f"| {pat} | {r['s_per_image']:.3f} | {fmt(r.get('speedup_vs_eager'))} | {f} |")
+            elif "error" in slot:
+                f, r = slot["error"]
+                why = " ".join(str(r.get("error", "")).split())[:90]
+                out.append(f"| {pat} | – | not measured: {why} | {f} |")
+                missing += why.startswith("not run")
+            else:
+                out.append(f"| {pat} | – | **missing** | |")
+                missing += 1
+    return "\n".join(out).lstrip("\n"), missing
+
+
 def main(paths: list[str]) -> int:
+    if paths and paths[0] == "--coverage":
+        text, missing = coverage(paths[1:])
+        print(text)
+        print(f"\n{missing} required rows neither measured nor explained (rows cut by a time budget count as missing)")
+        return 0
     for p in paths:
         res = json.loads(Path(p).read_text())
         env = res["env"]

@@ -106,3 +106,47 @@ def test_plan_cache_reuses_stored_plans_only_for_the_same_model(tmp_path, capsys
         next(speed.denoiser(pipe).parameters()).add_(1.0)
     other = speed.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
     assert "bench_plan_loaded" not in other.meta and "not used" in capsys.readouterr().err
+
+
+def test_coverage_checklist_finds_measured_explained_and_missing_rows(tmp_path):
+    from conftest import load_benchmark
+
+    rep = load_benchmark("speed_report")
+    old = {"model": "dit-xl2", "sampler": "ddim", "steps": 50, "env": {}, "rows": [
+        {"row": "fp16 eager", "batch": 1, "median_s": 2.0, "s_per_image": 2.0, "speedup_vs_eager": 1.0},
+        {"row": "fp16 + torch.compile", "batch": 1, "error": "not run: time budget of this device call"},
+        {"row": "diffusers FirstBlockCache", "batch": 1, "error": "RuntimeError: no transformer blocks"}]}
+    new = {"model": "dit-xl2", "sampler": "ddim", "steps": 50, "env": {}, "rows": [
+        {"row": "fp16 eager", "batch": 1, "median_s": 1.5, "s_per_image": 1.5, "speedup_vs_eager": 1.0},
+        # neither N=30 nor a weights-only variant stands in for "CacheQuant N=3 FP8 + graph"
+        {"row": "CacheQuant N=30 FP8 + graph", "batch": 1, "median_s": 0.1, "s_per_image": 0.1},
+        {"row": "CacheQuant N=3 FP8 + graph, 8-bit weights only", "batch": 1, "median_s": 0.1, "s_per_image": 0.1}]}
+    paths = []
+    for name, d in (("a.json", old), ("b.json", new)):
+        (tmp_path / name).write_text(json.dumps(d))
+        paths.append(str(tmp_path / name))
+    text, missing = rep.coverage(paths)
+    assert "| fp16 eager | 1.500 | 1.00 | b.json |" in text  # the newer file wins
+    assert "| fp16 + torch.compile | – | not measured: not run: time budget" in text
+    assert "| diffusers FirstBlockCache | – | not measured: RuntimeError: no transformer blocks | a.json |" in text
+    assert "| CacheQuant N=3 FP8 + graph | – | **missing** | |" in text
+    n_required = sum(len(v) for v in rep.REQUIRED.values())
+    assert missing == n_required - 2  # fp16 eager measured, FirstBlockCache explained
+
+
+def test_every_row_pattern_of_the_device_scripts_names_a_row():
+    """A pattern that matches no row would silently drop that row from a device run."""
+    import re
+
+    from conftest import load_benchmark
+
+    speed = load_benchmark("speed")
+    checked = 0
+    for script in ("run_speed_rest.sh", "run_speed_suite.sh"):
+        text = (ROOT / "benchmarks" / script).read_text()
+        for m in re.finditer(r'--model (\S+).*?--rows "([^"]+)"', text, re.S):
+            names = [r[0] for r in speed.rows_for(m.group(1), [5] if m.group(1) == "sd15" else [2, 3])]
+            for pat in m.group(2).split(","):
+                assert any(pat.strip() in n for n in names), (script, m.group(1), pat)
+                checked += 1
+    assert checked > 50
