@@ -9,7 +9,8 @@ and reports, for reuse at interval N, the relative L1 error of the reused featur
     e = sum over cached steps t of ||X_t - Y_t||_1 / sum over cached steps of ||X_t||_1,
 
 with Y_t = X_s(t), the feature of the full step s(t) that feeds step t (its numerator is the DPS
-cost of the schedule, D(i, j) of method-notes), or Y_t = a_t·X_s(t) + b_t with cache-DEC (Eq. 8).
+cost of the schedule, D(i, j) of method-notes), or Y_t = a_t·X_s(t) + b_t with cache-DEC (Eq. 8)
+(`cachequant.correction.relative_reuse_error`; calibrated plans record it too).
 The denominator makes samplers with different step counts comparable. Four rows per N: uniform
 and DPS schedules, each without and with cache-DEC. DPS and cache-DEC are fitted on trajectories
 of one seed (as calibration does) and evaluated on trajectories of another (held out).
@@ -32,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,43 +81,18 @@ def record_features(pipe, steps: int, num_samples: int, guidance_scale: float | 
     return [x.detach().float().cpu() for x in rt.recorder]
 
 
-def reuse_error(features: list[torch.Tensor], schedule: list[int], dec: tuple[torch.Tensor, torch.Tensor] | None = None,
-                channel_dim: int = 1) -> dict:
-    """Relative L1 error of the reused feature under ``schedule`` (full steps), optionally corrected
-    by cache-DEC ``dec = (a, b)`` of shape (T, C); overall, and per fifth of the trajectory."""
-    T = len(features)
-    full = set(schedule)
-    num = np.zeros(T)
-    den = np.zeros(T)
-    anchor = 0
-    for t, x in enumerate(features):
-        if t in full:
-            anchor = t
-            continue
-        x, y = x.double(), features[anchor].double()
-        if dec is not None:
-            shape = [1] * x.dim()
-            shape[channel_dim] = -1
-            y = y * dec[0][t].double().view(shape) + dec[1][t].double().view(shape)
-        num[t] = float((x - y).abs().sum())
-        den[t] = float(x.abs().sum())
-    fifths = np.array_split(np.arange(T), 5)
-    return {"relative_l1": float(num.sum() / den.sum()),
-            "relative_l1_by_fifth": [float(num[i].sum() / max(den[i].sum(), 1e-30)) for i in fifths]}
-
-
 def interval_rows(fit: list[torch.Tensor], held_out: list[torch.Tensor], interval: int, channel_dim: int) -> dict:
     """Uniform / DPS schedules without / with cache-DEC, fitted on ``fit``, measured on ``held_out``."""
     from cachequant.cache.schedules import make_schedule
-    from cachequant.correction import fit_cache_dec
+    from cachequant.correction import fit_cache_dec, relative_reuse_error
 
     T = len(fit)
     rows = {}
     for kind in ("uniform", "dps"):
         sched = make_schedule(kind, T, interval, fit if kind == "dps" else None)
         dec = fit_cache_dec(fit, sched, channel_dim)
-        rows[kind] = dict(reuse_error(held_out, sched), full_steps=len(sched))
-        rows[f"{kind}+cache-dec"] = dict(reuse_error(held_out, sched, dec, channel_dim), full_steps=len(sched))
+        rows[kind] = dict(relative_reuse_error(held_out, sched), full_steps=len(sched))
+        rows[f"{kind}+cache-dec"] = dict(relative_reuse_error(held_out, sched, dec, channel_dim), full_steps=len(sched))
     return rows
 
 

@@ -29,6 +29,9 @@ def test_cache_dec_reduces_cached_feature_error(make_pipe):
     plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, num_samples=4)
     a, b = plan.tensors["cache_dec.a"], plan.tensors["cache_dec.b"]
     full = set(plan.schedule)
+    # the plan records how stale the reused feature is on its calibration trajectories, and DEC shrinks it
+    reuse = plan.meta["diagnostics"]["cache_reuse"]
+    assert 0 < reuse["relative_l1_after_cache_dec"] < reuse["relative_l1"]
     assert torch.equal(a[sorted(full)], torch.ones(len(full), a.shape[1]))
     # held-out trajectories (other seed): error of the reused feature vs the fresh one
     feats = _features(pipe, steps)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..cache.schedules import make_schedule
 from ..config import CacheQuantConfig
-from ..correction import QuantDecStats, fit_cache_dec
+from ..correction import QuantDecStats, fit_cache_dec, relative_reuse_error
 from ..models.adapters import adapter_for, denoiser_of
 from ..plan import FORMAT, FORMAT_VERSION, Plan, fingerprint
 from ..quant.apply import attention_names, install_quant, layer_specs
@@ -103,6 +103,14 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
             if config.use_cache_dec:
                 cache_dec = fit_cache_dec(features, schedule, adapter.channel_dim)
                 meta_diag["cache_dec_fit"] = _cache_dec_residual(features, schedule, cache_dec, adapter.channel_dim)
+            if cached and features is not None:
+                # in-sample, on the calibration trajectories: how stale the reused feature is (a large
+                # value that DEC does not shrink, e.g. DDPM's fresh noise per step, predicts a quality loss)
+                reuse = {"relative_l1": relative_reuse_error(features, schedule)["relative_l1"]}
+                if cache_dec is not None:
+                    reuse["relative_l1_after_cache_dec"] = relative_reuse_error(
+                        features, schedule, cache_dec, adapter.channel_dim)["relative_l1"]
+                meta_diag["cache_reuse"] = reuse
         del features
         schedule, cache_dec = broadcast((schedule, cache_dec))
         tensors["schedule"] = torch.tensor(schedule, dtype=torch.int64)

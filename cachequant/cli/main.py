@@ -72,6 +72,11 @@ def cmd_calibrate(args) -> int:
         plan.save(args.out)
         print(f"plan written to {args.out} in {time.time() - t:.1f} s ({world} process{'es' if world > 1 else ''}); "
               f"full steps: {plan.schedule}")
+        reuse = plan.meta.get("diagnostics", {}).get("cache_reuse")
+        if reuse:
+            after = reuse.get("relative_l1_after_cache_dec")
+            print(f"reused feature vs fresh one on the calibration trajectories: {100 * reuse['relative_l1']:.1f} % "
+                  "relative L1" + (f", {100 * after:.1f} % after cache-DEC" if after is not None else ""))
     barrier()
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -40,3 +41,37 @@ def fit_cache_dec(features: Sequence[torch.Tensor], full_steps: Sequence[int], c
         a[t] = torch.where(var > eps, cov / var.clamp_min(eps), torch.ones_like(var))
         b[t] = my - a[t] * mx
     return a.float(), b.float()
+
+
+def relative_reuse_error(features: Sequence[torch.Tensor], full_steps: Sequence[int],
+                         dec: tuple[torch.Tensor, torch.Tensor] | None = None, channel_dim: int = 1) -> dict:
+    """How far the reused feature is from the fresh one, relative to the fresh one's size.
+
+    ``sum_t ||X_t - Y_t||_1 / sum_t ||X_t||_1`` over the cached steps t, where Y_t is the feature
+    of the full step that feeds t (its numerator is the schedule's DPS cost, Σ D(i, j)), or that
+    feature corrected by cache-DEC ``dec = (a, b)`` (Eq. 8). Being relative, it compares samplers,
+    step counts and models; it is what the DPS schedule and cache-DEC exist to shrink. Returns the
+    overall value and one per fifth of the trajectory (where in sampling the error sits).
+    """
+    T = len(features)
+    full = set(full_steps)
+    if 0 not in full:
+        raise ValueError(f"full_steps must contain step 0 (the first call has nothing to reuse), got {sorted(full)[:5]}")
+    num = [0.0] * T
+    den = [0.0] * T
+    anchor = 0
+    for t, x in enumerate(features):
+        if t in full:
+            anchor = t
+            continue
+        x, y = x.double(), features[anchor].double()
+        if dec is not None:
+            shape = [1] * x.dim()
+            shape[channel_dim] = -1
+            y = y * dec[0][t].double().view(shape) + dec[1][t].double().view(shape)
+        num[t] = float((x - y).abs().sum())
+        den[t] = float(x.abs().sum())
+    num_a, den_a = np.array(num), np.array(den)
+    fifths = [float(num_a[i].sum() / max(den_a[i].sum(), 1e-30)) for i in np.array_split(np.arange(T), 5)]
+    return {"relative_l1": float(num_a.sum() / max(den_a.sum(), 1e-30)), "relative_l1_by_fifth": fifths,
+            "cached_steps": T - len(full & set(range(T)))}
