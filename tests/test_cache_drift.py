@@ -37,6 +37,10 @@ def test_reuse_error_is_normalized_schedule_cost():
         got = relative_reuse_error(feats, sched)
         assert got["relative_l1"] == pytest.approx(schedule_cost(feats, sched) / den, rel=1e-9)
         assert len(got["relative_l1_by_fifth"]) == 5
+        cached = [t for t in range(len(feats)) if t not in set(sched)]
+        per_step = [float((feats[t] - feats[max(s for s in sched if s < t)]).abs().mean()) for t in cached]
+        assert got["mean_l1"] == pytest.approx(sum(per_step) / len(per_step), rel=1e-9)
+        assert got["cached_steps"] == len(cached)
     # a feature that never changes is reused without error
     assert relative_reuse_error([feats[0]] * 7, [0, 3, 6])["relative_l1"] == 0.0
     with pytest.raises(ValueError, match="step 0"):

@@ -100,17 +100,17 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
         if rank == 0:
             kind = config.schedule if cached else "uniform"
             schedule = make_schedule(kind, T, config.interval, features if kind == "dps" else None)
-            if config.use_cache_dec:
-                cache_dec = fit_cache_dec(features, schedule, adapter.channel_dim)
-                meta_diag["cache_dec_fit"] = _cache_dec_residual(features, schedule, cache_dec, adapter.channel_dim)
             if cached and features is not None:
                 # in-sample, on the calibration trajectories: how stale the reused feature is (a large
                 # value that DEC does not shrink, e.g. DDPM's fresh noise per step, predicts a quality loss)
-                reuse = {"relative_l1": relative_reuse_error(features, schedule)["relative_l1"]}
-                if cache_dec is not None:
-                    reuse["relative_l1_after_cache_dec"] = relative_reuse_error(
-                        features, schedule, cache_dec, adapter.channel_dim)["relative_l1"]
-                meta_diag["cache_reuse"] = reuse
+                before = relative_reuse_error(features, schedule)
+                meta_diag["cache_reuse"] = {"relative_l1": before["relative_l1"]}
+                if config.use_cache_dec:
+                    cache_dec = fit_cache_dec(features, schedule, adapter.channel_dim)
+                    after = relative_reuse_error(features, schedule, cache_dec, adapter.channel_dim)
+                    meta_diag["cache_reuse"]["relative_l1_after_cache_dec"] = after["relative_l1"]
+                    meta_diag["cache_dec_fit"] = {"l1_before": before["mean_l1"], "l1_after": after["mean_l1"],
+                                                  "cached_steps": before["cached_steps"]}
         del features
         schedule, cache_dec = broadcast((schedule, cache_dec))
         tensors["schedule"] = torch.tensor(schedule, dtype=torch.int64)
@@ -348,23 +348,3 @@ def _attach_quant_dec(qs, consumers: dict[str, int], rt: Runtime):
 
         hooks.append(layer.register_forward_pre_hook(pre))
     return stats, hooks
-
-
-def _cache_dec_residual(features, schedule, dec, channel_dim) -> dict:
-    """Mean L1 error of the reused feature vs the fresh one, before and after cache DEC."""
-    a, b = dec
-    full = set(schedule)
-    before = after = 0.0
-    n = 0
-    anchor = 0
-    for t, x in enumerate(features):
-        if t in full:
-            anchor = t
-            continue
-        shape = [1] * x.dim()
-        shape[channel_dim] = -1
-        c = features[anchor]
-        before += float((x - c).abs().mean())
-        after += float((x - (c * a[t].view(shape) + b[t].view(shape))).abs().mean())
-        n += 1
-    return {"l1_before": before / max(n, 1), "l1_after": after / max(n, 1), "cached_steps": n}

@@ -73,5 +73,6 @@ def relative_reuse_error(features: Sequence[torch.Tensor], full_steps: Sequence[
         den[t] = float(x.abs().sum())
     num_a, den_a = np.array(num), np.array(den)
     fifths = [float(num_a[i].sum() / max(den_a[i].sum(), 1e-30)) for i in np.array_split(np.arange(T), 5)]
+    cached = T - len(full & set(range(T)))
     return {"relative_l1": float(num_a.sum() / max(den_a.sum(), 1e-30)), "relative_l1_by_fifth": fifths,
-            "cached_steps": T - len(full & set(range(T)))}
+            "mean_l1": float(num_a.sum() / max(cached * features[0].numel(), 1)), "cached_steps": cached}
