@@ -18,6 +18,11 @@ of one seed (as calibration does) and evaluated on trajectories of another (held
 Comparing DDPM and DDIM at the same step count isolates the stochastic term: both visit the same
 timesteps, but DDPM adds fresh noise at each step, which the reused feature has never seen.
 
+Each row also reports the spread the reused feature keeps (`correction.reuse_spread_ratio`: per
+step and channel, std of the reused feature over std of the fresh one), and the "+cache-dec" rows
+cache-DEC's mean slope. Least squares on a poor predictor shrinks it (slope = correlation × spread
+ratio), so a slope below 1 means cache-DEC pulls every cached step's feature towards its mean.
+
     python benchmarks/cache_drift.py --model cifar10-dit --runs ddpm:250,ddim:250,ddpm:50,ddim:50 \
         --num-samples 8 --out results/cache-drift-dit.json
 
@@ -84,16 +89,25 @@ def record_features(pipe, steps: int, num_samples: int, guidance_scale: float | 
 def interval_rows(fit: list[torch.Tensor], held_out: list[torch.Tensor], interval: int, channel_dim: int) -> dict:
     """Uniform / DPS schedules without / with cache-DEC, fitted on ``fit``, measured on ``held_out``."""
     from cachequant.cache.schedules import make_schedule
-    from cachequant.correction import fit_cache_dec, relative_reuse_error
+    from cachequant.correction import fit_cache_dec, relative_reuse_error, reuse_spread_ratio
 
     T = len(fit)
     rows = {}
     for kind in ("uniform", "dps"):
         sched = make_schedule(kind, T, interval, fit if kind == "dps" else None)
         dec = fit_cache_dec(fit, sched, channel_dim)
-        rows[kind] = dict(relative_reuse_error(held_out, sched), full_steps=len(sched))
-        rows[f"{kind}+cache-dec"] = dict(relative_reuse_error(held_out, sched, dec, channel_dim), full_steps=len(sched))
+        rows[kind] = dict(relative_reuse_error(held_out, sched), full_steps=len(sched),
+                          **reuse_spread_ratio(held_out, sched, channel_dim=channel_dim))
+        rows[f"{kind}+cache-dec"] = dict(relative_reuse_error(held_out, sched, dec, channel_dim), full_steps=len(sched),
+                                         **reuse_spread_ratio(held_out, sched, dec, channel_dim),
+                                         mean_slope=_mean_slope(dec[0], sched))
     return rows
+
+
+def _mean_slope(a: torch.Tensor, full_steps: list[int]) -> float:
+    """Mean cache-DEC slope a_t,c over the cached steps (full steps have a = 1 by construction)."""
+    cached = [t for t in range(a.shape[0]) if t not in set(full_steps)]
+    return float(a[cached].double().mean()) if cached else 1.0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
         for n in intervals:
             r = row["intervals"][str(n)]
             print(f"  N={n}: " + "  ".join(f"{k} {v['relative_l1']:.3f}" for k, v in r.items()), flush=True)
+            print("        spread kept: " + "  ".join(f"{k} {v['spread_ratio']:.3f}" for k, v in r.items())
+                  + f"  (cache-DEC mean slope {r['dps+cache-dec']['mean_slope']:.3f})", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")

@@ -73,3 +73,29 @@ def test_tiny_dit_run_writes_json_and_is_deterministic(drift, tmp_path):
     assert [r["model_calls"] for r in data["runs"]] == [6, 6]
     again = drift.main(["--model", "tiny-dit", "--runs", "ddim:6", "--num-samples", "2", "--intervals", "2,3"])
     assert again["runs"][0]["intervals"] == data["runs"][0]["intervals"]
+
+
+def test_spread_ratio_is_the_correlation_after_cache_dec():
+    """Y = X_s + independent noise: the least-squares cache-DEC slope regresses X_t on X_s, so the
+    corrected reused feature keeps the fraction ρ = σ_s / sqrt(σ_s² + σ_n²) of the fresh spread."""
+    from cachequant.correction import fit_cache_dec, reuse_spread_ratio
+
+    g = torch.Generator().manual_seed(3)
+    sigma_n = 0.75
+    base = torch.randn(64, 4, 16, 16, generator=g, dtype=torch.float64)
+    feats = [base] + [base + sigma_n * torch.randn(base.shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    sched = [0]
+    dec = fit_cache_dec(feats, sched, channel_dim=1)
+    rho = 1 / (1 + sigma_n ** 2) ** 0.5
+    got = reuse_spread_ratio(feats, sched, dec, channel_dim=1)
+    assert got["spread_ratio"] == pytest.approx(rho, rel=0.02)
+    # without the correction the reused feature keeps its own spread, which is smaller than the
+    # fresh one's by the same factor here
+    assert reuse_spread_ratio(feats, sched, channel_dim=1)["spread_ratio"] == pytest.approx(rho, rel=0.02)
+    # a purely affine drift is undone exactly: full spread kept
+    affine = [base * (1 + 0.5 * t) + t for t in range(4)]
+    dec = fit_cache_dec(affine, sched, channel_dim=1)
+    assert reuse_spread_ratio(affine, sched, dec, channel_dim=1)["spread_ratio"] == pytest.approx(1.0, rel=1e-9)
+    assert reuse_spread_ratio(affine, sched, channel_dim=1)["spread_ratio"] < 0.6
+    with pytest.raises(ValueError, match="step 0"):
+        reuse_spread_ratio(feats, [1])

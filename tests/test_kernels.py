@@ -166,27 +166,41 @@ def test_pipeline_images_match_fake_quant_path(make_pipe):
     """End to end on the tiny UNet (cache + W8A8 + DEC): kernel path vs reference path."""
     from conftest import run
 
+    from cachequant.metrics import psnr
+
     pipe, plan = _tiny_unet_plan(make_pipe, 4)
+    calls = {"fake": [], "int8": []}
+
+    def record(backend):
+        return pipe.unet.register_forward_hook(
+            lambda mod, inp, out: calls[backend].append((out[0] if isinstance(out, tuple) else out.sample).detach().float()))
+
     cq.accelerate(pipe, plan, backend="fake")
+    hook = record("fake")
     ref = run(pipe, "ddim", 4, n=1)
+    hook.remove()
     cq.restore(pipe)
     cq.accelerate(pipe, plan, backend="int8")
     rep = cq.kernel_report(pipe)
     assert rep["backend"] == "int8" and rep["kernel_layers"] > 0 and not rep["fake_layers"]
     norms = [m for m in pipe.unet.modules() if type(m) is nn.GroupNorm]
     assert rep["nhwc_group_norms"] == len(norms) > 0 and all("forward" in m.__dict__ for m in norms)
+    hook = record("int8")
     out = run(pipe, "ddim", 4, n=1)
+    hook.remove()
     cq.restore(pipe)
     assert not any("forward" in m.__dict__ for m in norms)  # restore() puts PyTorch's GroupNorm back
-    if CUDA:
-        # GPU float arithmetic (cuDNN's TF32, other accumulation orders) flips codes that sit on a
-        # rounding boundary; the images then differ at the level of the quantization noise
-        # (benchmarks/kernel_parity.py measures that floor), not bit for bit.
-        from cachequant.metrics import psnr
-
-        assert psnr(out, ref) > 30
-    else:
-        assert np.abs(out - ref).max() < 1e-3
+    # The kernels accumulate the 8-bit products exactly and in another order than the float
+    # reference, so a layer input that lands within ~1e-6 of a rounding boundary gets the other
+    # code (a "flip"), and the trajectories then drift apart at the level of the quantization
+    # noise: bit-for-bit equality is not the contract (benchmarks/kernel_parity.py measures the
+    # floor). On a 2-core Sapphire Rapids CPU one flip in conv_out's input at the first call moved
+    # 23 of 768 outputs and the final image to 42.6 dB. A wrong scale, bias or correction moves
+    # every output instead, which the first check catches; the second bounds the whole trajectory
+    # with its cached steps and DEC.
+    first = (calls["int8"][0] - calls["fake"][0]).abs()
+    assert float((first > 1e-4).float().mean()) < 0.1, "first denoiser call: most outputs should agree"
+    assert psnr(out, ref) > (30 if CUDA else 38)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (runs on the device)")

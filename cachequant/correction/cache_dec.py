@@ -76,3 +76,40 @@ def relative_reuse_error(features: Sequence[torch.Tensor], full_steps: Sequence[
     cached = T - len(full & set(range(T)))
     return {"relative_l1": float(num_a.sum() / max(den_a.sum(), 1e-30)), "relative_l1_by_fifth": fifths,
             "mean_l1": float(num_a.sum() / max(cached * features[0].numel(), 1)), "cached_steps": cached}
+
+
+def reuse_spread_ratio(features: Sequence[torch.Tensor], full_steps: Sequence[int],
+                       dec: tuple[torch.Tensor, torch.Tensor] | None = None, channel_dim: int = 1) -> dict:
+    """How much of the fresh feature's spread the reused feature keeps, per channel.
+
+    For each cached step t and channel c: std(Y_tc) / std(X_tc) over batch × positions, where X_t is
+    the fresh feature and Y_t the reused one (optionally corrected by cache-DEC ``dec``); returns the
+    mean over cached steps and channels, overall and per fifth of the trajectory (None for a fifth
+    with no cached step). Why: the least-
+    squares slope of Eq. 8 is a = ρ·σ_X/σ_Y, so the corrected feature's spread is ρ·σ_X. When the
+    reused feature predicts the fresh one poorly (low correlation ρ, e.g. under a stochastic sampler
+    that injects fresh noise each step), cache-DEC shrinks the feature towards its per-channel mean
+    by the factor ρ on every cached step: a systematic loss of variation, not a random error.
+    """
+    T = len(features)
+    full = set(full_steps)
+    if 0 not in full:
+        raise ValueError(f"full_steps must contain step 0 (the first call has nothing to reuse), got {sorted(full)[:5]}")
+    ratios = [float("nan")] * T
+    anchor = 0
+    for t, x in enumerate(features):
+        if t in full:
+            anchor = t
+            continue
+        y = _channels_first(features[anchor], channel_dim)
+        if dec is not None:
+            y = y * dec[0][t].double()[:, None] + dec[1][t].double()[:, None]
+        sx = _channels_first(x, channel_dim).std(1)
+        ok = sx > 1e-12
+        ratios[t] = float((y.std(1)[ok] / sx[ok]).mean()) if bool(ok.any()) else 1.0
+    r = np.array(ratios)
+    # None for a fifth without cached steps (NaN would not survive JSON)
+    fifths = [float(np.nanmean(r[i])) if np.isfinite(r[i]).any() else None
+              for i in np.array_split(np.arange(T), 5)]
+    overall = float(np.nanmean(r)) if np.isfinite(r).any() else 1.0
+    return {"spread_ratio": overall, "spread_ratio_by_fifth": fifths}
