@@ -43,6 +43,29 @@ def fit_cache_dec(features: Sequence[torch.Tensor], full_steps: Sequence[int], c
     return a.float(), b.float()
 
 
+def _reuse_pairs(features: Sequence[torch.Tensor], full_steps: Sequence[int],
+                 dec: tuple[torch.Tensor, torch.Tensor] | None, channel_dim: int):
+    """Yields ``(t, X_t, Y_t)`` for each cached step t, both ``(C, batch × positions)`` float64:
+    the fresh feature and the reused one (the feeding full step's, corrected by ``dec`` if given)."""
+    full = set(full_steps)
+    if 0 not in full:
+        raise ValueError(f"full_steps must contain step 0 (the first call has nothing to reuse), got {sorted(full)[:5]}")
+    anchor = 0
+    for t, x in enumerate(features):
+        if t in full:
+            anchor = t
+            continue
+        y = _channels_first(features[anchor], channel_dim)
+        if dec is not None:
+            y = y * dec[0][t].double()[:, None] + dec[1][t].double()[:, None]
+        yield t, _channels_first(x, channel_dim), y
+
+
+def _by_fifth(values: np.ndarray, reduce) -> list:
+    """``reduce`` over each fifth of the trajectory's steps."""
+    return [reduce(i) for i in np.array_split(np.arange(len(values)), 5)]
+
+
 def relative_reuse_error(features: Sequence[torch.Tensor], full_steps: Sequence[int],
                          dec: tuple[torch.Tensor, torch.Tensor] | None = None, channel_dim: int = 1) -> dict:
     """How far the reused feature is from the fresh one, relative to the fresh one's size.
@@ -54,28 +77,14 @@ def relative_reuse_error(features: Sequence[torch.Tensor], full_steps: Sequence[
     overall value and one per fifth of the trajectory (where in sampling the error sits).
     """
     T = len(features)
-    full = set(full_steps)
-    if 0 not in full:
-        raise ValueError(f"full_steps must contain step 0 (the first call has nothing to reuse), got {sorted(full)[:5]}")
-    num = [0.0] * T
-    den = [0.0] * T
-    anchor = 0
-    for t, x in enumerate(features):
-        if t in full:
-            anchor = t
-            continue
-        x, y = x.double(), features[anchor].double()
-        if dec is not None:
-            shape = [1] * x.dim()
-            shape[channel_dim] = -1
-            y = y * dec[0][t].double().view(shape) + dec[1][t].double().view(shape)
+    num, den = np.zeros(T), np.zeros(T)
+    for t, x, y in _reuse_pairs(features, full_steps, dec, channel_dim):
         num[t] = float((x - y).abs().sum())
         den[t] = float(x.abs().sum())
-    num_a, den_a = np.array(num), np.array(den)
-    fifths = [float(num_a[i].sum() / max(den_a[i].sum(), 1e-30)) for i in np.array_split(np.arange(T), 5)]
-    cached = T - len(full & set(range(T)))
-    return {"relative_l1": float(num_a.sum() / max(den_a.sum(), 1e-30)), "relative_l1_by_fifth": fifths,
-            "mean_l1": float(num_a.sum() / max(cached * features[0].numel(), 1)), "cached_steps": cached}
+    cached = T - len(set(full_steps) & set(range(T)))
+    return {"relative_l1": float(num.sum() / max(den.sum(), 1e-30)),
+            "relative_l1_by_fifth": _by_fifth(num, lambda i: float(num[i].sum() / max(den[i].sum(), 1e-30))),
+            "mean_l1": float(num.sum() / max(cached * features[0].numel(), 1)), "cached_steps": cached}
 
 
 def reuse_spread_ratio(features: Sequence[torch.Tensor], full_steps: Sequence[int],
@@ -85,31 +94,17 @@ def reuse_spread_ratio(features: Sequence[torch.Tensor], full_steps: Sequence[in
     For each cached step t and channel c: std(Y_tc) / std(X_tc) over batch × positions, where X_t is
     the fresh feature and Y_t the reused one (optionally corrected by cache-DEC ``dec``); returns the
     mean over cached steps and channels, overall and per fifth of the trajectory (None for a fifth
-    with no cached step). Why: the least-
-    squares slope of Eq. 8 is a = ρ·σ_X/σ_Y, so the corrected feature's spread is ρ·σ_X. When the
-    reused feature predicts the fresh one poorly (low correlation ρ, e.g. under a stochastic sampler
-    that injects fresh noise each step), cache-DEC shrinks the feature towards its per-channel mean
-    by the factor ρ on every cached step: a systematic loss of variation, not a random error.
+    with no cached step). Why: the least-squares slope of Eq. 8 is a = ρ·σ_X/σ_Y, so the corrected
+    feature's spread is ρ·σ_X. When the reused feature predicts the fresh one poorly (low
+    correlation ρ, e.g. under a stochastic sampler that injects fresh noise each step), cache-DEC
+    shrinks the feature towards its per-channel mean by the factor ρ on every cached step: a
+    systematic loss of variation, not a random error.
     """
-    T = len(features)
-    full = set(full_steps)
-    if 0 not in full:
-        raise ValueError(f"full_steps must contain step 0 (the first call has nothing to reuse), got {sorted(full)[:5]}")
-    ratios = [float("nan")] * T
-    anchor = 0
-    for t, x in enumerate(features):
-        if t in full:
-            anchor = t
-            continue
-        y = _channels_first(features[anchor], channel_dim)
-        if dec is not None:
-            y = y * dec[0][t].double()[:, None] + dec[1][t].double()[:, None]
-        sx = _channels_first(x, channel_dim).std(1)
+    r = np.full(len(features), np.nan)
+    for t, x, y in _reuse_pairs(features, full_steps, dec, channel_dim):
+        sx = x.std(1)
         ok = sx > 1e-12
-        ratios[t] = float((y.std(1)[ok] / sx[ok]).mean()) if bool(ok.any()) else 1.0
-    r = np.array(ratios)
+        r[t] = float((y.std(1)[ok] / sx[ok]).mean()) if bool(ok.any()) else 1.0
     # None for a fifth without cached steps (NaN would not survive JSON)
-    fifths = [float(np.nanmean(r[i])) if np.isfinite(r[i]).any() else None
-              for i in np.array_split(np.arange(T), 5)]
-    overall = float(np.nanmean(r)) if np.isfinite(r).any() else 1.0
-    return {"spread_ratio": overall, "spread_ratio_by_fifth": fifths}
+    return {"spread_ratio": float(np.nanmean(r)) if np.isfinite(r).any() else 1.0,
+            "spread_ratio_by_fifth": _by_fifth(r, lambda i: float(np.nanmean(r[i])) if np.isfinite(r[i]).any() else None)}
