@@ -190,17 +190,21 @@ def test_pipeline_images_match_fake_quant_path(make_pipe):
     hook.remove()
     cq.restore(pipe)
     assert not any("forward" in m.__dict__ for m in norms)  # restore() puts PyTorch's GroupNorm back
-    # The kernels accumulate the 8-bit products exactly and in another order than the float
-    # reference, so a layer input that lands within ~1e-6 of a rounding boundary gets the other
-    # code (a "flip"), and the trajectories then drift apart at the level of the quantization
-    # noise: bit-for-bit equality is not the contract (benchmarks/kernel_parity.py measures the
-    # floor). On a 2-core Sapphire Rapids CPU one flip in conv_out's input at the first call moved
-    # 23 of 768 outputs and the final image to 42.6 dB. A wrong scale, bias or correction moves
-    # every output instead, which the first check catches; the second bounds the whole trajectory
+    # The kernel path computes in another order than the float reference (exact integer
+    # accumulation, its own GroupNorm), so a layer input that lands within ~1e-6 of a rounding
+    # boundary gets the other code (a "flip"), and the trajectories then drift apart at the level
+    # of the quantization noise: bit-for-bit equality is not the contract
+    # (benchmarks/kernel_parity.py measures the floor). On a 2-core Sapphire Rapids CPU one flip in
+    # conv_out's input at the first call moved 23 of 768 outputs and the final image to 42.6 dB.
+    # A wrong scale, bias or correction moves every output instead, which the first check catches
+    # (CPU only: the GPU reference runs its convs in TF32); the PSNR bounds the whole trajectory
     # with its cached steps and DEC.
-    first = (calls["int8"][0] - calls["fake"][0]).abs()
-    assert float((first > 1e-4).float().mean()) < 0.1, "first denoiser call: most outputs should agree"
-    assert psnr(out, ref) > (30 if CUDA else 38)
+    if CUDA:
+        assert psnr(out, ref) > 30
+    else:
+        first = (calls["int8"][0] - calls["fake"][0]).abs()
+        assert float((first > 1e-4).float().mean()) < 0.1, "first denoiser call: most outputs should agree"
+        assert psnr(out, ref) > 38
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (runs on the device)")
