@@ -82,10 +82,12 @@ class Table:
 
 
 def _cache_quant_variants(intervals_cache: list[int], intervals_joint: list[int], w4: bool,
-                          dec_halves: tuple[int, ...] = ()) -> list[Variant]:
+                          dec_halves: tuple[int, ...] = (), shift_dec: tuple[int, ...] = ()) -> list[Variant]:
     """The CacheQuant issue's ablation rows: cache only, quant only, naive joint, +DPS, +DPS+DEC;
     then, at the intervals in ``dec_halves``, DPS with one half of DEC each (which half closes the
-    gap to full precision: on the UNet, DPS + DEC at N = 10 beat quant-only W8A8 on FID)."""
+    gap to full precision: on the UNet, DPS + DEC at N = 10 beat quant-only W8A8 on FID); last, at
+    the intervals in ``shift_dec``, DPS + DEC with a shift-only cache-DEC (does the fitted slope's
+    shrinkage cost the FID that DEC loses under DDPM 250?)."""
     vs = [Variant("fp", "full precision", None)]
     for n in intervals_cache:
         vs.append(Variant(f"cache-n{n}", f"cache only, uniform N={n}",
@@ -109,6 +111,9 @@ def _cache_quant_variants(intervals_cache: list[int], intervals_joint: list[int]
                           dict(interval=n, schedule="dps", dec=True, quant_dec=False)))
         vs.append(Variant(f"dps-quantdec-n{n}", f"+ DPS + quantization-DEC only (N={n}, W8A8)",
                           dict(interval=n, schedule="dps", dec=True, cache_dec=False)))
+    for n in shift_dec:
+        vs.append(Variant(f"dps-shiftdec-n{n}", f"+ DPS + DEC, shift-only cache-DEC (N={n}, W8A8)",
+                          dict(interval=n, schedule="dps", dec=True, cache_dec_slope=False)))
     return vs
 
 
@@ -146,7 +151,7 @@ TABLES: dict[str, Table] = {
     "unet": Table("unet", "CIFAR-10 UNet, DDIM 100 steps", "cifar10-unet", "ddim", 100, None,
                   _cache_quant_variants([5, 10, 20], [10, 20], w4=True, dec_halves=(10,))),
     "dit-ddpm250": Table("dit-ddpm250", "CIFAR-10 DiT, DDPM 250 steps, guidance 1.5", "cifar10-dit", "ddpm", 250, 1.5,
-                         _cache_quant_variants([2, 3, 5], [2, 3], w4=False)),
+                         _cache_quant_variants([2, 3, 5], [2, 3], w4=False, shift_dec=(2, 3))),
     "dit-ddim50": Table("dit-ddim50", "CIFAR-10 DiT, DDIM 50 steps, guidance 1.5", "cifar10-dit", "ddim", 50, 1.5,
                         _cache_quant_variants([2, 3, 5], [2, 3], w4=False)),
     "qandc": Table("qandc", "Q&C ablations: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5", "cifar10-dit",

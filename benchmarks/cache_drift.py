@@ -20,7 +20,8 @@ timesteps, but DDPM adds fresh noise at each step, which the reused feature has 
 
 Each row also reports the spread the reused feature keeps (`correction.reuse_spread_ratio`: per
 step and channel, std of the reused feature over std of the fresh one), and the "+cache-dec" rows
-cache-DEC's mean slope. Least squares on a poor predictor shrinks it (slope = correlation × spread
+cache-DEC's mean slope; "dps+shift-dec" is DPS with a shift-only cache-DEC (slope 1,
+`CacheQuantConfig.cache_dec_slope=False`). Least squares on a poor predictor shrinks it (slope = correlation × spread
 ratio), so a slope below 1 means cache-DEC pulls every cached step's feature towards its mean.
 
     python benchmarks/cache_drift.py --model cifar10-dit --runs ddpm:250,ddim:250,ddpm:50,ddim:50 \
@@ -87,7 +88,8 @@ def record_features(pipe, steps: int, num_samples: int, guidance_scale: float | 
 
 
 def interval_rows(fit: list[torch.Tensor], held_out: list[torch.Tensor], interval: int, channel_dim: int) -> dict:
-    """Uniform / DPS schedules without / with cache-DEC, fitted on ``fit``, measured on ``held_out``."""
+    """Uniform / DPS schedules without / with cache-DEC, and DPS with a shift-only cache-DEC, fitted on
+    ``fit``, measured on ``held_out``."""
     from cachequant.cache.schedules import make_schedule
     from cachequant.correction import fit_cache_dec, relative_reuse_error, reuse_spread_ratio
 
@@ -101,6 +103,10 @@ def interval_rows(fit: list[torch.Tensor], held_out: list[torch.Tensor], interva
         rows[f"{kind}+cache-dec"] = dict(relative_reuse_error(held_out, sched, dec, channel_dim), full_steps=len(sched),
                                          **reuse_spread_ratio(held_out, sched, dec, channel_dim),
                                          mean_slope=_mean_slope(dec[0], sched))
+    # the DPS schedule (last in the loop) with a shift-only cache-DEC (CacheQuantConfig.cache_dec_slope=False)
+    shift = fit_cache_dec(fit, sched, channel_dim, slope=False)
+    rows["dps+shift-dec"] = dict(relative_reuse_error(held_out, sched, shift, channel_dim), full_steps=len(sched),
+                                 **reuse_spread_ratio(held_out, sched, shift, channel_dim))
     return rows
 
 

@@ -33,6 +33,12 @@ class CacheQuantConfig:
     """Decoupled error correction, both halves (see cache_dec / quant_dec to ablate one)."""
     cache_dec: bool | None = None
     """Cache half of DEC; None follows `dec`."""
+    cache_dec_slope: bool = True
+    """Cache-DEC fits X_full ≈ a·X_cached + b per step and channel (Eq. 8). False fixes a = 1 and fits
+    only the shift b. Why: when the reused feature predicts the fresh one poorly, the least-squares
+    slope a = ρ·σ_full/σ_cached shrinks the reused feature towards its mean on every cached step. On
+    the shipped DiT under DDPM 250 the slope was 0.96–0.97 and DEC cost 2.6–4.2 FID
+    (`results/ablation.md`); a shift cannot shrink the feature."""
     quant_dec: bool | None = None
     """Quantization half of DEC; None follows `dec`."""
     cache_branch: int = 1
@@ -83,6 +89,8 @@ class CacheQuantConfig:
         self.w8_layers = tuple(self.w8_layers)
         if self.w8_layers and self.weight_bits != 4:
             raise ValueError("w8_layers only applies to 4-bit weights (weight_bits=4): every layer is already 8-bit")
+        if not isinstance(self.cache_dec_slope, bool):
+            raise ValueError(f"cache_dec_slope must be True (fit a·X + b) or False (shift only), got {self.cache_dec_slope!r}")
         if self.cache_branch < 1:
             raise ValueError(f"cache_branch must be >= 1, got {self.cache_branch}")
         if self.dit_span is not None:

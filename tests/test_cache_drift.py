@@ -50,7 +50,7 @@ def test_reuse_error_is_normalized_schedule_cost():
 def test_rows_dps_and_cache_dec_reduce_error(drift):
     fit, held_out = _feats(1), _feats(2)
     rows = drift.interval_rows(fit, held_out, 3, channel_dim=1)
-    assert set(rows) == {"uniform", "uniform+cache-dec", "dps", "dps+cache-dec"}
+    assert set(rows) == {"uniform", "uniform+cache-dec", "dps", "dps+cache-dec", "dps+shift-dec"}
     # the affine drift is what cache-DEC models: it removes most of the error on held-out data
     assert rows["uniform+cache-dec"]["relative_l1"] < 0.5 * rows["uniform"]["relative_l1"]
     assert rows["dps+cache-dec"]["relative_l1"] < 0.5 * rows["dps"]["relative_l1"]
@@ -89,6 +89,10 @@ def test_spread_ratio_is_the_correlation_after_cache_dec():
     rho = 1 / (1 + sigma_n ** 2) ** 0.5
     got = reuse_spread_ratio(feats, sched, dec, channel_dim=1)
     assert got["spread_ratio"] == pytest.approx(rho, rel=0.02)
+    # a shift-only cache-DEC (slope 1) cannot change the reused feature's spread
+    shift = fit_cache_dec(feats, sched, channel_dim=1, slope=False)
+    assert reuse_spread_ratio(feats, sched, shift, channel_dim=1)["spread_ratio"] == pytest.approx(
+        reuse_spread_ratio(feats, sched, channel_dim=1)["spread_ratio"], rel=1e-12)
     # without the correction the reused feature keeps its own spread, which is smaller than the
     # fresh one's by the same factor here
     assert reuse_spread_ratio(feats, sched, channel_dim=1)["spread_ratio"] == pytest.approx(rho, rel=0.02)

@@ -1,5 +1,6 @@
 """Both halves of DEC reduce the error they target, measured independently of the fit code."""
 
+import pytest
 import torch
 
 import cachequant as cq
@@ -45,6 +46,34 @@ def test_cache_dec_reduces_cached_feature_error(make_pipe):
         before += float((x - c).abs().mean())
         after += float((x - (a[t].view(1, -1, 1, 1) * c + b[t].view(1, -1, 1, 1))).abs().mean())
     assert after < 0.9 * before, (before, after)
+
+
+def test_shift_only_cache_dec(make_pipe):
+    """cache_dec_slope=False: slope 1 everywhere, the least-squares shift per step and channel, and
+    still less held-out error than no correction (the tiny model's cached feature drifts in mean)."""
+    from cachequant.correction import fit_cache_dec
+
+    pipe = make_pipe("ddim")
+    steps = 12
+    cfg = cq.CacheQuantConfig(interval=4, schedule="uniform", weight_bits=None, act_bits=None, dec=True,
+                              cache_dec_slope=False, dps_samples=4)
+    plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, num_samples=4)
+    a, b = plan.tensors["cache_dec.a"], plan.tensors["cache_dec.b"]
+    assert torch.equal(a, torch.ones_like(a)) and b.abs().sum() > 0
+    feats = _features(pipe, steps)
+    full = sorted(set(plan.schedule))
+    a2, b2 = fit_cache_dec(feats, full, channel_dim=1, slope=False)
+    anchor = 0
+    for t, x in enumerate(feats):
+        if t in full:
+            anchor = t
+            continue
+        # the shift is the difference of the per-channel means, so the corrected feature has the fresh mean
+        assert torch.allclose(b2[t].double(), (x - feats[anchor]).double().mean(dim=(0, 2, 3)), atol=1e-5)
+    reuse = plan.meta["diagnostics"]["cache_reuse"]
+    assert 0 < reuse["relative_l1_after_cache_dec"] < reuse["relative_l1"]
+    with pytest.raises(ValueError, match="cache_dec_slope"):
+        cq.CacheQuantConfig(cache_dec_slope="no")
 
 
 def test_quant_dec_reduces_consumer_output_error(make_pipe):

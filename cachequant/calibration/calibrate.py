@@ -106,7 +106,7 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
                 before = relative_reuse_error(features, schedule)
                 meta_diag["cache_reuse"] = {"relative_l1": before["relative_l1"]}
                 if config.use_cache_dec:
-                    cache_dec = fit_cache_dec(features, schedule, adapter.channel_dim)
+                    cache_dec = fit_cache_dec(features, schedule, adapter.channel_dim, slope=config.cache_dec_slope)
                     after = relative_reuse_error(features, schedule, cache_dec, adapter.channel_dim)
                     meta_diag["cache_reuse"]["relative_l1_after_cache_dec"] = after["relative_l1"]
                     meta_diag["cache_dec_fit"] = {"l1_before": before["mean_l1"], "l1_after": after["mean_l1"],

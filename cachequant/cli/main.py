@@ -57,7 +57,8 @@ def cmd_calibrate(args) -> int:
 
     wb, ab = BITS[args.bits]
     cfg = cq.CacheQuantConfig(interval=args.interval, schedule=args.schedule, weight_bits=wb, act_bits=ab,
-                              dec=not args.no_dec, calib_batch_size=args.batch_size, seed=args.seed,
+                              dec=not args.no_dec, cache_dec_slope=not args.cache_dec_shift_only,
+                              calib_batch_size=args.batch_size, seed=args.seed,
                               calibration=args.calibration, calib_select=args.calib_select,
                               tap_lambda=args.tap_lambda, vc=args.vc,
                               w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schedule", choices=["uniform", "quadratic", "dps"], default="dps")
     c.add_argument("--bits", choices=list(BITS), default="w8a8")
     c.add_argument("--no-dec", action="store_true", help="disable decoupled error correction")
+    c.add_argument("--cache-dec-shift-only", action="store_true",
+                   help="cache-DEC fits a per-channel shift only (slope fixed to 1): for stochastic samplers "
+                        "such as DDPM, where the fitted slope shrinks the reused feature (results/ablation.md)")
     c.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
                    help="gptq: round weights with GPTQ (input-Hessian error feedback; needed for usable W4A8)")
     c.add_argument("--w8-layers", default="",

@@ -21,8 +21,11 @@ def _channels_first(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 
 def fit_cache_dec(features: Sequence[torch.Tensor], full_steps: Sequence[int], channel_dim: int,
-                  eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (a, b), each ``(T, C)`` float32, for the recorded per-step ``features``."""
+                  eps: float = 1e-12, slope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (a, b), each ``(T, C)`` float32, for the recorded per-step ``features``.
+
+    ``slope=False`` keeps a = 1 and fits only b = mean(X_t) − mean(X_s), the least-squares shift
+    (``CacheQuantConfig.cache_dec_slope`` says when that matters)."""
     T = len(features)
     C = features[0].shape[channel_dim]
     a = torch.ones(T, C, dtype=torch.float64)
@@ -36,9 +39,10 @@ def fit_cache_dec(features: Sequence[torch.Tensor], full_steps: Sequence[int], c
         x = _channels_first(features[anchor], channel_dim)
         y = _channels_first(features[t], channel_dim)
         mx, my = x.mean(1), y.mean(1)
-        var = ((x - mx[:, None]) ** 2).mean(1)
-        cov = ((x - mx[:, None]) * (y - my[:, None])).mean(1)
-        a[t] = torch.where(var > eps, cov / var.clamp_min(eps), torch.ones_like(var))
+        if slope:
+            var = ((x - mx[:, None]) ** 2).mean(1)
+            cov = ((x - mx[:, None]) * (y - my[:, None])).mean(1)
+            a[t] = torch.where(var > eps, cov / var.clamp_min(eps), torch.ones_like(var))
         b[t] = my - a[t] * mx
     return a.float(), b.float()
 
