@@ -93,26 +93,26 @@ def interval_rows(fit: list[torch.Tensor], held_out: list[torch.Tensor], interva
     from cachequant.cache.schedules import make_schedule
     from cachequant.correction import fit_cache_dec, relative_reuse_error, reuse_spread_ratio
 
+    def row(sched: list[int], dec=None) -> dict:
+        return dict(relative_reuse_error(held_out, sched, dec, channel_dim), full_steps=len(sched),
+                    **reuse_spread_ratio(held_out, sched, dec, channel_dim))
+
     T = len(fit)
     rows = {}
     for kind in ("uniform", "dps"):
         sched = make_schedule(kind, T, interval, fit if kind == "dps" else None)
         dec = fit_cache_dec(fit, sched, channel_dim)
-        rows[kind] = dict(relative_reuse_error(held_out, sched), full_steps=len(sched),
-                          **reuse_spread_ratio(held_out, sched, channel_dim=channel_dim))
-        rows[f"{kind}+cache-dec"] = dict(relative_reuse_error(held_out, sched, dec, channel_dim), full_steps=len(sched),
-                                         **reuse_spread_ratio(held_out, sched, dec, channel_dim),
-                                         mean_slope=_mean_slope(dec[0], sched))
-    # the DPS schedule (last in the loop) with a shift-only cache-DEC (CacheQuantConfig.cache_dec_slope=False)
-    shift = fit_cache_dec(fit, sched, channel_dim, slope=False)
-    rows["dps+shift-dec"] = dict(relative_reuse_error(held_out, sched, shift, channel_dim), full_steps=len(sched),
-                                 **reuse_spread_ratio(held_out, sched, shift, channel_dim))
+        rows[kind] = row(sched)
+        rows[f"{kind}+cache-dec"] = dict(row(sched, dec), mean_slope=_mean_slope(dec[0], sched))
+        if kind == "dps":  # shift-only cache-DEC (CacheQuantConfig.cache_dec_slope=False)
+            rows["dps+shift-dec"] = row(sched, fit_cache_dec(fit, sched, channel_dim, slope=False))
     return rows
 
 
 def _mean_slope(a: torch.Tensor, full_steps: list[int]) -> float:
     """Mean cache-DEC slope a_t,c over the cached steps (full steps have a = 1 by construction)."""
-    cached = [t for t in range(a.shape[0]) if t not in set(full_steps)]
+    full = set(full_steps)
+    cached = [t for t in range(a.shape[0]) if t not in full]
     return float(a[cached].double().mean()) if cached else 1.0
 
 

@@ -195,7 +195,8 @@ def test_pipeline_images_match_fake_quant_path(make_pipe):
     # boundary gets the other code (a "flip"), and the trajectories then drift apart at the level
     # of the quantization noise: bit-for-bit equality is not the contract
     # (benchmarks/kernel_parity.py measures the floor). On a 2-core Sapphire Rapids CPU one flip in
-    # conv_out's input at the first call moved 23 of 768 outputs and the final image to 42.6 dB.
+    # conv_out's input at the first call moved 23 of 768 outputs and the final image to 42.6 dB
+    # (`pytest -s -k test_pipeline_images_match_fake_quant_path` prints both).
     # A wrong scale, bias or correction moves every output instead, which the first check catches
     # (CPU only: the GPU reference runs its convs in TF32); the PSNR bounds the whole trajectory
     # with its cached steps and DEC.
@@ -203,7 +204,9 @@ def test_pipeline_images_match_fake_quant_path(make_pipe):
         assert psnr(out, ref) > 30
     else:
         first = (calls["int8"][0] - calls["fake"][0]).abs()
-        assert float((first > 1e-4).float().mean()) < 0.1, "first denoiser call: most outputs should agree"
+        moved = int((first > 1e-4).sum())
+        print(f"first call: {moved} of {first.numel()} outputs differ by > 1e-4; images {psnr(out, ref):.1f} dB")
+        assert moved < 0.1 * first.numel(), "first denoiser call: most outputs should agree"
         assert psnr(out, ref) > 38
 
 
