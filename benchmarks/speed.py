@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cachequant as cq  # noqa: E402
-from cachequant.models.adapters import denoiser_of  # noqa: E402
+from cachequant.models.adapters import adapter_for, denoiser_of  # noqa: E402
 from cachequant.utils.io import atomic_path  # noqa: E402
 
 SD15_UNET = dict(
@@ -202,6 +202,10 @@ class PlanCache:
         key = (interval, wbits)
         if key in self.plans:
             return self.plans[key]
+        bits = wbits is not None
+        cfg = cq.CacheQuantConfig(interval=interval, schedule="uniform", weight_bits=wbits,
+                                  act_bits=8 if bits else None, quant_attention=False, num_calib_samples=1,
+                                  calib_batch_size=1, dps_samples=1)
         path = None
         if self.folder is not None:
             name = f"{model}-{type(pipe.scheduler).__name__}-{steps}-n{interval}-w{wbits or 'fp'}.cqplan"
@@ -210,15 +214,14 @@ class PlanCache:
                 try:
                     plan = cq.load_plan(path)
                     plan.check_model(denoiser(pipe))
+                    site = adapter_for(denoiser(pipe)).resolve_site(denoiser(pipe), cfg)
+                    if plan.meta["site"] != site:
+                        raise cq.PlanError(f"its cache site {plan.meta['site']} is not this version's {site}")
                     plan.meta["bench_plan_loaded"] = str(path)
                     self.plans[key] = plan
                     return plan
                 except (cq.PlanError, cq.PlanMismatchError) as e:
                     print(f"stored plan {path} not used ({e}); calibrating", file=sys.stderr)
-        bits = wbits is not None
-        cfg = cq.CacheQuantConfig(interval=interval, schedule="uniform", weight_bits=wbits,
-                                  act_bits=8 if bits else None, quant_attention=False, num_calib_samples=1,
-                                  calib_batch_size=1, dps_samples=1)
         inputs = {"prompts": ["a photo"]} if model == "sd15" else {"class_labels": [0]}
         t0 = time.perf_counter()
         plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, **inputs)
@@ -241,7 +244,7 @@ def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, **_):
     plan = plans.get(pipe, model, steps, interval, wbits if kind is not None else None)
     cq.accelerate(pipe, plan, backend=kind or "fake")
     info = {"full_steps": len(plan.schedule), "calls": plan.num_calls, "calib_s": plan.meta["bench_calib_s"],
-            **({"plan_loaded": True} if "bench_plan_loaded" in plan.meta else {})}
+            "cache_site": plan.meta["site"], **({"plan_loaded": True} if "bench_plan_loaded" in plan.meta else {})}
     if kind:
         rep = cq.kernel_report(pipe)
         info.update(kernel_layers=rep["kernel_layers"], fake_layers=len(rep["fake_layers"]))

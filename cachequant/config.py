@@ -41,8 +41,13 @@ class CacheQuantConfig:
     (`results/ablation.md`); a shift cannot shrink the feature."""
     quant_dec: bool | None = None
     """Quantization half of DEC; None follows `dec`."""
-    cache_branch: int = 1
-    """UNets: depth of the cached branch (1 = shallowest, DeepCache's and the reference default)."""
+    cache_branch: int | None = None
+    """UNets: run the last ``cache_branch`` up blocks, whole, on cached steps (1 = the last block)."""
+    cache_layers: int | None = None
+    """UNets: run only the last ``cache_layers`` up layers (a resnet and its attention) on cached
+    steps. Neither this nor cache_branch set: 1 layer for UNet2DConditionModel (DeepCache's
+    shallowest branch, the reference's SD site), the whole last up block for UNet2DModel (the
+    reference's CIFAR site)."""
     dit_span: tuple[int, int] | None = None
     """Transformers: blocks [start, end) whose deviation is cached; None = all but the first and last."""
     quant_attention: bool = True
@@ -91,8 +96,12 @@ class CacheQuantConfig:
             raise ValueError("w8_layers only applies to 4-bit weights (weight_bits=4): every layer is already 8-bit")
         if not isinstance(self.cache_dec_slope, bool):
             raise ValueError(f"cache_dec_slope must be True (fit a·X + b) or False (shift only), got {self.cache_dec_slope!r}")
-        if self.cache_branch < 1:
-            raise ValueError(f"cache_branch must be >= 1, got {self.cache_branch}")
+        for name in ("cache_branch", "cache_layers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or None for the model's default), got {v!r}")
+        if self.cache_branch is not None and self.cache_layers is not None:
+            raise ValueError("set cache_branch (whole up blocks) or cache_layers (up layers), not both")
         if self.dit_span is not None:
             if len(self.dit_span) != 2:
                 raise ValueError(f"dit_span must be (start, end), got {self.dit_span!r}")

@@ -62,7 +62,8 @@ def cmd_calibrate(args) -> int:
                               calibration=args.calibration, calib_select=args.calib_select,
                               tap_lambda=args.tap_lambda, vc=args.vc,
                               w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
-                              weight_rounding=args.weight_rounding)
+                              weight_rounding=args.weight_rounding, cache_branch=args.cache_branch,
+                              cache_layers=args.cache_layers)
     from ..distributed import barrier, init_from_env
 
     rank, world, device = init_from_env(args.device)
@@ -177,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-dec-shift-only", action="store_true",
                    help="cache-DEC fits a per-channel shift only (slope fixed to 1): for stochastic samplers "
                         "such as DDPM, where the fitted slope shrinks the reused feature (results/ablation.md)")
+    site = c.add_mutually_exclusive_group()
+    site.add_argument("--cache-layers", type=int, default=None,
+                      help="UNets: up layers run on cached steps (default: 1 for SD-style UNets, DeepCache's "
+                           "shallowest branch; the whole last up block for UNet2DModel)")
+    site.add_argument("--cache-branch", type=int, default=None, help="UNets: whole up blocks run on cached steps")
     c.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
                    help="gptq: round weights with GPTQ (input-Hessian error feedback; needed for usable W4A8)")
     c.add_argument("--w8-layers", default="",

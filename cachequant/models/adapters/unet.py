@@ -1,9 +1,10 @@
 """UNets (``UNet2DModel``, ``UNet2DConditionModel``): DeepCache-style branch caching.
 
-Full step: the whole UNet runs and the output of up-block ``-(branch+1)`` is stored. Cached step:
-only ``conv_in``, the first ``branch`` down blocks (for their skip features), the last ``branch``
-up blocks (fed the stored feature, after the cache-DEC correction) and the output head run.
-``branch=1`` is DeepCache's shallowest branch, the one the reference work caches for LDM/SD.
+Full step: the whole UNet runs and the input of the last ``layers`` up layers is stored. Cached
+step: only ``conv_in``, the down layers whose skip features those up layers read, the up layers
+themselves (fed the stored feature, after the cache-DEC correction) and the output head run. One
+layer (SD's default) is DeepCache's shallowest branch and the reference's LDM/SD site; whole up
+blocks (``cache_branch``) are the coarser sites (see :func:`_resolve_site`).
 """
 
 from __future__ import annotations
@@ -17,27 +18,106 @@ from ...runtime import Runtime
 from .base import Adapter, register
 
 
+_PARTIAL_DOWN = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D")
+_PARTIAL_UP = ("UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+def _down_units(blk) -> int:
+    """Skip features a down block emits: one per layer, one more after its downsampler."""
+    return len(blk.resnets) + (blk.downsamplers is not None)
+
+
+def _split_up(model: nn.Module, layers: int) -> tuple[int, int]:
+    """(j, i): the first of the last ``layers`` up layers is layer ``i`` of up block ``j``."""
+    left = layers
+    for j in range(len(model.up_blocks) - 1, -1, -1):
+        n = len(model.up_blocks[j].resnets)
+        if left <= n:
+            return j, n - left
+        left -= n
+    raise ValueError(f"this UNet has fewer than {layers} up layers")
+
+
+def _down_plan(model: nn.Module, layers: int) -> list[tuple[nn.Module, int | None]]:
+    """Down blocks a cached step runs: (block, None) in full, (block, k) for its first k layers.
+
+    The last ``layers`` up layers read the first ``layers`` skip features (the up path pops them in
+    reverse), so conv_in's output plus the first ``layers - 1`` down units are all a cached step needs.
+    """
+    plan, need = [], layers - 1
+    for blk in model.down_blocks:
+        if need <= 0:
+            break
+        n = _down_units(blk)
+        plan.append((blk, None if need >= n else need))
+        need -= min(need, n)
+    return plan
+
+
+def _trailing_layers(model: nn.Module, site: dict) -> int:
+    """Up layers run on a cached step. Plans written before layer-level sites hold only "branch"."""
+    if "layers" in site:
+        return int(site["layers"])
+    return sum(len(b.resnets) for b in list(model.up_blocks)[-site["branch"]:])
+
+
 def _resolve_site(model: nn.Module, config) -> dict:
+    """The cache site: the last ``layers`` up layers (a resnet and, where the block has one, its
+    attention) run on cached steps, fed the stored input of the first of them.
+
+    ``cache_branch=b`` runs whole blocks (the last b up blocks); ``cache_layers=R`` any number of
+    layers. Neither set: ``UNet2DConditionModel`` runs one layer, DeepCache's shallowest branch
+    (``cache_branch_id=0``: conv_in, the last up layer, the head) and the reference's LDM/SD site
+    (it caches ``output_blocks[-2]``); ``UNet2DModel`` runs the whole last up block, the deeper
+    branch the reference caches for DDPM/CIFAR.
+    """
     n_up, n_down = len(model.up_blocks), len(model.down_blocks)
-    branch = int(getattr(config, "cache_branch", 1))
-    if not 1 <= branch < n_up:
-        raise ValueError(f"cache_branch must be in [1, {n_up - 1}] for this UNet ({n_up} up blocks), got {branch}")
     if n_up != n_down:
         raise ValueError(f"cachequant needs a symmetric UNet; this one has {n_down} down and {n_up} up blocks")
     for b in list(model.down_blocks) + list(model.up_blocks):
         if hasattr(b, "skip_conv"):
             raise ValueError(f"{type(b).__name__} (skip-sample blocks) are not supported by the cache yet")
-    return {"branch": branch, "feature": f"up_blocks.{n_up - branch - 1}"}
+    total = sum(len(b.resnets) for b in model.up_blocks)
+    branch, layers = getattr(config, "cache_branch", None), getattr(config, "cache_layers", None)
+    if branch is not None and layers is not None:
+        raise ValueError("set cache_branch (whole up blocks) or cache_layers (up layers), not both")
+    if layers is None and branch is None and type(model).__name__ == "UNet2DConditionModel":
+        layers = 1
+    if layers is None:
+        branch = 1 if branch is None else int(branch)
+        if not 1 <= branch < n_up:
+            raise ValueError(f"cache_branch must be in [1, {n_up - 1}] for this UNet ({n_up} up blocks), got {branch}")
+        layers = sum(len(b.resnets) for b in list(model.up_blocks)[-branch:])
+    layers = int(layers)
+    if not 1 <= layers < total:
+        raise ValueError(f"cache_layers must be in [1, {total - 1}] for this UNet ({total} up layers), got {layers}")
+    j, i = _split_up(model, layers)
+    partial = [(model.up_blocks[j], _PARTIAL_UP)] if i else []
+    partial += [(blk, _PARTIAL_DOWN) for blk, k in _down_plan(model, layers) if k is not None]
+    for blk, known in partial:
+        if type(blk).__name__ not in known:
+            raise ValueError(
+                f"cache_layers={layers} splits a {type(blk).__name__}, which cachequant runs only whole; "
+                f"choose a layer count on a block boundary (cache_branch) or blocks of types {', '.join(known)}")
+    if i == 0:
+        feature = f"up_blocks.{j - 1}"
+    else:
+        sub = "attentions" if getattr(model.up_blocks[j], "attentions", None) is not None else "resnets"
+        feature = f"up_blocks.{j}.{sub}.{i - 1}"
+    site = {"layers": layers, "feature": feature}
+    if i == 0:
+        site["branch"] = n_up - j
+    return site
 
 
 def _install(model: nn.Module, rt: Runtime, site: dict) -> list:
-    block = model.up_blocks[-(site["branch"] + 1)]
+    module = model.get_submodule(site["feature"]) if "layers" in site else model.up_blocks[-(site["branch"] + 1)]
 
     def hook(_module, _inp, out):
         if rt.is_full:
-            rt.store(out)
+            rt.store(out[0] if isinstance(out, tuple) else out)
 
-    h = block.register_forward_hook(hook)
+    h = module.register_forward_hook(hook)
     return [h.remove]
 
 
@@ -47,20 +127,77 @@ def _bind(original_forward, args, kwargs) -> dict:
     return dict(bound.arguments)
 
 
-def _up_path(model, feature, res, emb, branch, up_kwargs, cond) -> torch.Tensor:
-    """Runs the last ``branch`` up blocks on the cached feature, exactly as the full forward does."""
-    ups = list(model.up_blocks)[-branch:]
-    res = res[: sum(len(b.resnets) for b in ups)]
+def _attend(blk, attn, sample, up_kwargs):
+    """One block attention exactly as the block's own forward calls it."""
+    if getattr(blk, "has_cross_attention", False):
+        return attn(sample, encoder_hidden_states=up_kwargs["encoder_hidden_states"],
+                    cross_attention_kwargs=up_kwargs["cross_attention_kwargs"],
+                    attention_mask=up_kwargs["attention_mask"],
+                    encoder_attention_mask=up_kwargs["encoder_attention_mask"], return_dict=False)[0]
+    return attn(sample)
+
+
+def _down_path(model, sample, emb, layers, up_kwargs, cond) -> tuple:
+    """conv_in's output and the skip features the last ``layers`` up layers read."""
+    sample = model.conv_in(sample)
+    res = (sample,)
+    for blk, k in _down_plan(model, layers):
+        if k is not None:
+            attns = getattr(blk, "attentions", None)
+            for i in range(k):
+                sample = blk.resnets[i](sample, emb)
+                if attns is not None:
+                    sample = _attend(blk, attns[i], sample, up_kwargs)
+                res += (sample,)
+        elif cond and getattr(blk, "has_cross_attention", False):
+            sample, r = blk(hidden_states=sample, temb=emb, encoder_hidden_states=up_kwargs["encoder_hidden_states"],
+                            attention_mask=up_kwargs["attention_mask"],
+                            cross_attention_kwargs=up_kwargs["cross_attention_kwargs"],
+                            encoder_attention_mask=up_kwargs["encoder_attention_mask"])
+            res += r
+        else:
+            sample, r = blk(hidden_states=sample, temb=emb)
+            res += r
+    return res
+
+
+def _up_tail(blk, sample, r, emb, start, up_kwargs, upsample_size) -> torch.Tensor:
+    """Layers ``start:`` of an up block and its upsampler, as the block's forward runs them."""
+    from diffusers.models.unets.unet_2d_blocks import apply_freeu
+
+    attns = getattr(blk, "attentions", None)
+    freeu = all(getattr(blk, a, None) for a in ("s1", "s2", "b1", "b2"))
+    for i in range(start, len(blk.resnets)):
+        skip, r = r[-1], r[:-1]
+        if freeu:
+            sample, skip = apply_freeu(blk.resolution_idx, sample, skip, s1=blk.s1, s2=blk.s2, b1=blk.b1, b2=blk.b2)
+        sample = blk.resnets[i](torch.cat([sample, skip], dim=1), emb)
+        if attns is not None:
+            sample = _attend(blk, attns[i], sample, up_kwargs)
+    for up in blk.upsamplers or ():
+        if hasattr(blk, "upsample_type"):  # AttnUpBlock2D
+            sample = up(sample, temb=emb) if blk.upsample_type == "resnet" else up(sample)
+        else:
+            sample = up(sample, upsample_size)
+    return sample
+
+
+def _up_path(model, feature, res, emb, site, up_kwargs, cond) -> torch.Tensor:
+    """Runs the last ``layers`` up layers on the cached feature, exactly as the full forward does."""
+    j0, i0 = _split_up(model, _trailing_layers(model, site))
     sample = feature
-    for i, blk in enumerate(ups):
-        n = len(blk.resnets)
+    n_up = len(model.up_blocks)
+    for j in range(j0, n_up):
+        blk = model.up_blocks[j]
+        n = len(blk.resnets) - (i0 if j == j0 else 0)
         r, res = res[-n:], res[:-n]
         if not cond:
-            sample = blk(sample, r, emb)
+            sample = _up_tail(blk, sample, r, emb, i0, up_kwargs, None) if j == j0 and i0 else blk(sample, r, emb)
             continue
-        is_final = i == len(ups) - 1
-        upsample_size = res[-1].shape[2:] if (not is_final and up_kwargs["forward_upsample_size"]) else None
-        if getattr(blk, "has_cross_attention", False):
+        upsample_size = res[-1].shape[2:] if (j < n_up - 1 and up_kwargs["forward_upsample_size"]) else None
+        if j == j0 and i0:
+            sample = _up_tail(blk, sample, r, emb, i0, up_kwargs, upsample_size)
+        elif getattr(blk, "has_cross_attention", False):
             sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=r,
                          encoder_hidden_states=up_kwargs["encoder_hidden_states"],
                          cross_attention_kwargs=up_kwargs["cross_attention_kwargs"],
@@ -92,13 +229,8 @@ def _cached_forward_unet2d(model, rt: Runtime, site: dict, original_forward, arg
             class_labels = model.time_proj(class_labels)
         emb = emb + model.class_embedding(class_labels).to(dtype=model.dtype)
 
-    branch = site["branch"]
-    sample = model.conv_in(sample)
-    res = (sample,)
-    for blk in list(model.down_blocks)[:branch]:
-        sample, r = blk(hidden_states=sample, temb=emb)
-        res += r
-    sample = _up_path(model, rt.reuse(1), res, emb, branch, {}, cond=False)
+    res = _down_path(model, sample, emb, _trailing_layers(model, site), {}, cond=False)
+    sample = _up_path(model, rt.reuse(1), res, emb, site, {}, cond=False)
     sample = model.conv_out(model.conv_act(model.conv_norm_out(sample)))
     if model.config.time_embedding_type == "fourier":
         sample = sample / timesteps.reshape((sample.shape[0], *([1] * len(sample.shape[1:]))))
@@ -142,20 +274,10 @@ def _cached_forward_unet2d_condition(model, rt: Runtime, site: dict, original_fo
         emb = model.time_embed_act(emb)
     ehs = model.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
 
-    branch = site["branch"]
-    sample = model.conv_in(sample)
-    res = (sample,)
-    for blk in list(model.down_blocks)[:branch]:
-        if getattr(blk, "has_cross_attention", False):
-            sample, r = blk(hidden_states=sample, temb=emb, encoder_hidden_states=ehs,
-                            attention_mask=attention_mask, cross_attention_kwargs=cross_kwargs,
-                            encoder_attention_mask=encoder_attention_mask)
-        else:
-            sample, r = blk(hidden_states=sample, temb=emb)
-        res += r
     up_kwargs = dict(encoder_hidden_states=ehs, cross_attention_kwargs=cross_kwargs, attention_mask=attention_mask,
                      encoder_attention_mask=encoder_attention_mask, forward_upsample_size=forward_upsample_size)
-    sample = _up_path(model, rt.reuse(1), res, emb, branch, up_kwargs, cond=True)
+    res = _down_path(model, sample, emb, _trailing_layers(model, site), up_kwargs, cond=True)
+    sample = _up_path(model, rt.reuse(1), res, emb, site, up_kwargs, cond=True)
     if model.conv_norm_out:
         sample = model.conv_act(model.conv_norm_out(sample))
     sample = model.conv_out(sample)
@@ -188,8 +310,8 @@ def _concat_splits(model, site: dict) -> dict[str, int]:
 
 
 def _cache_consumers(model, site: dict) -> dict[str, int]:
-    j = len(model.up_blocks) - site["branch"]
-    prefix = f"up_blocks.{j}.resnets.0."
+    j, i = _split_up(model, _trailing_layers(model, site))
+    prefix = f"up_blocks.{j}.resnets.{i}."
     return {k: v for k, v in _concat_splits(model, site).items() if k.startswith(prefix)}
 
 
