@@ -10,6 +10,7 @@ not run, and why), else "missing".
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -137,13 +138,21 @@ def coverage(paths: list[str]) -> tuple[str, int]:
     return "\n".join(out).lstrip("\n"), missing
 
 
-def main(paths: list[str]) -> int:
-    if paths and paths[0] == "--coverage":
-        text, missing = coverage(paths[1:])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description="Markdown tables from speed.py's JSON results.")
+    ap.add_argument("--coverage", action="store_true",
+                    help="check the files against every row the speed issue asks for, per configuration")
+    ap.add_argument("paths", nargs="+", help="JSON files written by benchmarks/speed.py")
+    args = ap.parse_args(argv)
+    for p in args.paths:
+        if not Path(p).is_file():
+            ap.error(f"{p}: no such file (pass JSON files written by benchmarks/speed.py)")
+    if args.coverage:
+        text, missing = coverage(args.paths)
         print(text)
         print(f"\n{missing} required rows neither measured nor explained (rows cut by a time budget count as missing)")
         return 0
-    for p in paths:
+    for p in args.paths:
         res = json.loads(Path(p).read_text())
         env = res["env"]
         print(f"### {Path(p).name}\n")

@@ -44,3 +44,19 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "cachequant", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "calibrate" in r.stdout and "demo" in r.stdout
+
+
+def test_calibrate_cache_site_flags(tmp_path, capsys):
+    import cachequant as cq
+
+    plan = tmp_path / "p.cqplan"
+    args = ["calibrate", "--model", "tiny-ddim", "--steps", "4", "--interval", "2", "--bits", "fp",
+            "--num-samples", "2", "--batch-size", "2"]
+    assert main(args + ["--cache-layers", "1", "--out", str(plan)]) == 0
+    assert cq.load_plan(plan).meta["site"] == {"layers": 1, "feature": "up_blocks.2.resnets.0"}
+    bad = tmp_path / "bad.cqplan"
+    rc = main(args + ["--cache-layers", "9", "--out", str(bad)])
+    assert rc == 2 and "cache_layers must be in [1, 5]" in capsys.readouterr().err
+    assert not bad.exists()
+    with pytest.raises(SystemExit):  # argparse: the two site flags exclude each other
+        main(args + ["--cache-layers", "1", "--cache-branch", "1", "--out", str(bad)])
