@@ -78,9 +78,7 @@ def _resolve_site(model: nn.Module, config) -> dict:
         if hasattr(b, "skip_conv"):
             raise ValueError(f"{type(b).__name__} (skip-sample blocks) are not supported by the cache yet")
     total = sum(len(b.resnets) for b in model.up_blocks)
-    branch, layers = getattr(config, "cache_branch", None), getattr(config, "cache_layers", None)
-    if branch is not None and layers is not None:
-        raise ValueError("set cache_branch (whole up blocks) or cache_layers (up layers), not both")
+    branch, layers = config.cache_branch, config.cache_layers  # CacheQuantConfig refuses both set
     if layers is None and branch is None and type(model).__name__ == "UNet2DConditionModel":
         layers = 1
     if layers is None:
@@ -127,17 +125,17 @@ def _bind(original_forward, args, kwargs) -> dict:
     return dict(bound.arguments)
 
 
-def _attend(blk, attn, sample, up_kwargs):
+def _attend(blk, attn, sample, cond_kwargs):
     """One block attention exactly as the block's own forward calls it."""
     if getattr(blk, "has_cross_attention", False):
-        return attn(sample, encoder_hidden_states=up_kwargs["encoder_hidden_states"],
-                    cross_attention_kwargs=up_kwargs["cross_attention_kwargs"],
-                    attention_mask=up_kwargs["attention_mask"],
-                    encoder_attention_mask=up_kwargs["encoder_attention_mask"], return_dict=False)[0]
+        return attn(sample, encoder_hidden_states=cond_kwargs["encoder_hidden_states"],
+                    cross_attention_kwargs=cond_kwargs["cross_attention_kwargs"],
+                    attention_mask=cond_kwargs["attention_mask"],
+                    encoder_attention_mask=cond_kwargs["encoder_attention_mask"], return_dict=False)[0]
     return attn(sample)
 
 
-def _down_path(model, sample, emb, layers, up_kwargs, cond) -> tuple:
+def _down_path(model, sample, emb, layers, cond_kwargs, cond) -> tuple:
     """conv_in's output and the skip features the last ``layers`` up layers read."""
     sample = model.conv_in(sample)
     res = (sample,)
@@ -147,13 +145,13 @@ def _down_path(model, sample, emb, layers, up_kwargs, cond) -> tuple:
             for i in range(k):
                 sample = blk.resnets[i](sample, emb)
                 if attns is not None:
-                    sample = _attend(blk, attns[i], sample, up_kwargs)
+                    sample = _attend(blk, attns[i], sample, cond_kwargs)
                 res += (sample,)
         elif cond and getattr(blk, "has_cross_attention", False):
-            sample, r = blk(hidden_states=sample, temb=emb, encoder_hidden_states=up_kwargs["encoder_hidden_states"],
-                            attention_mask=up_kwargs["attention_mask"],
-                            cross_attention_kwargs=up_kwargs["cross_attention_kwargs"],
-                            encoder_attention_mask=up_kwargs["encoder_attention_mask"])
+            sample, r = blk(hidden_states=sample, temb=emb, encoder_hidden_states=cond_kwargs["encoder_hidden_states"],
+                            attention_mask=cond_kwargs["attention_mask"],
+                            cross_attention_kwargs=cond_kwargs["cross_attention_kwargs"],
+                            encoder_attention_mask=cond_kwargs["encoder_attention_mask"])
             res += r
         else:
             sample, r = blk(hidden_states=sample, temb=emb)
@@ -161,7 +159,7 @@ def _down_path(model, sample, emb, layers, up_kwargs, cond) -> tuple:
     return res
 
 
-def _up_tail(blk, sample, r, emb, start, up_kwargs, upsample_size) -> torch.Tensor:
+def _up_tail(blk, sample, r, emb, start, cond_kwargs, upsample_size) -> torch.Tensor:
     """Layers ``start:`` of an up block and its upsampler, as the block's forward runs them."""
     from diffusers.models.unets.unet_2d_blocks import apply_freeu
 
@@ -173,7 +171,7 @@ def _up_tail(blk, sample, r, emb, start, up_kwargs, upsample_size) -> torch.Tens
             sample, skip = apply_freeu(blk.resolution_idx, sample, skip, s1=blk.s1, s2=blk.s2, b1=blk.b1, b2=blk.b2)
         sample = blk.resnets[i](torch.cat([sample, skip], dim=1), emb)
         if attns is not None:
-            sample = _attend(blk, attns[i], sample, up_kwargs)
+            sample = _attend(blk, attns[i], sample, cond_kwargs)
     for up in blk.upsamplers or ():
         if hasattr(blk, "upsample_type"):  # AttnUpBlock2D
             sample = up(sample, temb=emb) if blk.upsample_type == "resnet" else up(sample)
@@ -182,7 +180,7 @@ def _up_tail(blk, sample, r, emb, start, up_kwargs, upsample_size) -> torch.Tens
     return sample
 
 
-def _up_path(model, feature, res, emb, site, up_kwargs, cond) -> torch.Tensor:
+def _up_path(model, feature, res, emb, site, cond_kwargs, cond) -> torch.Tensor:
     """Runs the last ``layers`` up layers on the cached feature, exactly as the full forward does."""
     j0, i0 = _split_up(model, _trailing_layers(model, site))
     sample = feature
@@ -192,17 +190,17 @@ def _up_path(model, feature, res, emb, site, up_kwargs, cond) -> torch.Tensor:
         n = len(blk.resnets) - (i0 if j == j0 else 0)
         r, res = res[-n:], res[:-n]
         if not cond:
-            sample = _up_tail(blk, sample, r, emb, i0, up_kwargs, None) if j == j0 and i0 else blk(sample, r, emb)
+            sample = _up_tail(blk, sample, r, emb, i0, cond_kwargs, None) if j == j0 and i0 else blk(sample, r, emb)
             continue
-        upsample_size = res[-1].shape[2:] if (j < n_up - 1 and up_kwargs["forward_upsample_size"]) else None
+        upsample_size = res[-1].shape[2:] if (j < n_up - 1 and cond_kwargs["forward_upsample_size"]) else None
         if j == j0 and i0:
-            sample = _up_tail(blk, sample, r, emb, i0, up_kwargs, upsample_size)
+            sample = _up_tail(blk, sample, r, emb, i0, cond_kwargs, upsample_size)
         elif getattr(blk, "has_cross_attention", False):
             sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=r,
-                         encoder_hidden_states=up_kwargs["encoder_hidden_states"],
-                         cross_attention_kwargs=up_kwargs["cross_attention_kwargs"],
-                         upsample_size=upsample_size, attention_mask=up_kwargs["attention_mask"],
-                         encoder_attention_mask=up_kwargs["encoder_attention_mask"])
+                         encoder_hidden_states=cond_kwargs["encoder_hidden_states"],
+                         cross_attention_kwargs=cond_kwargs["cross_attention_kwargs"],
+                         upsample_size=upsample_size, attention_mask=cond_kwargs["attention_mask"],
+                         encoder_attention_mask=cond_kwargs["encoder_attention_mask"])
         else:
             sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=r, upsample_size=upsample_size)
     return sample
@@ -274,10 +272,10 @@ def _cached_forward_unet2d_condition(model, rt: Runtime, site: dict, original_fo
         emb = model.time_embed_act(emb)
     ehs = model.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
 
-    up_kwargs = dict(encoder_hidden_states=ehs, cross_attention_kwargs=cross_kwargs, attention_mask=attention_mask,
+    cond_kwargs = dict(encoder_hidden_states=ehs, cross_attention_kwargs=cross_kwargs, attention_mask=attention_mask,
                      encoder_attention_mask=encoder_attention_mask, forward_upsample_size=forward_upsample_size)
-    res = _down_path(model, sample, emb, _trailing_layers(model, site), up_kwargs, cond=True)
-    sample = _up_path(model, rt.reuse(1), res, emb, site, up_kwargs, cond=True)
+    res = _down_path(model, sample, emb, _trailing_layers(model, site), cond_kwargs, cond=True)
+    sample = _up_path(model, rt.reuse(1), res, emb, site, cond_kwargs, cond=True)
     if model.conv_norm_out:
         sample = model.conv_act(model.conv_norm_out(sample))
     sample = model.conv_out(sample)
