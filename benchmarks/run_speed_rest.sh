@@ -13,12 +13,15 @@
 # all on one warm machine; `speed_report.py --coverage` checks the result):
 #   sd15-b1, sd15-b8, dit-ddim50 (batch 1 and 8), dit-ddpm250-b1, dit-ddpm250-b8: all rows but torchao's
 #   torchao-sd15, torchao-dit   the torchao rows (their compilation is the slow part)
+# and the FP8 backend with cuBLASLt GEMMs (CACHEQUANT_FP8_GEMM=cublaslt) against its Triton GEMM:
+#   kernels   per-shape TOPS of every kernel variant against the measured ceilings (speed.py --kernels-only)
+#   fp8-lt    end to end: SD 1.5 batch 1 and DiT-XL/2 DDIM 50 batch 1, fp16 + graph, FP8 quant-only and cached
 # Usage: benchmarks/run_speed_rest.sh OUT_DIR PART [PART ...]   (PYTHONPATH must reach cachequant,
 # diffusers, torchao, DeepCache)
 set -u
 out=${1:?usage: run_speed_rest.sh OUT_DIR PART [PART ...]}; shift
 mkdir -p "$out"
-parts="profile ddpm250 batch8 torchao groupnorm tune sd15-b1 sd15-b8 dit-ddim50 dit-ddpm250-b1 dit-ddpm250-b8 torchao-sd15 torchao-dit"
+parts="profile ddpm250 batch8 torchao groupnorm tune sd15-b1 sd15-b8 dit-ddim50 dit-ddpm250-b1 dit-ddpm250-b8 torchao-sd15 torchao-dit kernels fp8-lt"
 for part in "$@"; do
   case " $parts " in *" $part "*) ;; *) echo "unknown part '$part'; known: $parts" >&2; exit 2 ;; esac
 done
@@ -65,5 +68,10 @@ for part in "$@"; do
         --rows "fp16 eager,torchao" --out "$out/$part-ddim50.json"
       timeout 280 python3 $s --model dit-xl2 --sampler ddpm --batch 1 8 --repeats 5 --time-budget-s 200 \
         --rows "fp16 eager,torchao" --out "$out/$part-ddpm250.json" ;;
+    kernels) timeout 150 python3 benchmarks/speed.py --kernels-only --out "$out/kernels.json" ;;
+    fp8-lt) timeout 260 python3 $s --model sd15 --batch 1 --repeats 5 --time-budget-s 200 \
+        --rows "fp16 + CUDA,FP8 quant-only,N=5 FP8" --out "$out/sd15-fp8-lt.json"
+      timeout 260 python3 $s --model dit-xl2 --sampler ddim --batch 1 --repeats 5 --time-budget-s 200 \
+        --rows "fp16 + CUDA,FP8 quant-only,N=2 FP8" --out "$out/dit-ddim50-fp8-lt.json" ;;
   esac 2>&1 | grep -v '^{' | tail -14
 done

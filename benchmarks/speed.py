@@ -240,14 +240,24 @@ def set_denoiser(pipe, m) -> None:
     setattr(pipe, denoiser_of(pipe)[0], m)
 
 
-def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, **_):
+def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, fp8_gemm=None, **_):
     plan = plans.get(pipe, model, steps, interval, wbits if kind is not None else None)
-    cq.accelerate(pipe, plan, backend=kind or "fake")
+    saved = os.environ.get("CACHEQUANT_FP8_GEMM")
+    if fp8_gemm is not None:  # read when the layers are packed, i.e. inside accelerate
+        os.environ["CACHEQUANT_FP8_GEMM"] = fp8_gemm
+    try:
+        cq.accelerate(pipe, plan, backend=kind or "fake")
+    finally:
+        if saved is None:
+            os.environ.pop("CACHEQUANT_FP8_GEMM", None)
+        else:
+            os.environ["CACHEQUANT_FP8_GEMM"] = saved
     info = {"full_steps": len(plan.schedule), "calls": plan.num_calls, "calib_s": plan.meta["bench_calib_s"],
             "cache_site": plan.meta["site"], **({"plan_loaded": True} if "bench_plan_loaded" in plan.meta else {})}
     if kind:
         rep = cq.kernel_report(pipe)
-        info.update(kernel_layers=rep["kernel_layers"], fake_layers=len(rep["fake_layers"]))
+        info.update(kernel_layers=rep["kernel_layers"], fake_layers=len(rep["fake_layers"]),
+                    cublaslt_layers=rep["cublaslt_layers"])
     if graphs and next(denoiser(pipe).parameters()).device.type == "cuda":
         try:
             cq.enable_cuda_graphs(pipe)
@@ -405,10 +415,14 @@ def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
         rows.append((f"cachequant cache-only N={n} + graph", row_cq, dict(interval=n, kind=None, graphs=True)))
     rows.append(("cachequant INT8 quant-only + graph", row_cq, dict(interval=1, kind="int8", graphs=True)))
     rows.append(("cachequant FP8 quant-only + graph", row_cq, dict(interval=1, kind="fp8", graphs=True)))
+    # the FP8 backend with cuBLASLt (torch._scaled_mm) for its GEMM-shaped layers (CACHEQUANT_FP8_GEMM)
+    lt = dict(kind="fp8", graphs=True, fp8_gemm="cublaslt")
+    rows.append(("cachequant FP8 quant-only, cuBLASLt GEMMs + graph", row_cq, dict(interval=1, **lt)))
     for n in n_list:
         rows.append((f"CacheQuant N={n} INT8 (eager)", row_cq, dict(interval=n, kind="int8", graphs=False)))
         rows.append((f"CacheQuant N={n} INT8 + graph", row_cq, dict(interval=n, kind="int8", graphs=True)))
         rows.append((f"CacheQuant N={n} FP8 + graph", row_cq, dict(interval=n, kind="fp8", graphs=True)))
+        rows.append((f"CacheQuant N={n} FP8, cuBLASLt GEMMs + graph", row_cq, dict(interval=n, **lt)))
     for kind in ("int8", "fp8"):
         rows.append((f"CacheQuant N={n_list[0]} {kind.upper()} + graph, 8-bit weights only", row_cq_lean,
                      dict(interval=n_list[0], kind=kind)))
@@ -505,9 +519,11 @@ def kernel_microbench() -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 row["fp16_torch_graph_error"] = f"{type(e).__name__}: {e}"[:200]
             for kind in ("int8", "fp8"):
-                for algo in ("two-pass", "two-pass-nosplit", "fused"):
-                    # two-pass-nosplit: the same kernel with split-K off, to see what splitting buys
+                for algo in ("two-pass", "two-pass-nosplit", "fused") + (("two-pass-cublaslt",) if kind == "fp8" else ()):
+                    # two-pass-nosplit: the same kernel with split-K off, to see what splitting buys;
+                    # two-pass-cublaslt: the quantize pass, then torch._scaled_mm where the layer is a plain GEMM
                     os.environ["CACHEQUANT_SPLIT_K"] = "1" if algo == "two-pass-nosplit" else "auto"
+                    os.environ["CACHEQUANT_FP8_GEMM"] = "cublaslt" if algo == "two-pass-cublaslt" else "triton"
                     try:
                         rt = Runtime(1, frozenset([0]))
                         q = wrap_module(mod, 8, 8, rt).to(d)
@@ -518,6 +534,8 @@ def kernel_microbench() -> list[dict]:
                         rt.quant_mode = "quant"
                         enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False,
                                        algo="fused" if algo == "fused" else "two-pass")
+                        if algo == "two-pass-cublaslt":
+                            row["fp8_two-pass-cublaslt_gemm"] = q._packed.gemm  # "triton" where it does not fit
                         ms = tt.do_bench(lambda: kernel_forward(q, x))
                         row[f"{kind}_{algo}_tops"] = 2 * macs / ms / 1e9
                         row[f"{kind}_{algo}_graph_tops"] = 2 * macs / graph_ms(lambda: kernel_forward(q, x)) / 1e9
@@ -525,6 +543,7 @@ def kernel_microbench() -> list[dict]:
                         row[f"{kind}_{algo}_error"] = f"{type(e).__name__}: {e}"[:200]
                     finally:
                         os.environ.pop("CACHEQUANT_SPLIT_K", None)
+                        os.environ.pop("CACHEQUANT_FP8_GEMM", None)
         print(json.dumps(row), flush=True)
         out.append(row)
     return out

@@ -130,6 +130,67 @@ def test_fp8_kernel_close_to_reference(name, make, xshape, kw, algo):
     assert _compare(q, rt, xs, "fp8", algo) < 0.08
 
 
+LT_SHAPES = [
+    ("linear-3d", lambda: nn.Linear(64, 48), (2, 5, 64), {}, True),
+    ("linear-no-bias", lambda: nn.Linear(32, 16, bias=False), (7, 32), {}, True),
+    ("conv1x1", lambda: nn.Conv2d(32, 48, 1), (2, 32, 5, 6), {}, True),
+    ("conv3x3", lambda: nn.Conv2d(32, 48, 3, padding=1), (2, 32, 5, 6), {}, False),  # stays on Triton
+    ("conv1x1-split", lambda: nn.Conv2d(48, 16, 1), (2, 48, 3, 3), {"split": 16}, False),
+    ("linear-k40", lambda: nn.Linear(40, 16), (3, 40), {}, False),  # K not a multiple of 16
+]
+
+
+@pytest.mark.parametrize("name,make,xshape,kw,lt", LT_SHAPES, ids=[s[0] for s in LT_SHAPES])
+def test_fp8_cublaslt_gemm_computes_the_triton_kernels_product(name, make, xshape, kw, lt, monkeypatch):
+    """CACHEQUANT_FP8_GEMM=cublaslt: GEMM-shaped FP8 layers run torch._scaled_mm with the quantize
+    pass's per-row scale; its output must be (codes · W8ᵀ) · s_t · w_s + bias from the same codes
+    (checked on the CPU too: torch._scaled_mm runs there) and, on the GPU, within FP8's bound of the
+    fake-quant reference. Other layers keep the Triton kernel."""
+    from cachequant.kernels.triton_quantize import quantize
+
+    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
+    torch.manual_seed(0)
+    q, rt, xs = _layer(make(), xshape, **kw)
+    refs = []
+    for t in range(T):
+        rt.step = t
+        refs.append(fake_forward(q, xs[t]))
+    enable_kernels(nn.Sequential(q), {"l": q}, rt, "fp8", channels_last=False)
+    pk = q._packed
+    assert pk.gemm == ("cublaslt" if lt else "triton")
+    if not lt:
+        return
+    w8 = pk.w.view(torch.float8_e4m3fn).float()
+    for t in range(T):
+        rt.step = t
+        rt.step_t.fill_(t)
+        with torch.no_grad():
+            y = kernel_forward(q, xs[t])
+            refs[t] = refs[t].detach()
+        x = xs[t]
+        x2d = (x.permute(0, 2, 3, 1) if x.dim() == 4 else x).reshape(-1, x.shape[1] if x.dim() == 4 else x.shape[-1])
+        codes = torch.empty(x2d.shape, dtype=torch.uint8, device=DEV)
+        row_s = torch.full((x2d.shape[0], 1), -1.0, device=DEV)
+        quantize(x2d.contiguous(), codes, rt.step_t, pk.act_s, pk.act_z, 0, T, True, row_s=row_s)
+        assert torch.equal(row_s, pk.act_s[0, t].expand_as(row_s))
+        want = (codes.view(torch.float8_e4m3fn).float() @ w8.t()) * pk.act_s[0, t] * pk.w_s
+        if pk.lt_bias is not None:
+            want = want + pk.lt_bias.float()
+        got = (y.permute(0, 2, 3, 1) if y.dim() == 4 else y).reshape(want.shape)
+        torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        if CUDA:  # the interpreter's e4m3 conversion halves values that round up to a power of two
+            assert float((y - refs[t]).abs().max() / refs[t].abs().max()) < 0.08
+
+
+def test_fp8_gemm_choice_is_checked(monkeypatch):
+    from cachequant.kernels.pack import fp8_gemm
+
+    assert fp8_gemm() == "triton"
+    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublas")
+    with pytest.raises(ValueError, match="CACHEQUANT_FP8_GEMM must be one of triton, cublaslt"):
+        fp8_gemm()
+
+
 @pytest.mark.skipif(not CUDA, reason="half-precision activations: GPU only")
 def test_int8_kernel_fp16_activations():
     torch.manual_seed(0)
@@ -223,6 +284,30 @@ def test_cuda_graph_replay_equals_eager_kernel_path(make_pipe):
     second = run(pipe, "ddim", 6, n=2)  # replays only
     cq.restore(pipe)
     assert np.abs(first - eager).max() < 1e-5 and np.abs(second - eager).max() < 1e-5
+
+
+@pytest.mark.skipif(not CUDA, reason="FP8 and CUDA graphs need a GPU (runs on the device)")
+def test_fp8_cublaslt_pipeline_matches_triton_fp8_and_replays(make_pipe, monkeypatch):
+    """End to end with CACHEQUANT_FP8_GEMM=cublaslt: the same FP8 codes as the Triton GEMM (only the
+    accumulation order differs), so the images agree closely; graph replay equals eager."""
+    from conftest import run
+
+    from cachequant.metrics import psnr
+
+    pipe, plan = _tiny_unet_plan(make_pipe, 6)
+    cq.accelerate(pipe, plan, backend="fp8")
+    triton_fp8 = run(pipe, "ddim", 6, n=2)
+    cq.restore(pipe)
+    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
+    cq.accelerate(pipe, plan, backend="fp8")
+    assert cq.kernel_report(pipe)["cublaslt_layers"] > 0
+    eager = run(pipe, "ddim", 6, n=2)
+    cq.enable_cuda_graphs(pipe)
+    run(pipe, "ddim", 6, n=2)  # captures
+    replay = run(pipe, "ddim", 6, n=2)
+    cq.restore(pipe)
+    assert np.abs(replay - eager).max() < 1e-5
+    assert psnr(eager, triton_fp8) > 30  # the bound the INT8 kernel path meets against the reference
 
 
 def test_cuda_graphs_refuse_reference_path_and_cpu(make_pipe):

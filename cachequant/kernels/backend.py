@@ -81,6 +81,14 @@ def _run(pk, x2d, y2d, rt, c: int, m_out: int, geom: tuple, rows: tuple | None =
 
     m_in = x2d.shape[0] if rows is None else x2d.shape[0] * rows[0]
     q = torch.empty((m_in, c), device=x2d.device, dtype=torch.uint8 if fp8 else torch.int8)
+    if pk.gemm == "cublaslt":
+        # y = (codes · W8ᵀ) · s_t · w_s + bias in one cuBLASLt call; s_t comes per row from the quantize pass
+        row_s = torch.empty((m_in, 1), device=x2d.device, dtype=torch.float32)
+        quantize(x2d, q, rt.step_t, pk.act_s, pk.act_z, 0, rt.num_calls, True, rows, row_s=row_s)
+        bias = pk.lt_bias if pk.lt_bias is None or pk.lt_bias.dtype == y2d.dtype else pk.lt_bias.to(y2d.dtype)
+        torch._scaled_mm(q.view(torch.float8_e4m3fn), pk.w.view(torch.float8_e4m3fn).t(), row_s, pk.lt_w_s,
+                         bias=bias, out_dtype=y2d.dtype, out=y2d)
+        return
     quantize(x2d, q, rt.step_t, pk.act_s, pk.act_z, pk.split, rt.num_calls, fp8, rows)
     gemm(q, *args, w4=pk.w4)
 
@@ -149,8 +157,9 @@ def enable_kernels(model: torch.nn.Module, layers: dict[str, _QuantBase], runtim
         # PyTorch's CUDA GroupNorm would copy each NHWC input to NCHW and return NCHW, which the
         # next conv copies back: two copies per norm (see triton_groupnorm).
         nhwc_norms = _use_nhwc_group_norm(model, undo)
+    lt = sum(layers[n]._packed.gemm == "cublaslt" for n in on)
     return {"backend": kind, "algo": algo, "attention": attention, "kernel_layers": len(on), "fake_layers": off,
-            "nhwc_group_norms": nhwc_norms, "undo": undo}
+            "cublaslt_layers": lt, "nhwc_group_norms": nhwc_norms, "undo": undo}
 
 
 def _use_nhwc_group_norm(model: torch.nn.Module, undo: list) -> int:

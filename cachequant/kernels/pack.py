@@ -37,6 +37,38 @@ class Packed:
     conv: dict | None       # stride / padding / dilation for Conv2d
     algo: str = "two-pass"  # "two-pass" (quantize, then GEMM) | "fused" (quantize in the GEMM prologue)
     w4: bool = False        # 4-bit weight codes packed two per byte (W4A8, two-pass INT8 only)
+    gemm: str = "triton"    # "triton" | "cublaslt" (FP8 GEMM-shaped layers: torch._scaled_mm, see fp8_gemm)
+    lt_w_s: torch.Tensor | None = None  # (1, N) fp32: w_s as cuBLASLt's row-wise scale_b
+    lt_bias: torch.Tensor | None = None  # bias in the weights' dtype (cuBLASLt adds it in its epilogue)
+
+
+FP8_GEMMS = ("triton", "cublaslt")
+
+
+def fp8_gemm() -> str:
+    """Which GEMM runs the FP8 backend's GEMM-shaped layers: ``CACHEQUANT_FP8_GEMM``.
+
+    ``triton`` (default): cachequant's Triton kernel, measured in ``benchmarks/results/h200.md``.
+    ``cublaslt``: ``torch._scaled_mm`` (cuBLASLt, row-wise scales) for every Linear and 1×1 conv
+    with one input part and no DEC; the rest stays on Triton. Why: at the small K / N of batch-1
+    SD and DiT layers the Triton FP8 GEMM reached 16–85 TFLOP/s where fp16 cuBLAS reached 133–303
+    (run 2's kernel table), and cuBLASLt's FP8 kernels are tuned for those shapes."""
+    import os
+
+    v = os.environ.get("CACHEQUANT_FP8_GEMM", "triton")
+    if v not in FP8_GEMMS:
+        raise ValueError(f"CACHEQUANT_FP8_GEMM must be one of {', '.join(FP8_GEMMS)}; got {v!r}")
+    return v
+
+
+def cublaslt_fits(kind: str, algo: str, kh: int, kw: int, conv: dict | None, split: int, has_dec: bool,
+                  c: int, n: int) -> bool:
+    """A layer cuBLASLt's FP8 GEMM computes as the Triton kernel does: a plain (M, C)·(C, N)
+    product (Linear, or 1×1 conv with stride 1 and no padding over NHWC rows), one activation
+    scale per call, no per-part or DEC factor in the epilogue, C and N multiples of 16."""
+    plain = kh == kw == 1 and (conv is None or (conv["stride"], conv["pad"], conv["dil"]) == (1, 0, 1))
+    return (kind == "fp8" and algo == "two-pass" and plain and not split and not has_dec
+            and c % 16 == 0 and n % 16 == 0 and hasattr(torch, "_scaled_mm"))
 
 
 def unsupported_reason(layer: _QuantBase) -> str | None:
@@ -118,8 +150,14 @@ def pack_layer(layer: _QuantBase, kind: str, algo: str = "two-pass") -> Packed:
     if layer.has_dec:
         dec_a, dec_b = layer.dec_a.float().contiguous(), layer.dec_b.float().contiguous()
     to = lambda t: None if t is None else t.to(dev).contiguous()  # noqa: E731
-    return Packed(kind, packed_w.to(dev), to(w_s), to(w_z), to(w_sum), to(act_s), to(act_z), to(bias),
-                  to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv, algo, w4)
+    pk = Packed(kind, packed_w.to(dev), to(w_s), to(w_z), to(w_sum), to(act_s), to(act_z), to(bias),
+                to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv, algo, w4)
+    if kind == "fp8" and fp8_gemm() == "cublaslt" and cublaslt_fits(kind, algo, kh, kw, conv, pk.split,
+                                                                    layer.has_dec, c, n):
+        pk.gemm = "cublaslt"
+        pk.lt_w_s = pk.w_s.view(1, n)
+        pk.lt_bias = None if inner.bias is None else inner.bias.detach().to(dev).contiguous()
+    return pk
 
 
 def packs_w4(c: int, split: int) -> bool:

@@ -35,9 +35,9 @@ DENSE, STRIDED, PIXEL_CONTIGUOUS = 0, 1, 2
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT", "T", "HW", "S_N", "S_HW", "S_C"])
-def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, T, HW, S_N, S_HW, S_C,
+def _quantize_kernel(x_ptr, q_ptr, rs_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, T, HW, S_N, S_HW, S_C,
                      IS_FP8: tl.constexpr, HAS_SPLIT: tl.constexpr, LAYOUT: tl.constexpr,
-                     BM: tl.constexpr, BC: tl.constexpr):
+                     WRITE_ROW_S: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     step = tl.load(step_ptr)
@@ -60,6 +60,11 @@ def _quantize_kernel(x_ptr, q_ptr, step_ptr, act_s_ptr, act_z_ptr, M, C, SPLIT, 
     else:
         y = int8_code(x, s, _per_part(act_z_ptr, T, step, offs_c, SPLIT, HAS_SPLIT)).to(tl.int8)
     tl.store(q_ptr + offs_m[:, None].to(tl.int64) * C + offs_c[None, :], y, mask=mask)
+    if WRITE_ROW_S:
+        # this call's scale once per row, the row-wise scale a cuBLASLt FP8 GEMM reads: written here,
+        # it costs no launch of its own (one input part only, so s is one number)
+        if pid_c == 0:
+            tl.store(rs_ptr + offs_m, tl.zeros([BM], dtype=tl.float32) + s, mask=offs_m < M)
 
 
 def _layout(rows: tuple | None, m: int, c: int, bm: int) -> int:
@@ -73,18 +78,25 @@ def _layout(rows: tuple | None, m: int, c: int, bm: int) -> int:
     return STRIDED
 
 
-def quantize(x, q, step_t, act_s, act_z, split: int, T: int, fp8: bool, rows: tuple | None = None) -> None:
+def quantize(x, q, step_t, act_s, act_z, split: int, T: int, fp8: bool, rows: tuple | None = None,
+             row_s=None) -> None:
     """Activations → ``q`` (M, C) int8 (INT8 codes) or uint8 (e4m3 bytes), rows in NHWC order.
 
     ``x`` is (M, C) contiguous, or, with ``rows = backend.pixel_strides(x)``, a 4-d conv input in any
     layout those strides describe. Why: an NCHW input (PyTorch's CUDA GroupNorm output, diffusers'
     transformer blocks' ``permute(...).contiguous()``) then becomes NHWC codes in this one pass,
-    which reads and writes every element anyway, instead of an fp16 NHWC copy first."""
+    which reads and writes every element anyway, instead of an fp16 NHWC copy first.
+
+    ``row_s`` (M, 1) fp32, optional: also receives this call's activation scale in every row (the
+    ``scale_a`` of ``torch._scaled_mm``'s row-wise scaling); only for inputs of one part."""
+    if row_s is not None and split:
+        raise ValueError("row_s needs an input of one part (split = 0): a concatenation has two scales per row")
     C = q.shape[1]
     M = q.shape[0]
     bm, bc = 64, min(128, triton.next_power_of_2(C))
     layout = _layout(rows, M, C, bm)
     hw, s_n, s_hw, s_c = rows if rows is not None else (M, 0, C, 1)
     grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-    _quantize_kernel[grid](x, q, step_t, act_s, act_z, M, C, split, T, hw, s_n, s_hw, s_c, IS_FP8=fp8,
-                           HAS_SPLIT=split > 0, LAYOUT=layout, BM=bm, BC=bc, num_warps=4)
+    _quantize_kernel[grid](x, q, row_s if row_s is not None else act_s, step_t, act_s, act_z, M, C, split, T, hw,
+                           s_n, s_hw, s_c, IS_FP8=fp8, HAS_SPLIT=split > 0, LAYOUT=layout,
+                           WRITE_ROW_S=row_s is not None, BM=bm, BC=bc, num_warps=4)
