@@ -38,6 +38,7 @@ class Packed:
     algo: str = "two-pass"  # "two-pass" (quantize, then GEMM) | "fused" (quantize in the GEMM prologue)
     w4: bool = False        # 4-bit weight codes packed two per byte (W4A8, two-pass INT8 only)
     gemm: str = "triton"    # "triton" | "cublaslt" (FP8 GEMM-shaped layers: torch._scaled_mm, see fp8_gemm)
+    lt_w: torch.Tensor | None = None    # (K, N) e4m3 view of w, column-major: cuBLASLt's operand B
     lt_w_s: torch.Tensor | None = None  # (1, N) fp32: w_s as cuBLASLt's row-wise scale_b
     lt_bias: torch.Tensor | None = None  # bias in the weights' dtype (cuBLASLt adds it in its epilogue)
 
@@ -61,13 +62,12 @@ def fp8_gemm() -> str:
     return v
 
 
-def cublaslt_fits(kind: str, algo: str, kh: int, kw: int, conv: dict | None, split: int, has_dec: bool,
-                  c: int, n: int) -> bool:
+def cublaslt_fits(algo: str, kh: int, kw: int, conv: dict | None, split: int, has_dec: bool, c: int, n: int) -> bool:
     """A layer cuBLASLt's FP8 GEMM computes as the Triton kernel does: a plain (M, C)·(C, N)
     product (Linear, or 1×1 conv with stride 1 and no padding over NHWC rows), one activation
     scale per call, no per-part or DEC factor in the epilogue, C and N multiples of 16."""
     plain = kh == kw == 1 and (conv is None or (conv["stride"], conv["pad"], conv["dil"]) == (1, 0, 1))
-    return (kind == "fp8" and algo == "two-pass" and plain and not split and not has_dec
+    return (algo == "two-pass" and plain and not split and not has_dec
             and c % 16 == 0 and n % 16 == 0 and hasattr(torch, "_scaled_mm"))
 
 
@@ -152,9 +152,9 @@ def pack_layer(layer: _QuantBase, kind: str, algo: str = "two-pass") -> Packed:
     to = lambda t: None if t is None else t.to(dev).contiguous()  # noqa: E731
     pk = Packed(kind, packed_w.to(dev), to(w_s), to(w_z), to(w_sum), to(act_s), to(act_z), to(bias),
                 to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv, algo, w4)
-    if kind == "fp8" and fp8_gemm() == "cublaslt" and cublaslt_fits(kind, algo, kh, kw, conv, pk.split,
-                                                                    layer.has_dec, c, n):
+    if kind == "fp8" and fp8_gemm() == "cublaslt" and cublaslt_fits(algo, kh, kw, conv, pk.split, layer.has_dec, c, n):
         pk.gemm = "cublaslt"
+        pk.lt_w = pk.w.view(torch.float8_e4m3fn).t()
         pk.lt_w_s = pk.w_s.view(1, n)
         pk.lt_bias = None if inner.bias is None else inner.bias.detach().to(dev).contiguous()
     return pk

@@ -54,11 +54,14 @@ def _down_plan(model: nn.Module, layers: int) -> list[tuple[nn.Module, int | Non
     return plan
 
 
+def _block_layers(model: nn.Module, branch: int) -> int:
+    """Up layers in the last ``branch`` up blocks."""
+    return sum(len(b.resnets) for b in list(model.up_blocks)[-branch:])
+
+
 def _trailing_layers(model: nn.Module, site: dict) -> int:
     """Up layers run on a cached step. Plans written before layer-level sites hold only "branch"."""
-    if "layers" in site:
-        return int(site["layers"])
-    return sum(len(b.resnets) for b in list(model.up_blocks)[-site["branch"]:])
+    return int(site["layers"]) if "layers" in site else _block_layers(model, site["branch"])
 
 
 def _resolve_site(model: nn.Module, config) -> dict:
@@ -85,7 +88,7 @@ def _resolve_site(model: nn.Module, config) -> dict:
         branch = 1 if branch is None else int(branch)
         if not 1 <= branch < n_up:
             raise ValueError(f"cache_branch must be in [1, {n_up - 1}] for this UNet ({n_up} up blocks), got {branch}")
-        layers = sum(len(b.resnets) for b in list(model.up_blocks)[-branch:])
+        layers = _block_layers(model, branch)
     layers = int(layers)
     if not 1 <= layers < total:
         raise ValueError(f"cache_layers must be in [1, {total - 1}] for this UNet ({total} up layers), got {layers}")
@@ -109,7 +112,7 @@ def _resolve_site(model: nn.Module, config) -> dict:
 
 
 def _install(model: nn.Module, rt: Runtime, site: dict) -> list:
-    module = model.get_submodule(site["feature"]) if "layers" in site else model.up_blocks[-(site["branch"] + 1)]
+    module = model.get_submodule(site["feature"])  # old plans name up_blocks.{n_up - branch - 1} here too
 
     def hook(_module, _inp, out):
         if rt.is_full:
