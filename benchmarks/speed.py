@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -109,13 +110,37 @@ def call_kwargs(model: str, batch: int, steps: int, tiny: bool = False) -> dict:
     return dict(class_labels=list(range(batch)), num_inference_steps=steps, guidance_scale=4.0, output_type="np")
 
 
-def time_runs(pipe, kw: dict, repeats: int, device: str) -> dict:
+class WarmupTimeout(BaseException):
+    """A BaseException, like KeyboardInterrupt: inductor catches ``Exception`` around its Triton
+    compiles and logs it (an H200 run's first limit, an Exception, was swallowed there and the
+    row compiled on for 242 s), so an ordinary exception would not stop a compilation."""
+
+
+def _warmup_alarm(signum, frame):
+    raise WarmupTimeout
+
+
+def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float | None = None) -> dict:
+    """``warmup_limit_s``: give up on a row whose warm-up run (graph capture, compilation) takes
+    longer, so that one slow compilation does not take the rest of a device call with it. The
+    alarm interrupts Python code only: a single long C call ends first."""
     sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pipe(generator=torch.Generator(device).manual_seed(0), **kw)  # warm-up (captures graphs, compiles)
-    sync(device)
+    if warmup_limit_s:
+        old = signal.signal(signal.SIGALRM, _warmup_alarm)
+        signal.setitimer(signal.ITIMER_REAL, warmup_limit_s)
+    try:
+        pipe(generator=torch.Generator(device).manual_seed(0), **kw)  # warm-up (captures graphs, compiles)
+        sync(device)
+    except WarmupTimeout:
+        raise RuntimeError(f"the warm-up run (compilation, graph capture) did not finish in {warmup_limit_s:g} s "
+                           "(--warmup-limit-s)") from None
+    finally:
+        if warmup_limit_s:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
     warm = time.perf_counter() - t0
     times = []
     for i in range(repeats):
@@ -328,9 +353,10 @@ def linear_rows(pipe, model: str, batch: int, tiny: bool) -> dict[str, int]:
     return rows
 
 
-def row_torchao(pipe, model, kind, batch=1, tiny=False, **_):
+def row_torchao(pipe, model, kind, batch=1, tiny=False, compile=True, **_):
     """torchao's dynamic int8 / float8 quantization of every Linear that has more than 16 rows,
-    then torch.compile. The few Linears with M ≤ 16 (time embedding, adaLN) stay fp16, because
+    then torch.compile (``compile=False``: the quantized model eager, which tells a slow or stuck
+    compilation apart from a slow quantized model). The few Linears with M ≤ 16 (time embedding, adaLN) stay fp16, because
     ``torch._int_mm`` refuses them (the first attempt failed with "self.size(0) needs to be greater
     than 16, but got 2"); the same set is skipped for float8 so that both rows quantize the same
     layers. Their share of the Linear MACs is recorded (``torchao_kept_linear_mac_share``)."""
@@ -344,7 +370,7 @@ def row_torchao(pipe, model, kind, batch=1, tiny=False, **_):
     orig = denoiser(pipe)
     q = copy.deepcopy(orig)
     quantize_(q, C(), filter_fn=keep)
-    set_denoiser(pipe, torch.compile(q))
+    set_denoiser(pipe, torch.compile(q) if compile else q)
     return {"torchao": __import__("torchao").__version__, **info}, lambda: set_denoiser(pipe, orig)
 
 
@@ -414,14 +440,17 @@ def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
     for n in n_list:
         rows.append((f"cachequant cache-only N={n} + graph", row_cq, dict(interval=n, kind=None, graphs=True)))
     rows.append(("cachequant INT8 quant-only + graph", row_cq, dict(interval=1, kind="int8", graphs=True)))
-    rows.append(("cachequant FP8 quant-only + graph", row_cq, dict(interval=1, kind="fp8", graphs=True)))
+    # "FP8 + graph" rows: the Triton GEMM everywhere, as measured before cuBLASLt became the default on Hopper
+    rows.append(("cachequant FP8 quant-only + graph", row_cq, dict(interval=1, kind="fp8", graphs=True,
+                                                                  fp8_gemm="triton")))
     # the FP8 backend with cuBLASLt (torch._scaled_mm) for its GEMM-shaped layers (CACHEQUANT_FP8_GEMM)
     lt = dict(kind="fp8", graphs=True, fp8_gemm="cublaslt")
     rows.append(("cachequant FP8 quant-only, cuBLASLt GEMMs + graph", row_cq, dict(interval=1, **lt)))
     for n in n_list:
         rows.append((f"CacheQuant N={n} INT8 (eager)", row_cq, dict(interval=n, kind="int8", graphs=False)))
         rows.append((f"CacheQuant N={n} INT8 + graph", row_cq, dict(interval=n, kind="int8", graphs=True)))
-        rows.append((f"CacheQuant N={n} FP8 + graph", row_cq, dict(interval=n, kind="fp8", graphs=True)))
+        rows.append((f"CacheQuant N={n} FP8 + graph", row_cq, dict(interval=n, kind="fp8", graphs=True,
+                                                                    fp8_gemm="triton")))
         rows.append((f"CacheQuant N={n} FP8, cuBLASLt GEMMs + graph", row_cq, dict(interval=n, **lt)))
     for kind in ("int8", "fp8"):
         rows.append((f"CacheQuant N={n_list[0]} {kind.upper()} + graph, 8-bit weights only", row_cq_lean,
@@ -436,6 +465,8 @@ def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
     rows.append(("fp16 + torch.compile", row_compile, {}))
     rows.append(("torchao int8 dynamic + compile", row_torchao, dict(kind="int8")))
     rows.append(("torchao float8 dynamic + compile", row_torchao, dict(kind="fp8")))
+    rows.append(("torchao int8 dynamic (eager)", row_torchao, dict(kind="int8", compile=False)))
+    rows.append(("torchao float8 dynamic (eager)", row_torchao, dict(kind="fp8", compile=False)))
     return rows
 
 
@@ -561,6 +592,8 @@ def main() -> int:
                     help="comma-separated substrings: run only matching rows, in the order of the first substring "
                          "each matches (put the rows that must not be cut by --time-budget-s first)")
     ap.add_argument("--time-budget-s", type=float, default=1e9, help="stop starting rows after this")
+    ap.add_argument("--warmup-limit-s", type=float, default=None,
+                    help="a row whose warm-up run (compilation, graph capture) takes longer fails with that reason")
     ap.add_argument("--profile", action="store_true",
                     help="per row, one extra run under torch.profiler: GPU time per kernel category, GPU idle share")
     ap.add_argument("--kernels-only", action="store_true")
@@ -626,7 +659,8 @@ def main() -> int:
                     info, undo = fn(pipe, args.model, steps=steps, plans=plans, batch=batch, tiny=args.tiny, **kw)
                 row.update(info)
                 with torch.no_grad():
-                    row.update(time_runs(pipe, call_kwargs(args.model, batch, steps, args.tiny), args.repeats, device))
+                    row.update(time_runs(pipe, call_kwargs(args.model, batch, steps, args.tiny), args.repeats, device,
+                                        args.warmup_limit_s))
                     if args.profile:
                         row["profile"] = profile_run(pipe, call_kwargs(args.model, batch, steps, args.tiny), device)
                 row["s_per_image"] = row["median_s"] / batch

@@ -36,6 +36,13 @@ def _exact_float_reference():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.fixture(autouse=True)
+def _triton_fp8_gemm(monkeypatch):
+    """The FP8 tests check cachequant's Triton GEMM unless they ask for cuBLASLt themselves: on a
+    Hopper GPU the default would route plain GEMMs to cuBLASLt and leave the Triton GEMM untested."""
+    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "triton")
+
+
 def _layer(module, xshape, split=None, dec=False, weight_bits=8, seed=0, dtype=torch.float32):
     """A calibrated quantized layer and per-step inputs whose range drifts with the step."""
     g = torch.Generator().manual_seed(seed)
@@ -177,18 +184,29 @@ def test_fp8_cublaslt_gemm_computes_the_triton_kernels_product(name, make, xshap
         if pk.lt_bias is not None:
             want = want + pk.lt_bias.float()
         got = (y.permute(0, 2, 3, 1) if y.dim() == 4 else y).reshape(want.shape)
-        torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        # On the CPU the products are summed in float32; Hopper's FP8 tensor cores accumulate with
+        # fewer mantissa bits (an H200 run differed by up to 1.0e-4 of the largest output on the
+        # three shapes, 2026-12-02), so the GPU bound is 1e-3 of it
+        tol = (1e-3 if CUDA else 1e-5) * float(want.abs().max())
+        torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=tol)
         if CUDA:  # the interpreter's e4m3 conversion halves values that round up to a power of two
             assert float((y - refs[t]).abs().max() / refs[t].abs().max()) < 0.08
 
 
 def test_fp8_gemm_choice_is_checked(monkeypatch):
+    """Unset: cuBLASLt on Hopper or newer, the Triton GEMM elsewhere; set: as asked, and checked."""
     from cachequant.kernels.pack import fp8_gemm
 
-    assert fp8_gemm() == "triton"
+    monkeypatch.delenv("CACHEQUANT_FP8_GEMM")
+    assert fp8_gemm("cpu") == "triton"  # the interpreter's tests check the Triton GEMM
+    if CUDA:
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert fp8_gemm("cuda") == ("cublaslt" if hopper else "triton")
+    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
+    assert fp8_gemm("cpu") == "cublaslt"
     monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublas")
     with pytest.raises(ValueError, match="CACHEQUANT_FP8_GEMM must be one of triton, cublaslt"):
-        fp8_gemm()
+        fp8_gemm("cpu")
 
 
 @pytest.mark.skipif(not CUDA, reason="half-precision activations: GPU only")
@@ -286,18 +304,44 @@ def test_cuda_graph_replay_equals_eager_kernel_path(make_pipe):
     assert np.abs(first - eager).max() < 1e-5 and np.abs(second - eager).max() < 1e-5
 
 
-@pytest.mark.skipif(not CUDA, reason="FP8 and CUDA graphs need a GPU (runs on the device)")
-def test_fp8_cublaslt_pipeline_matches_triton_fp8_and_replays(make_pipe, monkeypatch):
-    """End to end with CACHEQUANT_FP8_GEMM=cublaslt: the same FP8 codes as the Triton GEMM (only the
-    accumulation order differs), so the images agree closely; graph replay equals eager."""
+def _first_call_fp8(pipe, plan, gemm: str, monkeypatch) -> tuple[torch.Tensor, int]:
+    """The tiny UNet's first denoiser output on the FP8 backend with ``gemm``, and its cuBLASLt layer count."""
     from conftest import run
 
-    from cachequant.metrics import psnr
+    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", gemm)
+    cq.accelerate(pipe, plan, backend="fp8")
+    n_lt = cq.kernel_report(pipe)["cublaslt_layers"]
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda mod, inp, out: calls.append(out[0].detach().float()))
+    run(pipe, "ddim", 2, n=2)
+    hook.remove()
+    cq.restore(pipe)
+    return calls[0], n_lt
+
+
+def test_fp8_cublaslt_pipeline_agrees_with_triton_fp8(make_pipe, monkeypatch):
+    """End to end with CACHEQUANT_FP8_GEMM=cublaslt: the same FP8 codes as the Triton GEMM, only
+    the summation differs, so the first denoiser call agrees with the Triton FP8 path's except where
+    a layer input lands next to an e4m3 rounding boundary and takes the neighbouring code (a "flip").
+    Whole images are not compared: an e4m3 code step is 1/8–1/16 of the value, so a flip moves its
+    output far more than an INT8 flip, and on the random tiny UNet flips cascade to ~18 dB (19.2 dB
+    on the CPU, 17.6 dB on an H200, 6 steps, 2026-12-02) although every layer agrees to ~1e-7
+    given the same input. A wrong scale or bias moves every output, which this catches."""
+    pipe, plan = _tiny_unet_plan(make_pipe, 2)
+    ref, n_ref = _first_call_fp8(pipe, plan, "triton", monkeypatch)
+    got, n_lt = _first_call_fp8(pipe, plan, "cublaslt", monkeypatch)
+    assert n_ref == 0 and n_lt > 0
+    moved = float(((got - ref).abs() > 2e-3 * ref.abs().max()).float().mean())
+    print(f"first call: {moved:.1%} of the outputs moved by > 2e-3 of the largest")
+    assert moved < 0.1, f"{moved:.0%} of the first call's outputs moved"
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (runs on the device)")
+def test_fp8_cublaslt_pipeline_replays(make_pipe, monkeypatch):
+    """cuBLASLt GEMMs inside the captured full and cached steps: replay gives the eager images."""
+    from conftest import run
 
     pipe, plan = _tiny_unet_plan(make_pipe, 6)
-    cq.accelerate(pipe, plan, backend="fp8")
-    triton_fp8 = run(pipe, "ddim", 6, n=2)
-    cq.restore(pipe)
     monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
     cq.accelerate(pipe, plan, backend="fp8")
     assert cq.kernel_report(pipe)["cublaslt_layers"] > 0
@@ -307,7 +351,6 @@ def test_fp8_cublaslt_pipeline_matches_triton_fp8_and_replays(make_pipe, monkeyp
     replay = run(pipe, "ddim", 6, n=2)
     cq.restore(pipe)
     assert np.abs(replay - eager).max() < 1e-5
-    assert psnr(eager, triton_fp8) > 30  # the bound the INT8 kernel path meets against the reference
 
 
 def test_cuda_graphs_refuse_reference_path_and_cpu(make_pipe):

@@ -150,3 +150,34 @@ def test_every_row_pattern_of_the_device_scripts_names_a_row():
                 assert any(pat.strip() in n for n in names), (script, m.group(1), pat)
                 checked += 1
     assert checked > 50
+
+
+def test_warmup_limit_stops_a_slow_row_even_through_except_exception():
+    """--warmup-limit-s: a warm-up run that takes longer fails with the reason, even when the code
+    it interrupts catches ``Exception`` (inductor does, around its Triton compiles); the runs after
+    it are not timed, and the alarm is off afterwards."""
+    import time
+
+    import pytest
+
+    from conftest import load_benchmark
+
+    speed = load_benchmark("speed")
+    calls = []
+
+    def slow_pipe(**kw):  # a compilation that swallows ordinary exceptions
+        calls.append(1)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 5:
+            try:
+                time.sleep(0.01)
+            except Exception:  # noqa: BLE001
+                pass
+
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"warm-up run .* did not finish in 0.2 s"):
+        speed.time_runs(slow_pipe, {}, repeats=3, device="cpu", warmup_limit_s=0.2)
+    assert time.perf_counter() - t0 < 2 and len(calls) == 1
+    fast = speed.time_runs(lambda **kw: calls.append(1), {}, repeats=2, device="cpu", warmup_limit_s=0.2)
+    time.sleep(0.3)  # the alarm of the finished row must not fire later
+    assert len(fast["times_s"]) == 2

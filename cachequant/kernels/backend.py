@@ -86,8 +86,13 @@ def _run(pk, x2d, y2d, rt, c: int, m_out: int, geom: tuple, rows: tuple | None =
         row_s = torch.empty((m_in, 1), device=x2d.device, dtype=torch.float32)
         quantize(x2d, q, rt.step_t, pk.act_s, pk.act_z, 0, rt.num_calls, True, rows, row_s=row_s)
         bias = pk.lt_bias if pk.lt_bias is None or pk.lt_bias.dtype == y2d.dtype else pk.lt_bias.to(y2d.dtype)
+        # cuBLASLt adds a bias in its epilogue for 16-bit outputs only ("Bias is not supported when
+        # out_dtype is set to Float32"): a float32 model adds it after
+        late = bias is not None and y2d.dtype == torch.float32
         torch._scaled_mm(q.view(torch.float8_e4m3fn), pk.lt_w, row_s, pk.lt_w_s,
-                         bias=bias, out_dtype=y2d.dtype, out=y2d)
+                         bias=None if late else bias, out_dtype=y2d.dtype, out=y2d)
+        if late:
+            y2d.add_(bias)
         return
     quantize(x2d, q, rt.step_t, pk.act_s, pk.act_z, pk.split, rt.num_calls, fp8, rows)
     gemm(q, *args, w4=pk.w4)

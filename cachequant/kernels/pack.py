@@ -46,17 +46,24 @@ class Packed:
 FP8_GEMMS = ("triton", "cublaslt")
 
 
-def fp8_gemm() -> str:
-    """Which GEMM runs the FP8 backend's GEMM-shaped layers: ``CACHEQUANT_FP8_GEMM``.
+def fp8_gemm(device: torch.device | str) -> str:
+    """Which GEMM runs the FP8 backend's GEMM-shaped layers on ``device``.
 
-    ``triton`` (default): cachequant's Triton kernel, measured in ``benchmarks/results/h200.md``.
-    ``cublaslt``: ``torch._scaled_mm`` (cuBLASLt, row-wise scales) for every Linear and 1×1 conv
-    with one input part and no DEC; the rest stays on Triton. Why: at the small K / N of batch-1
-    SD and DiT layers the Triton FP8 GEMM reached 16–85 TFLOP/s where fp16 cuBLAS reached 133–303
-    (run 2's kernel table), and cuBLASLt's FP8 kernels are tuned for those shapes."""
+    ``CACHEQUANT_FP8_GEMM`` picks one: ``cublaslt`` runs ``torch._scaled_mm`` (cuBLASLt, row-wise
+    scales) for every Linear and 1×1 conv with one input part and no DEC, the rest staying on Triton;
+    ``triton`` runs cachequant's Triton GEMM everywhere. Unset, it is ``cublaslt`` on Hopper or newer
+    (compute capability ≥ 9.0, where row-wise scaled FP8 GEMMs are cuBLASLt's) and ``triton``
+    elsewhere (older GPUs, and the CPU interpreter, whose tests check the Triton GEMM). Why: at the
+    small K / N of batch-1 SD and DiT layers the Triton FP8 GEMM reached 16–85 TFLOP/s where fp16
+    cuBLAS reached 133–303; on an H200 cuBLASLt made FP8 quant-only 5 % (SD 1.5) and 19 % (DiT-XL/2)
+    faster end to end (``benchmarks/results/h200.md``, ninth session)."""
     import os
 
-    v = os.environ.get("CACHEQUANT_FP8_GEMM", "triton")
+    v = os.environ.get("CACHEQUANT_FP8_GEMM")
+    if v is None:
+        dev = torch.device(device)
+        hopper = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0)
+        return "cublaslt" if hopper else "triton"
     if v not in FP8_GEMMS:
         raise ValueError(f"CACHEQUANT_FP8_GEMM must be one of {', '.join(FP8_GEMMS)}; got {v!r}")
     return v
@@ -152,7 +159,7 @@ def pack_layer(layer: _QuantBase, kind: str, algo: str = "two-pass") -> Packed:
     to = lambda t: None if t is None else t.to(dev).contiguous()  # noqa: E731
     pk = Packed(kind, packed_w.to(dev), to(w_s), to(w_z), to(w_sum), to(act_s), to(act_z), to(bias),
                 to(dec_a), to(dec_b), layer.split or 0, kh, kw, conv, algo, w4)
-    if kind == "fp8" and fp8_gemm() == "cublaslt" and cublaslt_fits(algo, kh, kw, conv, pk.split, layer.has_dec, c, n):
+    if kind == "fp8" and fp8_gemm(dev) == "cublaslt" and cublaslt_fits(algo, kh, kw, conv, pk.split, layer.has_dec, c, n):
         pk.gemm = "cublaslt"
         pk.lt_w = pk.w.view(torch.float8_e4m3fn).t()
         pk.lt_w_s = pk.w_s.view(1, n)
