@@ -356,10 +356,10 @@ def linear_rows(pipe, model: str, batch: int, tiny: bool) -> dict[str, int]:
 def row_torchao(pipe, model, kind, batch=1, tiny=False, compile=True, **_):
     """torchao's dynamic int8 / float8 quantization of every Linear that has more than 16 rows,
     then torch.compile (``compile=False``: the quantized model eager, which tells a slow or stuck
-    compilation apart from a slow quantized model). The few Linears with M ≤ 16 (time embedding, adaLN) stay fp16, because
-    ``torch._int_mm`` refuses them (the first attempt failed with "self.size(0) needs to be greater
-    than 16, but got 2"); the same set is skipped for float8 so that both rows quantize the same
-    layers. Their share of the Linear MACs is recorded (``torchao_kept_linear_mac_share``)."""
+    compilation apart from a slow quantized model). The few Linears with M ≤ 16 (time embedding,
+    adaLN) stay fp16, because ``torch._int_mm`` refuses them (the first attempt failed with
+    "self.size(0) needs to be greater than 16, but got 2"); the same set is skipped for float8 so
+    that both rows quantize the same layers. Their share of the Linear MACs is recorded (``torchao_kept_linear_mac_share``)."""
     from torchao.quantization import quantize_
 
     if kind == "int8":
