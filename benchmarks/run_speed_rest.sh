@@ -15,7 +15,7 @@
 #   torchao-sd15-b1, torchao-sd15-b8, torchao-dit-ddim50-b1, torchao-dit-ddim50-b8,
 #   torchao-dit-ddpm250-b1, torchao-dit-ddpm250-b8   the torchao rows, one configuration per call:
 #             compiling the torchao model took 242 s (int8) and 183 s (float8) for DiT-XL/2 at batch 1
-#             and did not finish in ~450 s for SD 1.5 (2026-12-02), so each row has a warm-up limit and
+#             and did not finish within a 560 s call for SD 1.5 (2026-12-02), so each row has a warm-up limit and
 #             says so when compilation overruns it. Run the DDIM 50 part before the DDPM 250 part of the
 #             same batch on one warm machine: the model and shapes are the same, so inductor's caches
 #             on that machine's disk serve the second compilation.

@@ -324,9 +324,10 @@ def test_fp8_cublaslt_pipeline_agrees_with_triton_fp8(make_pipe, monkeypatch):
     the summation differs, so the first denoiser call agrees with the Triton FP8 path's except where
     a layer input lands next to an e4m3 rounding boundary and takes the neighbouring code (a "flip").
     Whole images are not compared: an e4m3 code step is 1/8–1/16 of the value, so a flip moves its
-    output far more than an INT8 flip, and on the random tiny UNet flips cascade to ~18 dB (19.2 dB
-    on the CPU, 17.6 dB on an H200, 6 steps, 2026-12-02) although every layer agrees to ~1e-7
-    given the same input. A wrong scale or bias moves every output, which this catches."""
+    output far more than an INT8 flip, and on the random tiny UNet flips cascade (6 steps on an
+    H200: 17.6 dB between the two paths' images, 2026-12-02, although every layer computes the
+    product of its codes, as the product test checks). A wrong scale or bias moves nearly every
+    output, which this catches."""
     pipe, plan = _tiny_unet_plan(make_pipe, 2)
     ref, n_ref = _first_call_fp8(pipe, plan, "triton", monkeypatch)
     got, n_lt = _first_call_fp8(pipe, plan, "cublaslt", monkeypatch)
