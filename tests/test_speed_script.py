@@ -181,3 +181,30 @@ def test_warmup_limit_stops_a_slow_row_even_through_except_exception():
     fast = speed.time_runs(lambda **kw: calls.append(1), {}, repeats=2, device="cpu", warmup_limit_s=0.2)
     time.sleep(0.3)  # the alarm of the finished row must not fire later
     assert len(fast["times_s"]) == 2
+
+
+def test_regional_compile_shares_one_graph_across_identical_blocks():
+    """The torchao rows compile each transformer block on its own: identical blocks reuse one
+    compiled graph (fewer graphs than blocks, so compile time does not grow with depth), the
+    output equals the eager model's, and the original denoiser comes back afterwards."""
+    import torch
+    from conftest import load_benchmark
+    from torch._dynamo.utils import counters
+
+    speed = load_benchmark("speed")
+    pipe = speed.build("dit-xl2", "ddim", "cpu", tiny=True)
+    kw = {**speed.call_kwargs("dit-xl2", 1, 2, True), "output_type": "latent"}
+    orig = speed.denoiser(pipe)
+    with torch.no_grad():
+        ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        torch._dynamo.reset()
+        counters.clear()
+        info, undo = speed.row_compile(pipe, "dit-xl2", scope="regional")
+        out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    n_blocks = len(speed.denoiser(pipe).transformer_blocks)
+    assert info["compile_scope"].startswith(f"each BasicTransformerBlock ({n_blocks})")
+    assert all(b._compiled_call_impl is not None for b in speed.denoiser(pipe).transformer_blocks)
+    assert 0 < counters["stats"]["unique_graphs"] < n_blocks
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    undo()
+    assert speed.denoiser(pipe) is orig and all(b._compiled_call_impl is None for b in orig.transformer_blocks)
