@@ -13,14 +13,14 @@
 # all on one warm machine; `speed_report.py --coverage` checks the result):
 #   sd15-b1, sd15-b8, dit-ddim50 (batch 1 and 8), dit-ddpm250-b1, dit-ddpm250-b8: all rows but torchao's
 #   torchao-sd15-b1, torchao-sd15-b8, torchao-dit-ddim50-b1, torchao-dit-ddim50-b8,
-#   torchao-dit-ddpm250-b1, torchao-dit-ddpm250-b8   the torchao rows, one configuration per call,
-#             with fp16 compiled the same way: each transformer block compiled on its own (regional), since
-#             compiling the whole torchao model took 242 s (int8) and 183 s (float8) for DiT-XL/2 at
-#             batch 1 and did not finish within a 560 s call for SD 1.5 (2026-12-02; the "whole-model
-#             compile" rows still measure that). Each row has a warm-up limit and says so when compilation
-#             overruns it. Run the DDIM 50 part before the DDPM 250 part of the same batch on one warm
-#             machine: the model and shapes are the same, so inductor's caches on that machine's disk
-#             serve the second compilation.
+#   torchao-dit-ddpm250-b1, torchao-dit-ddpm250-b8   the torchao rows, one configuration per call:
+#             compiling the torchao model took 242 s (int8) and 183 s (float8) for DiT-XL/2 at batch 1
+#             and did not finish within a 560 s call for SD 1.5 (2026-12-02), so a row's warm-up may
+#             take no longer than the call's time budget has left, and says so when it overruns. Run the
+#             DDIM 50 part before the DDPM 250 part of the same batch on one warm machine: the model and
+#             shapes are the same, so inductor's caches on that machine's disk serve the second
+#             compilation. (Regional compilation, each transformer block on its own, compiled faster
+#             but ran 1.6-2.9x slower: the "regional compile" rows of speed.py, not run here.)
 # and the FP8 backend with cuBLASLt GEMMs (CACHEQUANT_FP8_GEMM=cublaslt) against its Triton GEMM:
 #   kernels   per-shape TOPS of every kernel variant against the measured ceilings (speed.py --kernels-only)
 #   fp8-lt    end to end: SD 1.5 batch 1 and DiT-XL/2 DDIM 50 batch 1, fp16 + graph, FP8 quant-only and cached
@@ -71,12 +71,11 @@ for part in "$@"; do
         --rows "fp16 eager,N=2 INT8 + graph,N=2 FP8 + graph,N=3 INT8 + graph,N=3 FP8 + graph,fp16 + CUDA,cache-only,INT8 quant-only,FP8 quant-only,FirstBlockCache,torch.compile" \
         --out "$out/$part.json" ;;
     torchao-sd15-b1|torchao-sd15-b8) timeout 580 python3 $s --model sd15 --batch ${part#torchao-sd15-b} --repeats 5 \
-        --warmup-limit-s 240 --rows "fp16 eager,torchao int8 dynamic + compile,torchao float8 dynamic + compile,fp16 + compile of each" \
+        --time-budget-s 530 --rows "fp16 eager,torchao int8 dynamic + compile,torchao float8 dynamic + compile" \
         --out "$out/$part.json" ;;
     torchao-dit-*) cfg=${part#torchao-dit-}; sampler=${cfg%%[0-9]*}; timeout 580 python3 $s --model dit-xl2 \
-        --sampler $sampler --batch ${cfg#*-b} --repeats 5 --warmup-limit-s 200 \
-        --rows "fp16 eager,torchao int8 dynamic + compile,torchao float8 dynamic + compile,fp16 + compile of each" \
-        --out "$out/$part.json" ;;
+        --sampler $sampler --batch ${cfg#*-b} --repeats 5 --time-budget-s 530 \
+        --rows "fp16 eager,torchao int8 dynamic + compile,torchao float8 dynamic + compile" --out "$out/$part.json" ;;
     kernels) timeout 150 python3 benchmarks/speed.py --kernels-only --out "$out/kernels.json" ;;
     fp8-lt) timeout 260 python3 $s --model sd15 --batch 1 --repeats 5 --time-budget-s 200 \
         --rows "fp16 + CUDA,FP8 quant-only,N=5 FP8" --out "$out/sd15-fp8-lt.json"

@@ -135,8 +135,8 @@ def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float |
         pipe(generator=torch.Generator(device).manual_seed(0), **kw)  # warm-up (captures graphs, compiles)
         sync(device)
     except WarmupTimeout:
-        raise RuntimeError(f"the warm-up run (compilation, graph capture) did not finish in {warmup_limit_s:g} s "
-                           "(--warmup-limit-s)") from None
+        raise RuntimeError(f"the warm-up run (compilation, graph capture) did not finish in {warmup_limit_s:.4g} s "
+                           "(--warmup-limit-s, or what was left of --time-budget-s)") from None
     finally:
         if warmup_limit_s:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -343,9 +343,10 @@ def compile_blocks(m: torch.nn.Module) -> dict:
     """Regional compilation: ``torch.compile`` each ``BasicTransformerBlock`` in place, the rest of
     the model stays eager (what diffusers' ``compile_repeated_blocks`` does for models that list
     their repeated blocks; DiT and SD 1.5's UNet do not). Identical blocks share one compiled
-    graph, so compilation no longer grows with depth: whole-model compilation of the torchao int8
-    DiT-XL/2 took 242 s on the H200 (2026-12-02) and SD 1.5's did not finish in a 560 s call. Every
-    Linear that the torchao rows quantize sits in these blocks. SD 1.5's blocks come in four widths,
+    graph, so dynamo's tracing no longer grows with depth. Every Linear that the torchao rows
+    quantize sits in these blocks. Measured on the H200 for the torchao DiT-XL/2 (2026-12-02,
+    h200.md): compilation 143 / 172 s (int8 / float8) instead of 242 / 183 s for the whole model,
+    but 1.6–2.9× slower runs, so the torchao rows of the tables compile the whole model. SD 1.5's blocks come in four widths,
     hence the higher recompile limit (past the limit dynamo would fall back to eager without an error)."""
     from diffusers.models.attention import BasicTransformerBlock
 
@@ -382,11 +383,11 @@ def linear_rows(pipe, model: str, batch: int, tiny: bool) -> dict[str, int]:
     return rows
 
 
-def row_torchao(pipe, model, kind, batch=1, tiny=False, compile="regional", **_):
+def row_torchao(pipe, model, kind, batch=1, tiny=False, compile="whole", **_):
     """torchao's dynamic int8 / float8 quantization of every Linear that has more than 16 rows,
-    then torch.compile: ``compile="regional"`` compiles each transformer block (``compile_blocks``),
-    ``"whole"`` the whole model, ``None`` leaves the quantized model eager (which tells a slow or
-    stuck compilation apart from a slow quantized model). The few Linears with M ≤ 16 (time embedding,
+    then torch.compile: ``compile="whole"`` the whole model, ``"regional"`` each transformer block
+    (``compile_blocks``), ``None`` leaves the quantized model eager (which tells a slow or stuck
+    compilation apart from a slow quantized model). The few Linears with M ≤ 16 (time embedding,
     adaLN) stay fp16, because ``torch._int_mm`` refuses them (the first attempt failed with
     "self.size(0) needs to be greater than 16, but got 2"); the same set is skipped for float8 so
     that both rows quantize the same layers. Their share of the Linear MACs is recorded (``torchao_kept_linear_mac_share``)."""
@@ -498,12 +499,12 @@ def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
         rows.append((f"DeepCache N={n}", row_deepcache, dict(interval=n)))
     rows.append(("diffusers FirstBlockCache", row_diffusers_cache, {}))
     rows.append(("fp16 + torch.compile", row_compile, {}))
-    # regional compilation (each transformer block): the torchao rows' compile, and fp16 compiled the same way
-    rows.append(("fp16 + compile of each transformer block", row_compile, dict(scope="regional")))
     rows.append(("torchao int8 dynamic + compile", row_torchao, dict(kind="int8")))
     rows.append(("torchao float8 dynamic + compile", row_torchao, dict(kind="fp8")))
-    rows.append(("torchao int8 dynamic + whole-model compile", row_torchao, dict(kind="int8", compile="whole")))
-    rows.append(("torchao float8 dynamic + whole-model compile", row_torchao, dict(kind="fp8", compile="whole")))
+    # regional compilation (each transformer block), torchao and fp16 alike: compiles faster, runs slower
+    rows.append(("fp16 + regional compile (each transformer block)", row_compile, dict(scope="regional")))
+    rows.append(("torchao int8 dynamic + regional compile", row_torchao, dict(kind="int8", compile="regional")))
+    rows.append(("torchao float8 dynamic + regional compile", row_torchao, dict(kind="fp8", compile="regional")))
     rows.append(("torchao int8 dynamic (eager)", row_torchao, dict(kind="int8", compile=None)))
     rows.append(("torchao float8 dynamic (eager)", row_torchao, dict(kind="fp8", compile=None)))
     return rows
@@ -619,6 +620,15 @@ def kernel_microbench() -> list[dict]:
     return out
 
 
+def warmup_limit(args, elapsed: float) -> float | None:
+    """--warmup-limit-s, but no more than what is left of --time-budget-s: a compilation that would
+    run past the device call's end fails with its reason instead of being killed without one."""
+    left = args.time_budget_s - elapsed
+    if args.warmup_limit_s is None and left > 1e8:
+        return None
+    return max(1.0, min(args.warmup_limit_s or float("inf"), left))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["sd15", "dit-xl2"], default="sd15")
@@ -702,7 +712,7 @@ def main() -> int:
                 dynamo_counters.clear()
                 with torch.no_grad():
                     row.update(time_runs(pipe, call_kwargs(args.model, batch, steps, args.tiny), args.repeats, device,
-                                        args.warmup_limit_s))
+                                         warmup_limit(args, time.perf_counter() - t_start)))
                     if args.profile:
                         row["profile"] = profile_run(pipe, call_kwargs(args.model, batch, steps, args.tiny), device)
                 if dynamo_counters["stats"]["unique_graphs"]:  # compiled rows: how many graphs, graph breaks

@@ -304,37 +304,44 @@ def test_cuda_graph_replay_equals_eager_kernel_path(make_pipe):
     assert np.abs(first - eager).max() < 1e-5 and np.abs(second - eager).max() < 1e-5
 
 
-def _first_call_fp8(pipe, plan, gemm: str, monkeypatch) -> tuple[torch.Tensor, int]:
-    """The tiny UNet's first denoiser output on the FP8 backend with ``gemm``, and its cuBLASLt layer count."""
+def test_fp8_cublaslt_pipeline_agrees_with_triton_fp8(make_pipe, monkeypatch):
+    """End to end with CACHEQUANT_FP8_GEMM=cublaslt: inside the running pipeline (the inputs the
+    layers really get: NCHW conv inputs, cached steps, the per-call scale), every cuBLASLt layer's
+    output equals the Triton FP8 GEMM's on the same input, within the summation-order bound of the
+    product test. A wrong scale, bias or layout moves whole outputs.
+
+    Whole trajectories are not compared: on Hopper the FP8 tensor cores sum with fewer bits than
+    fp32, every such difference flips a few e4m3 codes of the next layer (a flip moves a value by
+    1/16–1/8), and on the random tiny UNet the flips cascade (H200, 2026-12-02: 91 % of the first
+    call's outputs differed by more than 2e-3 of the largest, and the two paths' images were
+    17.6 dB apart)."""
     from conftest import run
 
-    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", gemm)
+    from cachequant.kernels.backend import kernel_forward
+
+    pipe, plan = _tiny_unet_plan(make_pipe, 4)
+    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
     cq.accelerate(pipe, plan, backend="fp8")
-    n_lt = cq.kernel_report(pipe)["cublaslt_layers"]
-    calls = []
-    hook = pipe.unet.register_forward_hook(lambda mod, inp, out: calls.append(out[0].detach().float()))
-    run(pipe, "ddim", 2, n=2)
-    hook.remove()
+    layers = [m for m in pipe.unet.modules() if getattr(getattr(m, "_packed", None), "gemm", None) == "cublaslt"]
+    assert layers and cq.kernel_report(pipe)["cublaslt_layers"] == len(layers)
+    worst = []
+
+    def check(mod, inp, out):
+        mod._packed.gemm = "triton"  # the same packed codes and scales, the Triton GEMM
+        try:
+            ref = kernel_forward(mod, inp[0])
+        finally:
+            mod._packed.gemm = "cublaslt"
+        worst.append(float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)))
+
+    hooks = [m.register_forward_hook(check) for m in layers]
+    run(pipe, "ddim", 4, n=2)
+    for h in hooks:
+        h.remove()
     cq.restore(pipe)
-    return calls[0], n_lt
-
-
-def test_fp8_cublaslt_pipeline_agrees_with_triton_fp8(make_pipe, monkeypatch):
-    """End to end with CACHEQUANT_FP8_GEMM=cublaslt: the same FP8 codes as the Triton GEMM, only
-    the summation differs, so the first denoiser call agrees with the Triton FP8 path's except where
-    a layer input lands next to an e4m3 rounding boundary and takes the neighbouring code (a "flip").
-    Whole images are not compared: an e4m3 code step is 1/8–1/16 of the value, so a flip moves its
-    output far more than an INT8 flip, and on the random tiny UNet flips cascade (6 steps on an
-    H200: 17.6 dB between the two paths' images, 2026-12-02, although every layer computes the
-    product of its codes, as the product test checks). A wrong scale or bias moves nearly every
-    output, which this catches."""
-    pipe, plan = _tiny_unet_plan(make_pipe, 2)
-    ref, n_ref = _first_call_fp8(pipe, plan, "triton", monkeypatch)
-    got, n_lt = _first_call_fp8(pipe, plan, "cublaslt", monkeypatch)
-    assert n_ref == 0 and n_lt > 0
-    moved = float(((got - ref).abs() > 2e-3 * ref.abs().max()).float().mean())
-    print(f"first call: {moved:.1%} of the outputs moved by > 2e-3 of the largest")
-    assert moved < 0.1, f"{moved:.0%} of the first call's outputs moved"
+    print(f"{len(worst)} cuBLASLt layer calls; largest difference {max(worst):.1e} of the largest output")
+    assert len(worst) >= len(layers)
+    assert max(worst) < (1e-3 if CUDA else 1e-5)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (runs on the device)")

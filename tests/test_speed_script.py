@@ -181,10 +181,16 @@ def test_warmup_limit_stops_a_slow_row_even_through_except_exception():
     fast = speed.time_runs(lambda **kw: calls.append(1), {}, repeats=2, device="cpu", warmup_limit_s=0.2)
     time.sleep(0.3)  # the alarm of the finished row must not fire later
     assert len(fast["times_s"]) == 2
+    # the limit a row gets: --warmup-limit-s, cut to what --time-budget-s has left
+    ns = lambda lim, budget: type("A", (), {"warmup_limit_s": lim, "time_budget_s": budget})  # noqa: E731
+    assert speed.warmup_limit(ns(None, 1e9), 5.0) is None
+    assert speed.warmup_limit(ns(300.0, 1e9), 5.0) == 300.0
+    assert speed.warmup_limit(ns(300.0, 530.0), 400.0) == 130.0
+    assert speed.warmup_limit(ns(None, 530.0), 100.0) == 430.0
 
 
 def test_regional_compile_shares_one_graph_across_identical_blocks():
-    """The torchao rows compile each transformer block on its own: identical blocks reuse one
+    """Regional compilation (the "regional compile" rows): identical blocks reuse one
     compiled graph (fewer graphs than blocks, so compile time does not grow with depth), the
     output equals the eager model's, and the original denoiser comes back afterwards."""
     import torch
