@@ -346,8 +346,9 @@ def compile_blocks(m: torch.nn.Module) -> dict:
     graph, so dynamo's tracing no longer grows with depth. Every Linear that the torchao rows
     quantize sits in these blocks. Measured on the H200 for the torchao DiT-XL/2 (2026-12-02,
     h200.md): compilation 143 / 172 s (int8 / float8) instead of 242 / 183 s for the whole model,
-    but 1.6–2.9× slower runs, so the torchao rows of the tables compile the whole model. SD 1.5's blocks come in four widths,
-    hence the higher recompile limit (past the limit dynamo would fall back to eager without an error)."""
+    but 1.6–2.9× slower runs, so the torchao rows of the tables compile the whole model. SD 1.5's
+    blocks come in four widths, hence the higher recompile limit (past the limit dynamo would fall
+    back to eager without an error; here it raises instead, for the rest of the process)."""
     from diffusers.models.attention import BasicTransformerBlock
 
     blocks = [b for b in m.modules() if isinstance(b, BasicTransformerBlock)]

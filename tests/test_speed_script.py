@@ -214,3 +214,21 @@ def test_regional_compile_shares_one_graph_across_identical_blocks():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     undo()
     assert speed.denoiser(pipe) is orig and all(b._compiled_call_impl is None for b in orig.transformer_blocks)
+
+
+def test_compile_time_script_times_tracing_of_float_and_torchao_models(tmp_path):
+    """benchmarks/compile_time.py on the tiny DiT: both rows compile the whole model into one graph
+    (the torchao one with its quantized Linears), and the JSON says what ran where."""
+    out = tmp_path / "ct.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--tiny", "--model", "dit-xl2",
+                        "--quant", "none", "int8", "--backend", "aot_eager", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [row["quant"] for row in res["rows"]] == ["none", "int8"] and res["eager_float_call_s"] > 0
+    for row in res["rows"]:
+        assert row["dynamo_graphs"] == 1 and row["dynamo_graph_breaks"] == 0 and row["first_call_s"] > 0
+    assert res["rows"][1]["torchao_linears_quantized"] > 0 and "cpu" in res["env"]["device"]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--tiny", "--quant", "fp8",
+                          "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "needs a CUDA GPU" in bad.stderr and not (tmp_path / "x.json").exists()
