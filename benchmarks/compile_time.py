@@ -86,13 +86,19 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if "fp8" in a.quant and device != "cuda":
         ap.error("--quant fp8 needs a CUDA GPU (torchao's float8 dynamic quantization refuses the CPU)")
+    try:
+        import torchao
+    except ImportError:
+        if set(a.quant) != {"none"}:
+            ap.error(f"--quant {' '.join(q for q in a.quant if q != 'none')} needs torchao: "
+                     "pip install torchao (or pass --quant none)")
+        torchao = None
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import torchao
 
     res: dict = {"env": {"device": torch.cuda.get_device_name() if device == "cuda" else
                          f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__,
-                         "torchao": torchao.__version__, "python": platform.python_version(),
+                         "torchao": torchao.__version__ if torchao else "not installed", "python": platform.python_version(),
                          "command": " ".join(sys.argv)},
                  "model": a.model, "batch": a.batch, "backend": a.backend, "rows": []}
     pipe = speed.build(a.model, "ddim" if a.model == "dit-xl2" else "pndm", device, a.tiny)
