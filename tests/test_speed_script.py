@@ -238,6 +238,6 @@ def test_compile_time_script_times_tracing_of_float_and_torchao_models(tmp_path)
         no = subprocess.run([sys.executable, script, "--tiny", "--quant", "int8", "--out", str(tmp_path / "n.json")],
                             capture_output=True, text=True, timeout=600)
         assert no.returncode != 0 and "needs torchao" in no.stderr and not (tmp_path / "n.json").exists()
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--tiny", "--quant", "fp8",
-                          "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=600)
+    bad = subprocess.run([sys.executable, script, "--tiny", "--quant", "fp8", "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "needs a CUDA GPU" in bad.stderr and not (tmp_path / "x.json").exists()
