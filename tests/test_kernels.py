@@ -432,7 +432,7 @@ def test_dropping_float_weights_keeps_images_and_frees_memory(make_pipe):
     bits as with the float weights kept, and restore() refuses rather than leaving a broken model."""
     from conftest import run
 
-    pipe, plan = _tiny_unet_plan(make_pipe, 2)  # one full and one cached step: every kernel path runs
+    pipe, plan = _tiny_unet_plan(make_pipe, 2)  # N = 2 over 2 steps: one full step and one cached step
     with pytest.raises(ValueError, match="kernel backend"):
         cq.accelerate(pipe, plan, backend="fake", keep_float_weights=False)
     assert not cq.is_accelerated(pipe)  # the failed call left nothing installed
