@@ -25,6 +25,7 @@ import platform
 import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -120,10 +121,12 @@ def _warmup_alarm(signum, frame):
     raise WarmupTimeout
 
 
-def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float | None = None) -> dict:
+def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float | None = None,
+              warmup_profile: dict | None = None) -> dict:
     """``warmup_limit_s``: give up on a row whose warm-up run (graph capture, compilation) takes
     longer, so that one slow compilation does not take the rest of a device call with it. The
-    alarm interrupts Python code only: a single long C call ends first."""
+    alarm interrupts Python code only: a single long C call ends first. ``warmup_profile``: a dict
+    that receives where the warm-up's time went (``StackSampler``), also when it is cut."""
     sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -131,6 +134,7 @@ def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float |
     if warmup_limit_s:
         old = signal.signal(signal.SIGALRM, _warmup_alarm)
         signal.setitimer(signal.ITIMER_REAL, warmup_limit_s)
+    sampler = StackSampler().__enter__() if warmup_profile is not None else None
     try:
         pipe(generator=torch.Generator(device).manual_seed(0), **kw)  # warm-up (captures graphs, compiles)
         sync(device)
@@ -141,6 +145,9 @@ def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float |
         if warmup_limit_s:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+            warmup_profile.update(sampler.summary())
     warm = time.perf_counter() - t0
     times = []
     for i in range(repeats):
@@ -150,6 +157,53 @@ def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float |
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm, "peak_mem_gib": peak}
+
+
+class StackSampler:
+    """Where a long call spends its time, at almost no cost to it: a helper thread looks at the
+    calling thread's Python stack every ``interval`` seconds and counts each function once per
+    sample that has it on the stack (``inclusive``: which stage is slow) and the innermost one
+    (``own``: where the thread sat, C calls included, under the Python function that made them).
+    cProfile would instead slow the Python-heavy compilation it is asked to explain."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.samples = interval, 0
+        self.inclusive: dict[str, int] = {}
+        self.own: dict[str, int] = {}
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "StackSampler":
+        self._tid = threading.get_ident()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            frame = sys._current_frames().get(self._tid)
+            if frame is None:
+                continue
+            self.samples += 1
+            names = []
+            while frame is not None:
+                c = frame.f_code
+                names.append(f"{Path(c.co_filename).name}:{c.co_firstlineno}({c.co_name})")
+                frame = frame.f_back
+            self.own[names[0]] = self.own.get(names[0], 0) + 1
+            for n in set(names):
+                self.inclusive[n] = self.inclusive.get(n, 0) + 1
+
+    def summary(self, top: int = 25, min_s: float = 0.5) -> dict:
+        def pick(counts: dict[str, int]) -> list[dict]:
+            best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+            return [{"function": f, "s": round(n * self.interval, 1)} for f, n in best if n * self.interval >= min_s]
+
+        return {"warmup_profile": {"sampled_s": round(self.samples * self.interval, 1), "interval_s": self.interval,
+                                   "inclusive": pick(self.inclusive), "own": pick(self.own)}}
 
 
 # Kernel categories of --profile, matched in order on the lower-cased kernel name.
@@ -621,6 +675,22 @@ def kernel_microbench() -> list[dict]:
     return out
 
 
+# The phases of a torch.compile warm-up worth reporting (torch._dynamo.utils.compilation_time_metrics):
+# dynamo + AOTAutograd tracing, inductor's lowering, scheduling / fusion, code generation, and the
+# wait for the kernels its worker processes compile.
+COMPILE_PHASES = ("_compile.compile_inner", "create_aot_dispatcher_function", "GraphLowering.run",
+                  "Scheduler.__init__", "Scheduler.codegen", "PyCodeCache.load_by_key_path", "async_compile.wait")
+
+
+def compile_record(metrics: dict, counters) -> dict:
+    """Where a compiled row's warm-up went, in seconds per phase, and inductor's cache hits and
+    misses: a compilation cut by its time limit still says how far it got (a phase is recorded
+    when it returns, so the one running at the cut is missing)."""
+    phases = {k: round(sum(metrics[k]), 1) for k in COMPILE_PHASES if metrics.get(k)}
+    cache = {k: v for k, v in counters["inductor"].items() if "cache" in k}
+    return {"compile_phases_s": phases, "inductor_cache": cache} if phases or cache else {}
+
+
 def warmup_limit(args, elapsed: float) -> float | None:
     """--warmup-limit-s, but no more than what is left of --time-budget-s: a compilation that would
     run past the device call's end fails with its reason instead of being killed without one."""
@@ -646,6 +716,9 @@ def main() -> int:
                     help="a row whose warm-up run (compilation, graph capture) takes longer fails with that reason")
     ap.add_argument("--profile", action="store_true",
                     help="per row, one extra run under torch.profiler: GPU time per kernel category, GPU idle share")
+    ap.add_argument("--profile-warmup", action="store_true",
+                    help="per row, sample the warm-up's Python stack and record the functions it spent the most time in "
+                         "(where a slow compilation goes; recorded also when the warm-up limit cuts it)")
     ap.add_argument("--kernels-only", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small configs on the CPU: a smoke test of this script")
     ap.add_argument("--plan-dir", default=None,
@@ -657,6 +730,10 @@ def main() -> int:
         raise SystemExit("error: this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)")
     env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (--tiny smoke test)", "torch": torch.__version__, "python": platform.python_version(),
            "command": " ".join(sys.argv)}
+    if device == "cuda":
+        import torch._inductor.config as inductor_config
+
+        env["inductor_compile_threads"] = inductor_config.compile_threads
     for mod in ("triton", "diffusers", "torchao"):
         try:
             env[mod] = __import__(mod).__version__
@@ -693,6 +770,7 @@ def main() -> int:
     # matmuls are not counted.
     result["gmacs_per_image_call"] = c.macs / len(calls) / 2 / 1e9
     plans = PlanCache(args.plan_dir)
+    from torch._dynamo.utils import compilation_time_metrics
     from torch._dynamo.utils import counters as dynamo_counters
 
     t_start = time.perf_counter()
@@ -711,9 +789,11 @@ def main() -> int:
                     info, undo = fn(pipe, args.model, steps=steps, plans=plans, batch=batch, tiny=args.tiny, **kw)
                 row.update(info)
                 dynamo_counters.clear()
+                compilation_time_metrics.clear()
                 with torch.no_grad():
                     row.update(time_runs(pipe, call_kwargs(args.model, batch, steps, args.tiny), args.repeats, device,
-                                         warmup_limit(args, time.perf_counter() - t_start)))
+                                         warmup_limit(args, time.perf_counter() - t_start),
+                                         row if args.profile_warmup else None))
                     if args.profile:
                         row["profile"] = profile_run(pipe, call_kwargs(args.model, batch, steps, args.tiny), device)
                 if dynamo_counters["stats"]["unique_graphs"]:  # compiled rows: how many graphs, graph breaks
@@ -724,6 +804,7 @@ def main() -> int:
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
                 traceback.print_exc()
             finally:
+                row.update(compile_record(compilation_time_metrics, dynamo_counters))
                 if undo is not None:
                     try:
                         undo()

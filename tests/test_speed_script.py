@@ -15,7 +15,8 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     out = tmp_path / "dit.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2",
                         "--sampler", "ddim", "--steps", "4", "--repeats", "2", "--intervals", "2",
-                        "--rows", "fp16 eager,cache-only,FirstBlockCache,INT8 + graph, 8-bit,W4A8 + graph", "--profile", "--out", str(out)],
+                        "--rows", "fp16 eager,cache-only,FirstBlockCache,INT8 + graph, 8-bit,W4A8 + graph", "--profile",
+                        "--profile-warmup", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -36,6 +37,7 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     assert not any(name.startswith("DeepCache") for name in rows)  # the UNet-only helper has no DiT rows
     assert res["gmacs_per_image_call"] > 0
     assert "fp16 eager" in r.stdout  # the table is printed last
+    assert all(r["warmup_profile"]["sampled_s"] >= 0 for r in res["rows"])  # --profile-warmup: every row
     prof = rows["fp16 eager"]["profile"]  # no CUDA kernels on the CPU: the structure, not the shares
     assert prof["wall_ms"] > 0 and prof["kernels"] == 0 and 0 <= prof["gpu_idle_fraction"] <= 1
     assert prof["top_other_kernels"] == []
@@ -116,6 +118,8 @@ def test_coverage_checklist_finds_measured_explained_and_missing_rows(tmp_path):
     old = {"model": "dit-xl2", "sampler": "ddim", "steps": 50, "env": {}, "rows": [
         {"row": "fp16 eager", "batch": 1, "median_s": 2.0, "s_per_image": 2.0, "speedup_vs_eager": 1.0},
         {"row": "fp16 + torch.compile", "batch": 1, "error": "not run: time budget of this device call"},
+        {"row": "torchao int8 dynamic + compile", "batch": 1, "error": "RuntimeError: the warm-up run (compilation, "
+         "graph capture) did not finish in 135.4 s (--warmup-limit-s, or what was left of --time-budget-s)"},
         {"row": "diffusers FirstBlockCache", "batch": 1, "error": "RuntimeError: no transformer blocks"}]}
     new = {"model": "dit-xl2", "sampler": "ddim", "steps": 50, "env": {}, "rows": [
         {"row": "fp16 eager", "batch": 1, "median_s": 1.5, "s_per_image": 1.5, "speedup_vs_eager": 1.0},
@@ -131,8 +135,9 @@ def test_coverage_checklist_finds_measured_explained_and_missing_rows(tmp_path):
     assert "| fp16 + torch.compile | – | not measured: not run: time budget" in text
     assert "| diffusers FirstBlockCache | – | not measured: RuntimeError: no transformer blocks | a.json |" in text
     assert "| CacheQuant N=3 FP8 + graph | – | **missing** | |" in text
+    assert "| torchao int8 dynamic + compile | – | not measured: RuntimeError: the warm-up run" in text
     n_required = sum(len(v) for v in rep.REQUIRED.values())
-    assert missing == n_required - 2  # fp16 eager measured, FirstBlockCache explained
+    assert missing == n_required - 2  # fp16 eager measured, FirstBlockCache explained; an unfinished compile is not
 
 
 def test_every_row_pattern_of_the_device_scripts_names_a_row():
@@ -241,3 +246,56 @@ def test_compile_time_script_times_tracing_of_float_and_torchao_models(tmp_path)
     bad = subprocess.run([sys.executable, script, "--tiny", "--quant", "fp8", "--out", str(tmp_path / "x.json")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "needs a CUDA GPU" in bad.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_compile_record_reports_the_phases_of_a_warm_up():
+    """A compiled row records where its warm-up went; an eager row records nothing."""
+    import torch
+    from conftest import load_benchmark
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    speed = load_benchmark("speed")
+    torch._dynamo.reset()
+    compilation_time_metrics.clear()
+    counters.clear()
+    assert speed.compile_record(compilation_time_metrics, counters) == {}
+    f = torch.compile(lambda x: (x * 2).sin().sum(), backend="aot_eager")
+    f(torch.randn(8))
+    rec = speed.compile_record(compilation_time_metrics, counters)
+    phases = rec["compile_phases_s"]
+    assert set(phases) <= set(speed.COMPILE_PHASES) and "_compile.compile_inner" in phases
+    assert phases["_compile.compile_inner"] >= phases.get("create_aot_dispatcher_function", 0) >= 0
+
+
+def test_warmup_profile_names_the_slow_stage_also_when_the_limit_cuts_it():
+    """--profile-warmup: the functions a warm-up spent its time in, recorded even when the limit
+    stops it (a compilation that never finishes is the case that needs it most)."""
+    import time
+
+    import pytest
+
+    from conftest import load_benchmark
+
+    speed = load_benchmark("speed")
+
+    def stuck_stage():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 5:
+            time.sleep(0.01)
+
+    def quick_stage():
+        time.sleep(0.01)
+
+    def pipe(**kw):
+        quick_stage()
+        stuck_stage()
+
+    sink: dict = {}
+    with pytest.raises(RuntimeError, match="did not finish"):
+        speed.time_runs(pipe, {}, repeats=1, device="cpu", warmup_limit_s=0.8, warmup_profile=sink)
+    prof = sink["warmup_profile"]
+    slow = {r["function"]: r["s"] for r in prof["inclusive"]}
+    stuck = next(s for f, s in slow.items() if "stuck_stage" in f)
+    assert 0.5 <= stuck <= 2.0 and not any("quick_stage" in f for f in slow)  # below min_s: left out
+    assert "stuck_stage" in prof["own"][0]["function"]  # where the thread sat (in time.sleep, called from there)
+    assert 0.6 <= prof["sampled_s"] <= 2.0
