@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -78,6 +79,43 @@ def profile_table(res: dict) -> str:
         if top:
             text += (f"\n\nLargest 'other' kernels, {row}:\n\n| kernel | ms | launches |\n|---|---|---|\n"
                      + "\n".join(f"| `{k['kernel'][:100]}` | {k['ms']:.1f} | {k['launches']} |" for k in top))
+    return text
+
+
+_LOWERING = ("GraphLowering.run", "Scheduler.__init__", "Scheduler.codegen")
+
+
+def warmup_table(res: dict) -> str:
+    """Where each compiled row's warm-up went (``compile_phases_s``, written by speed.py): the
+    compile step, inductor's share of it, the wait for its Triton workers, and the rest, which is
+    the first run through the compiled model. A warm-up cut by its limit counts up to the cut
+    (its "rest" is a lower bound, marked ≥); its compile phases are those that had returned."""
+    rows = [r for r in res["rows"] if r.get("compile_phases_s")]
+    if not rows:
+        return ""
+    out = ["| row | batch | warm-up s | compile step s | of which inductor lowering, scheduling, codegen | "
+           "of which waiting for Triton workers | rest (first run) s | inductor caches |", "|---" * 8 + "|"]
+    for r in rows:
+        ph = r["compile_phases_s"]
+        warm, cut = r.get("warmup_s"), ""
+        if warm is None:
+            m = re.search(r"did not finish in ([0-9.]+) s", r.get("error", ""))
+            warm, cut = (float(m.group(1)), "≥ ") if m else (None, "")
+        step = ph.get("_compile.compile_inner", 0.0)
+        low = sum(ph.get(k, 0.0) for k in _LOWERING)
+        rest = f"{cut}{warm - step:.1f}" if warm is not None else "–"
+        cache = ", ".join(f"{k} {v}" for k, v in sorted(r.get("inductor_cache", {}).items()))
+        out.append(f"| {r['row']} | {r['batch']} | {cut}{fmt(warm, '.1f')} | {step:.1f} | {fmt(low or None, '.1f')} | "
+                   f"{fmt(ph.get('async_compile.wait'), '.1f')} | {rest} | {cache} |")
+    text = "\n\nWarm-up of the compiled rows (seconds):\n\n" + "\n".join(out)
+    for r in rows:
+        prof = r.get("warmup_profile")
+        if prof and prof["inclusive"]:
+            text += (f"\n\nWarm-up stack samples, {r['row']} (batch {r['batch']}, {prof['sampled_s']} s sampled), "
+                     "seconds with the function on the stack / innermost:\n\n| function | on stack | innermost |\n|---|---|---|\n")
+            own = {x["function"]: x["s"] for x in prof["own"]}
+            text += "\n".join(f"| `{x['function']}` | {x['s']:.1f} | {fmt(own.get(x['function']), '.1f')} |"
+                               for x in prof["inclusive"][:15])
     return text
 
 
@@ -164,7 +202,7 @@ def main(argv: list[str]) -> int:
         print(f"### {Path(p).name}\n")
         print(f"`{env['command']}` — {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
               f"diffusers {env['diffusers']}, torchao {env['torchao']}\n")
-        print(kernels_table(res["kernels"]) if "kernels" in res else rows_table(res) + profile_table(res))
+        print(kernels_table(res["kernels"]) if "kernels" in res else rows_table(res) + profile_table(res) + warmup_table(res))
         print()
     return 0
 

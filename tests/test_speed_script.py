@@ -299,3 +299,26 @@ def test_warmup_profile_names_the_slow_stage_also_when_the_limit_cuts_it():
     assert 0.5 <= stuck <= 2.0 and not any("quick_stage" in f for f in slow)  # below min_s: left out
     assert "stuck_stage" in prof["own"][0]["function"]  # where the thread sat (in time.sleep, called from there)
     assert 0.6 <= prof["sampled_s"] <= 2.0
+
+
+def test_warmup_table_splits_a_warm_up_into_compile_step_and_first_run():
+    from conftest import load_benchmark
+
+    rep = load_benchmark("speed_report")
+    res = {"rows": [
+        {"row": "fp16 eager", "batch": 1, "median_s": 1.0},
+        {"row": "torchao int8 dynamic + compile", "batch": 1, "warmup_s": 205.4, "median_s": 3.7,
+         "compile_phases_s": {"_compile.compile_inner": 65.5, "GraphLowering.run": 8.3, "Scheduler.__init__": 8.6,
+                              "Scheduler.codegen": 8.4, "async_compile.wait": 1.3},
+         "inductor_cache": {"fxgraph_cache_miss": 1},
+         "warmup_profile": {"sampled_s": 205.0, "interval_s": 0.2,
+                            "inclusive": [{"function": "a.py:1(run)", "s": 200.0}, {"function": "b.py:9(bench)", "s": 120.0}],
+                            "own": [{"function": "b.py:9(bench)", "s": 110.0}]}},
+        {"row": "torchao float8 dynamic + compile", "batch": 1, "compile_phases_s": {"_compile.compile_inner": 61.4},
+         "error": "RuntimeError: the warm-up run (compilation, graph capture) did not finish in 135.4 s (...)"}]}
+    text = rep.warmup_table(res)
+    assert "| torchao int8 dynamic + compile | 1 | 205.4 | 65.5 | 25.3 | 1.3 | 139.9 | fxgraph_cache_miss 1 |" in text
+    assert "| torchao float8 dynamic + compile | 1 | ≥ 135.4 | 61.4 | – | – | ≥ 74.0 |  |" in text  # cut: lower bounds
+    assert "| `b.py:9(bench)` | 120.0 | 110.0 |" in text and "| `a.py:1(run)` | 200.0 | – |" in text
+    assert "fp16 eager" not in text  # not compiled: not in the table
+    assert rep.warmup_table({"rows": [{"row": "fp16 eager", "batch": 1}]}) == ""
