@@ -18,6 +18,7 @@ The table is printed last; rows that cannot run say why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -134,10 +135,11 @@ def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float |
     if warmup_limit_s:
         old = signal.signal(signal.SIGALRM, _warmup_alarm)
         signal.setitimer(signal.ITIMER_REAL, warmup_limit_s)
-    sampler = StackSampler().__enter__() if warmup_profile is not None else None
+    sampler = StackSampler() if warmup_profile is not None else contextlib.nullcontext()
     try:
-        pipe(generator=torch.Generator(device).manual_seed(0), **kw)  # warm-up (captures graphs, compiles)
-        sync(device)
+        with sampler:
+            pipe(generator=torch.Generator(device).manual_seed(0), **kw)  # warm-up (captures graphs, compiles)
+            sync(device)
     except WarmupTimeout:
         raise RuntimeError(f"the warm-up run (compilation, graph capture) did not finish in {warmup_limit_s:.4g} s "
                            "(--warmup-limit-s, or what was left of --time-budget-s)") from None
@@ -145,8 +147,7 @@ def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float |
         if warmup_limit_s:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
-        if sampler is not None:
-            sampler.__exit__(None, None, None)
+        if warmup_profile is not None:
             warmup_profile.update(sampler.summary())
     warm = time.perf_counter() - t0
     times = []

@@ -83,6 +83,8 @@ def profile_table(res: dict) -> str:
 
 
 _LOWERING = ("GraphLowering.run", "Scheduler.__init__", "Scheduler.codegen")
+# speed.time_runs's error for a warm-up stopped by its limit; the group is the limit in seconds
+WARMUP_CUT = re.compile(r"warm-up run \(compilation, graph capture\) did not finish in ([0-9.]+) s")
 
 
 def warmup_table(res: dict) -> str:
@@ -99,7 +101,7 @@ def warmup_table(res: dict) -> str:
         ph = r["compile_phases_s"]
         warm, cut = r.get("warmup_s"), ""
         if warm is None:
-            m = re.search(r"did not finish in ([0-9.]+) s", r.get("error", ""))
+            m = WARMUP_CUT.search(r.get("error", ""))
             warm, cut = (float(m.group(1)), "≥ ") if m else (None, "")
         step = ph.get("_compile.compile_inner", 0.0)
         low = sum(ph.get(k, 0.0) for k in _LOWERING)
@@ -144,7 +146,7 @@ def _matches(pattern: str, name: str) -> bool:
 def cut_short(error: str) -> bool:
     """A row stopped by the device call's clock, not by what it is: not run for lack of time, or a
     warm-up (compilation) that ran out of the time it was given. Neither explains a missing row."""
-    return error.startswith("not run") or "warm-up run (compilation, graph capture) did not finish" in error
+    return error.startswith("not run") or WARMUP_CUT.search(error) is not None
 
 
 def coverage(paths: list[str]) -> tuple[str, int]:

@@ -291,8 +291,11 @@ def test_warmup_profile_names_the_slow_stage_also_when_the_limit_cuts_it():
         stuck_stage()
 
     sink: dict = {}
-    with pytest.raises(RuntimeError, match="did not finish"):
+    with pytest.raises(RuntimeError, match="did not finish") as cut:
         speed.time_runs(pipe, {}, repeats=1, device="cpu", warmup_limit_s=0.8, warmup_profile=sink)
+    # the report reads the limit back from this message, and counts the row as cut, not explained
+    rep = load_benchmark("speed_report")
+    assert rep.WARMUP_CUT.search(str(cut.value)).group(1) == "0.8" and rep.cut_short(str(cut.value))
     prof = sink["warmup_profile"]
     slow = {r["function"]: r["s"] for r in prof["inclusive"]}
     stuck = next(s for f, s in slow.items() if "stuck_stage" in f)
