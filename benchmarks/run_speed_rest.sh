@@ -25,7 +25,8 @@
 #   torchao-sd15-rest   SD 1.5's torchao float8 at batch 1, int8 and float8 at batch 8, without a
 #             time limit: SD's int8 warm-up took 535 s + 362 s over two calls (2026-12-03), so run it
 #             as a detached job: benchmarks/device/detached.sh start sd15 bash benchmarks/run_speed_rest.sh
-#             /tmp/cq-detached/sd15 torchao-sd15-rest, then detached.sh wait sd15 580 in each later call
+#             /tmp/cq-detached/sd15 torchao-sd15-rest; detached.sh wait sd15 560 in that call, then
+#             detached.sh wait sd15 590 in each later one (benchmarks/results/h200.md, "Still to run")
 # and the FP8 backend with cuBLASLt GEMMs (CACHEQUANT_FP8_GEMM=cublaslt) against its Triton GEMM:
 #   kernels   per-shape TOPS of every kernel variant against the measured ceilings (speed.py --kernels-only)
 #   fp8-lt    end to end: SD 1.5 batch 1 and DiT-XL/2 DDIM 50 batch 1, fp16 + graph, FP8 quant-only and cached

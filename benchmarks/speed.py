@@ -771,8 +771,7 @@ def main() -> int:
     # matmuls are not counted.
     result["gmacs_per_image_call"] = c.macs / len(calls) / 2 / 1e9
     plans = PlanCache(args.plan_dir)
-    from torch._dynamo.utils import compilation_time_metrics
-    from torch._dynamo.utils import counters as dynamo_counters
+    from torch._dynamo.utils import compilation_time_metrics, counters as dynamo_counters
 
     t_start = time.perf_counter()
     base = {}
