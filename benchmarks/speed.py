@@ -453,17 +453,40 @@ def row_torchao(pipe, model, kind, batch=1, tiny=False, compile="whole", **_):
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig as C
     else:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig as C
+    import torch._inductor.config as inductor_config
+
     keep, info = torchao_filter(pipe, model, batch, tiny)
     orig = denoiser(pipe)
     q = copy.deepcopy(orig)
+    before = inductor_config.get_config_copy()
     quantize_(q, C(), filter_fn=keep)
+    changed = config_changes(before, inductor_config.get_config_copy())
+    info["inductor_config_set_by_torchao"] = changed
     if compile == "regional":
         info.update(compile_blocks(q))
     elif compile == "whole":
         q = torch.compile(q)
         info["compile_scope"] = "whole model"
     set_denoiser(pipe, q)
-    return {"torchao": __import__("torchao").__version__, **info}, lambda: set_denoiser(pipe, orig)
+
+    def undo():
+        set_denoiser(pipe, orig)
+        for k in changed:  # the rows after this one compile with inductor's settings of before
+            setattr(inductor_config, k, before[k])
+
+    return {"torchao": __import__("torchao").__version__, **info}, undo
+
+
+def config_changes(before: dict, after: dict) -> dict:
+    """{setting: value after} for the settings that differ. torchao's configs default to
+    ``set_inductor_config=True``, which changes process-wide inductor settings in ``quantize_``
+    (torchao 0.18: ``coordinate_descent_tuning``, ``coordinate_descent_check_all_directions``,
+    ``force_fuse_int_mm_with_mul``, ...). Coordinate-descent tuning tunes each Triton kernel the
+    first time it runs, compiling and timing neighbouring tile configs, which is a candidate for the
+    torchao rows' long first run. Recording the changes makes that testable on the device, and
+    restoring them keeps later rows in the same process unaffected."""
+    plain = (bool, int, float, str, type(None))
+    return {k: v if isinstance(v, plain) else repr(v) for k, v in after.items() if k in before and before[k] != v}
 
 
 def torchao_filter(pipe, model: str, batch: int, tiny: bool):

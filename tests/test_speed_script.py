@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -325,3 +327,24 @@ def test_warmup_table_splits_a_warm_up_into_compile_step_and_first_run():
     assert "| `b.py:9(bench)` | 120.0 | 110.0 |" in text and "| `a.py:1(run)` | 200.0 | – |" in text
     assert "fp16 eager" not in text  # not compiled: not in the table
     assert rep.warmup_table({"rows": [{"row": "fp16 eager", "batch": 1}]}) == ""
+
+
+def test_torchao_row_records_and_restores_the_inductor_settings_it_changes():
+    """torchao's quantize_ changes process-wide inductor settings (set_inductor_config=True by
+    default): the row records which ones, and undoing the row puts them back, so rows after it in
+    the same process compile as they would have without it."""
+    pytest.importorskip("torchao")
+    import torch._inductor.config as inductor_config
+    from conftest import load_benchmark
+
+    speed = load_benchmark("speed")
+    pipe = speed.build("dit-xl2", "ddim", "cpu", tiny=True)
+    before = inductor_config.get_config_copy()
+    info, undo = speed.row_torchao(pipe, "dit-xl2", "int8", batch=1, tiny=True, compile=None)
+    changed = info["inductor_config_set_by_torchao"]
+    assert changed.get("coordinate_descent_tuning") is True  # torchao 0.18's recommended settings
+    assert all(getattr(inductor_config, k) != before[k] for k in changed)
+    json.dumps(changed)  # goes into the results file as is
+    undo()
+    assert {k: getattr(inductor_config, k) for k in changed} == {k: before[k] for k in changed}
+    assert speed.config_changes({"a": 1, "b": print}, {"a": 2, "b": print, "c": 0}) == {"a": 2}
