@@ -157,6 +157,8 @@ def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float |
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    if not times:  # --repeats 0: the warm-up only
+        return {"warmup_only": True, "warmup_s": warm, "peak_mem_gib": peak}
     return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm, "peak_mem_gib": peak}
 
 
@@ -731,7 +733,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--intervals", type=int, nargs="+", default=None)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed runs per row after its warm-up run; 0: the warm-up run only, which fills the "
+                         "on-disk caches (inductor's FX graph and autotuning caches) for a later run on the same machine")
     ap.add_argument("--rows", default=None,
                     help="comma-separated substrings: run only matching rows, in the order of the first substring "
                          "each matches (put the rows that must not be cut by --time-budget-s first)")
@@ -749,6 +753,8 @@ def main() -> int:
                     help="keep calibrated plans here and reuse them in later runs on the same machine")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.repeats < 0:
+        ap.error(f"--repeats {args.repeats}: give the number of timed runs per row (0 for the warm-up run only)")
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)")
@@ -822,7 +828,8 @@ def main() -> int:
                 if dynamo_counters["stats"]["unique_graphs"]:  # compiled rows: how many graphs, graph breaks
                     row["dynamo_graphs"] = dynamo_counters["stats"]["unique_graphs"]
                     row["dynamo_graph_breaks"] = sum(dynamo_counters["graph_break"].values())
-                row["s_per_image"] = row["median_s"] / batch
+                if "median_s" in row:
+                    row["s_per_image"] = row["median_s"] / batch
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
                 traceback.print_exc()
@@ -854,7 +861,8 @@ def main() -> int:
             print(f"{r['row']:52s} {r['batch']:5d} {r['s_per_image']:8.3f} {r.get('speedup_vs_eager', float('nan')):8.2f} "
                   f"{r.get('speedup_vs_compile', float('nan')):9.2f} {r['peak_mem_gib']:8.2f}")
         else:
-            print(f"{r['row']:52s} {r['batch']:5d}  {r['error']}")
+            why = r.get("error") or f"warm-up run only: {r['warmup_s']:.1f} s"
+            print(f"{r['row']:52s} {r['batch']:5d}  {why}")
     return 0
 
 

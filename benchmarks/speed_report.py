@@ -48,7 +48,8 @@ def rows_table(res: dict) -> str:
     out = ["| row | batch | s / image | × fp16 eager | × fp16 compile | peak GiB | notes |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if "median_s" not in r:
-            out.append(f"| {r['row']} | {r['batch']} | – | – | – | – | {r.get('error', '')} |")
+            why = r.get("error") or ("warm-up run only (--repeats 0)" if r.get("warmup_only") else "")
+            out.append(f"| {r['row']} | {r['batch']} | – | – | – | – | {why} |")
             continue
         notes = []
         if "full_steps" in r:
@@ -162,7 +163,8 @@ def coverage(paths: list[str]) -> tuple[str, int]:
             for pat in REQUIRED.get(cfg, []):
                 if _matches(pat, r["row"]):
                     slot = found.setdefault(cfg + (pat,), {})
-                    slot["measured" if "median_s" in r else "error"] = (Path(p).name, r)
+                    if "median_s" in r or r.get("error"):  # a warm-up-only row measures nothing
+                        slot["measured" if "median_s" in r else "error"] = (Path(p).name, r)
     out, missing = [], 0
     for cfg, pats in REQUIRED.items():
         model, sampler, steps, batch = cfg

@@ -36,3 +36,83 @@ def test_detached_job_names_and_commands_are_checked(tmp_path):
     none = _run("wait", "never-started", "1", out=tmp_path)
     assert none.returncode == 2 and "no job" in none.stderr
     assert _run("stop", "x", out=tmp_path).returncode == 2
+
+
+AUTOTUNE = str(ROOT / "benchmarks" / "device" / "autotune_cache.sh")
+
+
+def test_autotune_cache_packs_only_tuned_configs_and_restores_them(tmp_path):
+    cache = tmp_path / "inductor"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "cd" / "ef").mkdir(parents=True)
+    (cache / "ab" / "k1.best_config").write_text('{"XBLOCK": 64, "found_by_coordesc": true}')
+    (cache / "cd" / "ef" / "k2.best_config").write_text('{"XBLOCK": 128}')
+    (cache / "ab" / "k1.py").write_text("kernel source, rebuilt on the new machine")
+    tgz = tmp_path / "out" / "autotune-cache.tgz"
+    tgz.parent.mkdir()
+    r = subprocess.run(["bash", AUTOTUNE, "pack", str(cache), str(tgz)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "packed 2 tuned kernel configs" in r.stdout, r.stderr
+    assert [p.name for p in tgz.parent.iterdir()] == ["autotune-cache.tgz"]  # no temporary file left
+    fresh = tmp_path / "fresh"
+    r = subprocess.run(["bash", AUTOTUNE, "unpack", str(tgz), str(fresh)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "unpacked 2" in r.stdout, r.stderr
+    assert (fresh / "ab" / "k1.best_config").read_text() == '{"XBLOCK": 64, "found_by_coordesc": true}'
+    assert (fresh / "cd" / "ef" / "k2.best_config").is_file() and not (fresh / "ab" / "k1.py").exists()
+
+
+def test_autotune_cache_errors_name_what_is_missing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run(["bash", AUTOTUNE, "pack", str(empty), str(tmp_path / "e.tgz")], capture_output=True, text=True)
+    assert r.returncode == 0 and "packed 0" in r.stdout  # nothing tuned yet: an empty, valid tarball
+    no = subprocess.run(["bash", AUTOTUNE, "unpack", str(tmp_path / "none.tgz"), str(empty)], capture_output=True, text=True)
+    assert no.returncode == 2 and "no file" in no.stderr
+    nodir = subprocess.run(["bash", AUTOTUNE, "pack", str(tmp_path / "nodir"), str(tmp_path / "x.tgz")],
+                           capture_output=True, text=True)
+    assert nodir.returncode == 2 and "no cache directory" in nodir.stderr and not (tmp_path / "x.tgz").exists()
+    (tmp_path / "junk.tgz").write_text("not a tarball")
+    junk = subprocess.run(["bash", AUTOTUNE, "unpack", str(tmp_path / "junk.tgz"), str(empty)], capture_output=True,
+                          text=True)
+    assert junk.returncode == 2 and "not a tarball" in junk.stderr
+    assert subprocess.run(["bash", AUTOTUNE, "list"], capture_output=True, text=True).returncode == 2
+
+
+def test_sd15_batch8_torchao_part_overlaps_the_warmups_then_times_alone(tmp_path):
+    """run_speed_rest.sh torchao-sd15-b8-rest, with a stand-in for python3 that logs when each
+    speed.py call starts and ends and leaves a tuned config behind: the two warm-up-only calls
+    overlap, the timed call starts after both ended, and the tuned configs come back packed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    fake = bin_dir / "python3"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "start $$ $*" >> {log}
+out=; prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+sleep 2
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR/k$$" && echo '{{"found_by_coordesc": true}}' > "$TORCHINDUCTOR_CACHE_DIR/k$$/x.best_config"
+echo '{{"rows": []}}' > "$out"
+echo "end $$" >> {log}
+""")
+    fake.chmod(0o755)
+    seed_dir = tmp_path / "seed"
+    (seed_dir / "old").mkdir(parents=True)
+    (seed_dir / "old" / "y.best_config").write_text("{}")
+    seed = tmp_path / "seed.tgz"
+    subprocess.run(["bash", AUTOTUNE, "pack", str(seed_dir), str(seed)], check=True, capture_output=True)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"),
+           "CQ_AUTOTUNE_SEED": str(seed)}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_speed_rest.sh"), str(out), "torchao-sd15-b8-rest"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    events = [line.split()[:2] for line in log.read_text().splitlines()]
+    starts = [i for i, (kind, _) in enumerate(events) if kind == "start"]
+    warm = [line for line in log.read_text().splitlines() if line.startswith("start") and "--repeats 0" in line]
+    assert len(warm) == 2 and {"int8", "float8"} <= {w.split("torchao ")[1].split()[0] for w in warm}
+    assert starts[:2] == [0, 1]  # both warm-ups started before either ended
+    timed = next(i for i, line in enumerate(log.read_text().splitlines()) if "--repeats 5" in line)
+    assert timed == 4  # after both warm-ups' ends
+    assert {p.name for p in out.iterdir()} >= {"torchao-sd15-b8.json", "torchao-sd15-b8-warmup-int8.json",
+                                               "torchao-sd15-b8-warmup-float8.json", "autotune-cache.tgz"}
+    listing = subprocess.run(["tar", "tzf", str(out / "autotune-cache.tgz")], capture_output=True, text=True).stdout
+    assert listing.count(".best_config") == 4  # the seed's, and one per speed.py call

@@ -127,7 +127,9 @@ def test_coverage_checklist_finds_measured_explained_and_missing_rows(tmp_path):
         {"row": "fp16 eager", "batch": 1, "median_s": 1.5, "s_per_image": 1.5, "speedup_vs_eager": 1.0},
         # neither N=30 nor a weights-only variant stands in for "CacheQuant N=3 FP8 + graph"
         {"row": "CacheQuant N=30 FP8 + graph", "batch": 1, "median_s": 0.1, "s_per_image": 0.1},
-        {"row": "CacheQuant N=3 FP8 + graph, 8-bit weights only", "batch": 1, "median_s": 0.1, "s_per_image": 0.1}]}
+        {"row": "CacheQuant N=3 FP8 + graph, 8-bit weights only", "batch": 1, "median_s": 0.1, "s_per_image": 0.1},
+        # a warm-up-only run (--repeats 0) neither measures nor explains a row
+        {"row": "cachequant INT8 quant-only + graph", "batch": 1, "warmup_only": True, "warmup_s": 3.0}]}
     paths = []
     for name, d in (("a.json", old), ("b.json", new)):
         (tmp_path / name).write_text(json.dumps(d))
@@ -138,6 +140,7 @@ def test_coverage_checklist_finds_measured_explained_and_missing_rows(tmp_path):
     assert "| diffusers FirstBlockCache | – | not measured: RuntimeError: no transformer blocks | a.json |" in text
     assert "| CacheQuant N=3 FP8 + graph | – | **missing** | |" in text
     assert "| torchao int8 dynamic + compile | – | not measured: RuntimeError: the warm-up run" in text
+    assert "| cachequant INT8 quant-only + graph | – | **missing** | |" in text
     n_required = sum(len(v) for v in rep.REQUIRED.values())
     assert missing == n_required - 2  # fp16 eager measured, FirstBlockCache explained; an unfinished compile is not
 
@@ -348,3 +351,22 @@ def test_torchao_row_records_and_restores_the_inductor_settings_it_changes():
     undo()
     assert {k: getattr(inductor_config, k) for k in changed} == {k: before[k] for k in changed}
     assert speed.config_changes({"a": 1, "b": print}, {"a": 2, "b": print, "c": 0}) == {"a": 2}
+
+
+def test_warmup_only_run_fills_caches_and_measures_nothing(tmp_path):
+    """--repeats 0 runs each row's warm-up only (on the device: compilation and inductor's tuning,
+    which fill the on-disk caches for a later timed run): the rows say so and carry no timings."""
+    out = tmp_path / "warm.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2", "--sampler", "ddim",
+           "--steps", "2", "--intervals", "2", "--rows", "fp16 eager,cache-only"]
+    r = subprocess.run(cmd + ["--repeats", "0", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(row["warmup_only"] and row["warmup_s"] > 0 for row in rows)
+    assert not any("median_s" in row or "error" in row for row in rows)
+    rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed_report.py"), str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0 and "| fp16 eager | 1 | – | – | – | – | warm-up run only (--repeats 0) |" in rep.stdout
+    bad = subprocess.run(cmd + ["--repeats", "-1", "--out", str(tmp_path / "bad.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--repeats -1" in bad.stderr and not (tmp_path / "bad.json").exists()

@@ -11,7 +11,7 @@
 #        CMD runs with $JOB_DIR ($CQ_DETACHED_DIR/NAME, /tmp/cq-detached/NAME by default) for its
 #        files; its output goes to $JOB_DIR/log
 #   bash benchmarks/device/detached.sh wait NAME SECONDS
-#        waits up to SECONDS for the job to end, then copies its files (*.json, the log) to $OUT
+#        waits up to SECONDS for the job to end, then copies its files (*.json, *.tgz, the log) to $OUT
 #        and says whether it ended (with its exit status) or runs on
 set -u
 cmd=${1:?usage: detached.sh start NAME CMD [ARG ...] | detached.sh wait NAME SECONDS}
@@ -36,7 +36,7 @@ case $cmd in
     t0=$SECONDS
     while [ ! -f "$dir/rc" ] && [ $((SECONDS - t0)) -lt "$secs" ]; do sleep 1; done
     : "${OUT:?OUT is not set: where should the files of the job go?}"
-    cp "$dir"/*.json "$OUT"/ 2>/dev/null
+    cp "$dir"/*.json "$dir"/*.tgz "$OUT"/ 2>/dev/null
     cp "$dir/log" "$OUT/$name.log"
     grep -v '^{' "$dir/log" | tail -20
     if [ -f "$dir/rc" ]; then

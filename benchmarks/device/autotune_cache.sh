@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Inductor's tuned kernel configs (the *.best_config JSON files of its on-disk cache), packed so that
+# they outlive a device machine: a fresh machine seeded with them, with the same torch, Triton and
+# cache path, finds each kernel's tuned config and skips the tuning. With torchao's recommended
+# inductor settings (coordinate-descent tuning) that tuning was 777 of the 876 s warm-up of SD 1.5's
+# float8 row (benchmarks/results/h200.md, twelfth session).
+#
+# usage:
+#   bash benchmarks/device/autotune_cache.sh pack CACHE_DIR TGZ     every *.best_config under CACHE_DIR
+#        into TGZ (written whole or not at all); says how many
+#   bash benchmarks/device/autotune_cache.sh unpack TGZ CACHE_DIR   the configs back in place
+set -u
+usage="usage: autotune_cache.sh pack CACHE_DIR TGZ | autotune_cache.sh unpack TGZ CACHE_DIR"
+cmd=${1:?$usage}
+case $cmd in
+  pack)
+    dir=${2:?$usage}; tgz=${3:?$usage}
+    [ -d "$dir" ] || { echo "pack: no cache directory '$dir'" >&2; exit 2; }
+    n=$(find "$dir" -name '*.best_config' | wc -l)
+    if ! find "$dir" -name '*.best_config' -printf '%P\0' | tar czf "$tgz.tmp" -C "$dir" --null -T -; then
+      rm -f "$tgz.tmp"; echo "pack: could not write '$tgz'" >&2; exit 1
+    fi
+    mv "$tgz.tmp" "$tgz"
+    echo "packed $n tuned kernel configs into $tgz" ;;
+  unpack)
+    tgz=${2:?$usage}; dir=${3:?$usage}
+    [ -f "$tgz" ] || { echo "unpack: no file '$tgz' (pack one on the device with 'autotune_cache.sh pack')" >&2; exit 2; }
+    mkdir -p "$dir" && tar xzf "$tgz" -C "$dir" || { echo "unpack: '$tgz' is not a tarball of tuned configs" >&2; exit 2; }
+    echo "unpacked $(tar tzf "$tgz" | grep -c '\.best_config$') tuned kernel configs into $dir" ;;
+  *) echo "unknown command '$cmd'; $usage" >&2; exit 2 ;;
+esac
