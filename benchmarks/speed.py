@@ -200,7 +200,7 @@ class StackSampler:
             for n in set(names):
                 self.inclusive[n] = self.inclusive.get(n, 0) + 1
 
-    def summary(self, top: int = 25, min_s: float = 0.5) -> dict:
+    def summary(self, top: int = 40, min_s: float = 0.5) -> dict:
         def pick(counts: dict[str, int]) -> list[dict]:
             best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
             return [{"function": f, "s": round(n * self.interval, 1)} for f, n in best if n * self.interval >= min_s]

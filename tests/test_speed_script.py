@@ -320,7 +320,8 @@ def test_warmup_table_splits_a_warm_up_into_compile_step_and_first_run():
                               "Scheduler.codegen": 8.4, "async_compile.wait": 1.3},
          "inductor_cache": {"fxgraph_cache_miss": 1},
          "warmup_profile": {"sampled_s": 205.0, "interval_s": 0.2,
-                            "inclusive": [{"function": "a.py:1(run)", "s": 200.0}, {"function": "b.py:9(bench)", "s": 120.0}],
+                            "inclusive": [{"function": "main.py:1(main)", "s": 205.0}, {"function": "a.py:1(run)", "s": 200.0},
+                                          {"function": "b.py:9(bench)", "s": 120.0}],
                             "own": [{"function": "b.py:9(bench)", "s": 110.0}]}},
         {"row": "torchao float8 dynamic + compile", "batch": 1, "compile_phases_s": {"_compile.compile_inner": 61.4},
          "error": "RuntimeError: the warm-up run (compilation, graph capture) did not finish in 135.4 s (...)"}]}
@@ -328,6 +329,8 @@ def test_warmup_table_splits_a_warm_up_into_compile_step_and_first_run():
     assert "| torchao int8 dynamic + compile | 1 | 205.4 | 65.5 | 25.3 | 1.3 | 139.9 | fxgraph_cache_miss 1 |" in text
     assert "| torchao float8 dynamic + compile | 1 | ≥ 135.4 | 61.4 | – | – | ≥ 74.0 |  |" in text  # cut: lower bounds
     assert "| `b.py:9(bench)` | 120.0 | 110.0 |" in text and "| `a.py:1(run)` | 200.0 | – |" in text
+    assert "main.py" not in text and "1 callers on the stack throughout left out" in text  # in every sample
+    assert "Innermost functions: `b.py:9(bench)` 110.0." in text
     assert "fp16 eager" not in text  # not compiled: not in the table
     assert rep.warmup_table({"rows": [{"row": "fp16 eager", "batch": 1}]}) == ""
 
