@@ -17,10 +17,10 @@ case $cmd in
     dir=${2:?$usage}; tgz=${3:?$usage}
     [ -d "$dir" ] || { echo "pack: no cache directory '$dir'" >&2; exit 2; }
     n=$(find "$dir" -name '*.best_config' | wc -l)
-    if ! find "$dir" -name '*.best_config' -printf '%P\0' | tar czf "$tgz.tmp" -C "$dir" --null -T -; then
-      rm -f "$tgz.tmp"; echo "pack: could not write '$tgz'" >&2; exit 1
+    if ! find "$dir" -name '*.best_config' -printf '%P\0' | tar czf "$tgz.tmp.$$" -C "$dir" --null -T -; then
+      rm -f "$tgz.tmp.$$"; echo "pack: could not write '$tgz'" >&2; exit 1
     fi
-    mv "$tgz.tmp" "$tgz"
+    mv "$tgz.tmp.$$" "$tgz"  # a pack running at the same time writes its own temporary file
     echo "packed $n tuned kernel configs into $tgz" ;;
   unpack)
     tgz=${2:?$usage}; dir=${3:?$usage}
