@@ -99,8 +99,8 @@ for part in "$@"; do
     # one after another in one process and find the compiled graphs and the tuned configs there. The
     # timed runs have the GPU to themselves; the tuning runs did not (the two processes' candidate
     # timings overlapped). The tuned configs are packed into $out/autotune-cache.tgz every 30 s
-    # (detached.sh wait hands it back); CQ_AUTOTUNE_SEED=that file seeds a fresh machine, so a session
-    # that ends during the timed rows leaves the next one without the tuning.
+    # (detached.sh wait hands it back); CQ_AUTOTUNE_SEED=that file seeds a fresh machine, so when a
+    # session ends before the timed rows are done, the next one need not tune again.
     torchao-sd15-b8-rest) export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/cq-inductor}
       mkdir -p $TORCHINDUCTOR_CACHE_DIR
       [ -z "${CQ_AUTOTUNE_SEED:-}" ] || bash benchmarks/device/autotune_cache.sh unpack "$CQ_AUTOTUNE_SEED" $TORCHINDUCTOR_CACHE_DIR

@@ -484,9 +484,10 @@ def config_changes(before: dict, after: dict) -> dict:
     ``set_inductor_config=True``, which changes process-wide inductor settings in ``quantize_``
     (torchao 0.18: ``coordinate_descent_tuning``, ``coordinate_descent_check_all_directions``,
     ``force_fuse_int_mm_with_mul``, ...). Coordinate-descent tuning tunes each Triton kernel the
-    first time it runs, compiling and timing neighbouring tile configs, which is a candidate for the
-    torchao rows' long first run. Recording the changes makes that testable on the device, and
-    restoring them keeps later rows in the same process unaffected."""
+    first time it runs, compiling and timing neighbouring tile configs: 777 of the 876 s warm-up of
+    SD 1.5's torchao float8 row on the H200 (benchmarks/results/h200.md, twelfth session). The row
+    records the changes so that a results file says why its warm-up took so long; restoring them
+    keeps later rows in the same process unaffected."""
     plain = (bool, int, float, str, type(None))
     return {k: v if isinstance(v, plain) else repr(v) for k, v in after.items() if k in before and before[k] != v}
 
