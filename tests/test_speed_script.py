@@ -356,9 +356,10 @@ def test_torchao_row_records_and_restores_the_inductor_settings_it_changes():
     assert speed.config_changes({"a": 1, "b": print}, {"a": 2, "b": print, "c": 0}) == {"a": 2}
 
 
-def test_warmup_only_run_fills_caches_and_measures_nothing(tmp_path):
+def test_warmup_only_run_records_the_warmup_and_measures_nothing(tmp_path):
     """--repeats 0 runs each row's warm-up only (on the device: compilation and inductor's tuning,
-    which fill the on-disk caches for a later timed run): the rows say so and carry no timings."""
+    which fill the on-disk caches for a later timed run; run_speed_rest.sh's torchao-sd15-b8-rest
+    relies on that, which only the device shows): the rows say so and carry no timings."""
     out = tmp_path / "warm.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2", "--sampler", "ddim",
            "--steps", "2", "--intervals", "2", "--rows", "fp16 eager,cache-only"]
