@@ -97,7 +97,7 @@ def warmup_table(res: dict) -> str:
     if not rows:
         return ""
     out = ["| row | batch | warm-up s | compile step s | of which inductor lowering, scheduling, codegen | "
-           "of which waiting for Triton workers | rest (first run) s | inductor caches |", "|---" * 8 + "|"]
+           "of which waiting for Triton workers | rest (first run) s | inductor caches, tuning |", "|---" * 8 + "|"]
     for r in rows:
         ph = r["compile_phases_s"]
         warm, cut = r.get("warmup_s"), ""
@@ -107,7 +107,8 @@ def warmup_table(res: dict) -> str:
         step = ph.get("_compile.compile_inner", 0.0)
         low = sum(ph.get(k, 0.0) for k in _LOWERING)
         rest = f"{cut}{warm - step:.1f}" if warm is not None else "–"
-        cache = ", ".join(f"{k} {v}" for k, v in sorted(r.get("inductor_cache", {}).items()))
+        counts = {**r.get("inductor_cache", {}), **r.get("inductor_tuning", {})}
+        cache = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         out.append(f"| {r['row']} | {r['batch']} | {cut}{fmt(warm, '.1f')} | {step:.1f} | {fmt(low or None, '.1f')} | "
                    f"{fmt(ph.get('async_compile.wait'), '.1f')} | {rest} | {cache} |")
     text = "\n\nWarm-up of the compiled rows (seconds):\n\n" + "\n".join(out)

@@ -254,7 +254,8 @@ def test_compile_time_script_times_tracing_of_float_and_torchao_models(tmp_path)
 
 
 def test_compile_record_reports_the_phases_of_a_warm_up():
-    """A compiled row records where its warm-up went; an eager row records nothing."""
+    """A compiled row records where its warm-up went and how many configs the tuning timed; an
+    eager row records nothing."""
     import torch
     from conftest import load_benchmark
     from torch._dynamo.utils import compilation_time_metrics, counters
@@ -270,6 +271,9 @@ def test_compile_record_reports_the_phases_of_a_warm_up():
     phases = rec["compile_phases_s"]
     assert set(phases) <= set(speed.COMPILE_PHASES) and "_compile.compile_inner" in phases
     assert phases["_compile.compile_inner"] >= phases.get("create_aot_dispatcher_function", 0) >= 0
+    assert "inductor_tuning" not in rec  # aot_eager tunes nothing
+    counters["inductor"]["coordesc_tuning_bench"] += 3  # what inductor counts per candidate config it times
+    assert speed.compile_record(compilation_time_metrics, counters)["inductor_tuning"] == {"coordesc_tuning_bench": 3}
 
 
 def test_warmup_profile_names_the_slow_stage_also_when_the_limit_cuts_it():
@@ -318,7 +322,7 @@ def test_warmup_table_splits_a_warm_up_into_compile_step_and_first_run():
         {"row": "torchao int8 dynamic + compile", "batch": 1, "warmup_s": 205.4, "median_s": 3.7,
          "compile_phases_s": {"_compile.compile_inner": 65.5, "GraphLowering.run": 8.3, "Scheduler.__init__": 8.6,
                               "Scheduler.codegen": 8.4, "async_compile.wait": 1.3},
-         "inductor_cache": {"fxgraph_cache_miss": 1},
+         "inductor_cache": {"fxgraph_cache_miss": 1}, "inductor_tuning": {"coordesc_tuning_bench": 812},
          "warmup_profile": {"sampled_s": 205.0, "interval_s": 0.2,
                             "inclusive": [{"function": "main.py:1(main)", "s": 205.0}, {"function": "a.py:1(run)", "s": 200.0},
                                           {"function": "b.py:9(bench)", "s": 120.0}],
@@ -326,7 +330,7 @@ def test_warmup_table_splits_a_warm_up_into_compile_step_and_first_run():
         {"row": "torchao float8 dynamic + compile", "batch": 1, "compile_phases_s": {"_compile.compile_inner": 61.4},
          "error": "RuntimeError: the warm-up run (compilation, graph capture) did not finish in 135.4 s (...)"}]}
     text = rep.warmup_table(res)
-    assert "| torchao int8 dynamic + compile | 1 | 205.4 | 65.5 | 25.3 | 1.3 | 139.9 | fxgraph_cache_miss 1 |" in text
+    assert "| torchao int8 dynamic + compile | 1 | 205.4 | 65.5 | 25.3 | 1.3 | 139.9 | coordesc_tuning_bench 812, fxgraph_cache_miss 1 |" in text
     assert "| torchao float8 dynamic + compile | 1 | ≥ 135.4 | 61.4 | – | – | ≥ 74.0 |  |" in text  # cut: lower bounds
     assert "| `b.py:9(bench)` | 120.0 | 110.0 |" in text and "| `a.py:1(run)` | 200.0 | – |" in text
     assert "main.py" not in text and "1 callers on the stack throughout left out" in text  # in every sample
