@@ -116,3 +116,45 @@ echo "end $$" >> {log}
                                                "torchao-sd15-b8-warmup-float8.json", "autotune-cache.tgz"}
     listing = subprocess.run(["tar", "tzf", str(out / "autotune-cache.tgz")], capture_output=True, text=True).stdout
     assert listing.count(".best_config") == 4  # the seed's, and one per speed.py call
+
+
+def test_sd15_batch8_float8_part_starts_from_the_seed_with_the_graph_caches_off(tmp_path):
+    """run_speed_rest.sh torchao-sd15-b8-float8: the seed's tuned configs are in inductor's cache
+    before speed.py starts, the FX graph and AOTAutograd caches are off in its environment (their
+    hits re-run the tuning with torch < 2.12), and the configs come back packed; a seed that is not
+    a tarball stops the part before any speed.py call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    fake = bin_dir / "python3"
+    fake.write_text(f"""#!/usr/bin/env bash
+seeded=no; [ -f "$TORCHINDUCTOR_CACHE_DIR/old/y.best_config" ] && seeded=yes
+echo "call seeded=$seeded fx=$TORCHINDUCTOR_FX_GRAPH_CACHE aot=$TORCHINDUCTOR_AUTOGRAD_CACHE $*" >> {log}
+out=; prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR/new" && echo '{{}}' > "$TORCHINDUCTOR_CACHE_DIR/new/z.best_config"
+echo '{{"rows": []}}' > "$out"
+""")
+    fake.chmod(0o755)
+    seed_dir = tmp_path / "seed"
+    (seed_dir / "old").mkdir(parents=True)
+    (seed_dir / "old" / "y.best_config").write_text("{}")
+    seed = tmp_path / "seed.tgz"
+    subprocess.run(["bash", AUTOTUNE, "pack", str(seed_dir), str(seed)], check=True, capture_output=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"),
+           "CQ_AUTOTUNE_SEED": str(seed)}
+    script = str(ROOT / "benchmarks" / "run_speed_rest.sh")
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", script, str(out), "torchao-sd15-b8-float8"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("call seeded=yes fx=0 aot=0 ")
+    assert "--repeats 5" in calls[0] and "fp16 eager,torchao float8 dynamic + compile" in calls[0]
+    assert {p.name for p in out.iterdir()} == {"torchao-sd15-b8-float8.json", "autotune-cache.tgz"}
+    listing = subprocess.run(["tar", "tzf", str(out / "autotune-cache.tgz")], capture_output=True, text=True).stdout
+    assert sorted(listing.split()) == ["new/z.best_config", "old/y.best_config"]
+    log.unlink()
+    (tmp_path / "junk.tgz").write_text("not a tarball")
+    bad = subprocess.run(["bash", script, str(tmp_path / "out2"), "torchao-sd15-b8-float8"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, env={**env, "CQ_AUTOTUNE_SEED": str(tmp_path / "junk.tgz")})
+    assert "not a tarball" in bad.stdout + bad.stderr and not log.exists()
