@@ -77,15 +77,29 @@ def test_autotune_cache_errors_name_what_is_missing(tmp_path):
     assert subprocess.run(["bash", AUTOTUNE, "list"], capture_output=True, text=True).returncode == 2
 
 
+def _seeded_env(tmp_path: Path, fake_python: str) -> dict:
+    """An environment for run_speed_rest.sh: `python3` is the given stand-in script, inductor's
+    cache is under tmp_path, and CQ_AUTOTUNE_SEED is a packed seed holding old/y.best_config."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(fake_python)
+    fake.chmod(0o755)
+    seed_dir = tmp_path / "seed"
+    (seed_dir / "old").mkdir(parents=True)
+    (seed_dir / "old" / "y.best_config").write_text("{}")
+    seed = tmp_path / "seed.tgz"
+    subprocess.run(["bash", AUTOTUNE, "pack", str(seed_dir), str(seed)], check=True, capture_output=True)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"),
+            "CQ_AUTOTUNE_SEED": str(seed)}
+
+
 def test_sd15_batch8_torchao_part_overlaps_the_warmups_then_times_alone(tmp_path):
     """run_speed_rest.sh torchao-sd15-b8-rest, with a stand-in for python3 that logs when each
     speed.py call starts and ends and leaves a tuned config behind: the two warm-up-only calls
     overlap, the timed call starts after both ended, and the tuned configs come back packed."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     log = tmp_path / "calls.log"
-    fake = bin_dir / "python3"
-    fake.write_text(f"""#!/usr/bin/env bash
+    env = _seeded_env(tmp_path, f"""#!/usr/bin/env bash
 echo "start $$ $*" >> {log}
 out=; prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
 sleep 2
@@ -93,15 +107,7 @@ mkdir -p "$TORCHINDUCTOR_CACHE_DIR/k$$" && echo '{{"found_by_coordesc": true}}' 
 echo '{{"rows": []}}' > "$out"
 echo "end $$" >> {log}
 """)
-    fake.chmod(0o755)
-    seed_dir = tmp_path / "seed"
-    (seed_dir / "old").mkdir(parents=True)
-    (seed_dir / "old" / "y.best_config").write_text("{}")
-    seed = tmp_path / "seed.tgz"
-    subprocess.run(["bash", AUTOTUNE, "pack", str(seed_dir), str(seed)], check=True, capture_output=True)
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"),
-           "CQ_AUTOTUNE_SEED": str(seed)}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_speed_rest.sh"), str(out), "torchao-sd15-b8-rest"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
@@ -123,25 +129,14 @@ def test_sd15_batch8_float8_part_starts_from_the_seed_with_the_graph_caches_off(
     before speed.py starts, the FX graph and AOTAutograd caches are off in its environment (their
     hits re-run the tuning with torch < 2.12), and the configs come back packed; a seed that is not
     a tarball stops the part before any speed.py call."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     log = tmp_path / "calls.log"
-    fake = bin_dir / "python3"
-    fake.write_text(f"""#!/usr/bin/env bash
+    env = _seeded_env(tmp_path, f"""#!/usr/bin/env bash
 seeded=no; [ -f "$TORCHINDUCTOR_CACHE_DIR/old/y.best_config" ] && seeded=yes
 echo "call seeded=$seeded fx=$TORCHINDUCTOR_FX_GRAPH_CACHE aot=$TORCHINDUCTOR_AUTOGRAD_CACHE $*" >> {log}
 out=; prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR/new" && echo '{{}}' > "$TORCHINDUCTOR_CACHE_DIR/new/z.best_config"
 echo '{{"rows": []}}' > "$out"
 """)
-    fake.chmod(0o755)
-    seed_dir = tmp_path / "seed"
-    (seed_dir / "old").mkdir(parents=True)
-    (seed_dir / "old" / "y.best_config").write_text("{}")
-    seed = tmp_path / "seed.tgz"
-    subprocess.run(["bash", AUTOTUNE, "pack", str(seed_dir), str(seed)], check=True, capture_output=True)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"),
-           "CQ_AUTOTUNE_SEED": str(seed)}
     script = str(ROOT / "benchmarks" / "run_speed_rest.sh")
     out = tmp_path / "out"
     r = subprocess.run(["bash", script, str(out), "torchao-sd15-b8-float8"], capture_output=True, text=True,
