@@ -712,14 +712,15 @@ COMPILE_PHASES = ("_compile.compile_inner", "create_aot_dispatcher_function", "G
 def compile_record(metrics: dict, counters) -> dict:
     """Where a compiled row's warm-up went, in seconds per phase, inductor's cache hits and
     misses, and how many candidate configs its coordinate-descent tuning timed
-    (``coordesc_tuning_bench``; 0 or absent when every kernel's tuned config came from the cache):
-    a compilation cut by its time limit still says how far it got (a phase is recorded when it
-    returns, so the one running at the cut is missing)."""
+    (``coordesc_tuning_bench``, 0 when every kernel's tuned config came from the cache or no tuning
+    was on): a compilation cut by its time limit still says how far it got (a phase is recorded
+    when it returns, so the one running at the cut is missing)."""
     phases = {k: round(sum(metrics[k]), 1) for k in COMPILE_PHASES if metrics.get(k)}
     cache = {k: v for k, v in counters["inductor"].items() if "cache" in k}
-    tuning = {k: v for k, v in counters["inductor"].items() if k.startswith("coordesc")}
-    rec = {"compile_phases_s": phases, "inductor_cache": cache} if phases or cache else {}
-    return {**rec, "inductor_tuning": tuning} if tuning else rec
+    if not (phases or cache):
+        return {}
+    return {"compile_phases_s": phases, "inductor_cache": cache,
+            "inductor_tuning": {"coordesc_tuning_bench": counters["inductor"]["coordesc_tuning_bench"]}}
 
 
 def warmup_limit(args, elapsed: float) -> float | None:

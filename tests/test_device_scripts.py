@@ -127,7 +127,7 @@ echo "end $$" >> {log}
 def test_sd15_batch8_float8_part_starts_from_the_seed_with_the_graph_caches_off(tmp_path):
     """run_speed_rest.sh torchao-sd15-b8-float8: the seed's tuned configs are in inductor's cache
     before speed.py starts, the FX graph and AOTAutograd caches are off in its environment (their
-    hits re-run the tuning with torch < 2.12), and the configs come back packed; a seed that is not
+    hits re-ran the tuning with torch 2.11), and the configs come back packed; a seed that is not
     a tarball stops the part before any speed.py call."""
     log = tmp_path / "calls.log"
     env = _seeded_env(tmp_path, f"""#!/usr/bin/env bash
