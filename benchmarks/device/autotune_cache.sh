@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Inductor's tuned kernel configs (the *.best_config JSON files of its on-disk cache), packed so that
 # they outlive a device machine: a fresh machine seeded with them, with the same torch, Triton and
-# cache path, finds each kernel's tuned config and skips the tuning. With torchao's recommended
+# cache path, should find each kernel's tuned config and skip the tuning. (With torch 2.11 a graph
+# loaded from inductor's FX graph cache re-runs the tuning anyway, pytorch/pytorch#172819: the part
+# torchao-sd15-b8-float8 of benchmarks/run_speed_rest.sh turns that cache off.) With torchao's recommended
 # inductor settings (coordinate-descent tuning) that tuning was 777 of the 876 s warm-up of SD 1.5's
 # float8 row (benchmarks/results/h200.md, twelfth session).
 #
