@@ -49,9 +49,17 @@ export PYTHONUNBUFFERED=1
 s="benchmarks/speed.py --plan-dir /tmp/cq-plans"
 # inductor's on-disk cache for the detached torchao parts: seeded from CQ_AUTOTUNE_SEED when set (a bad
 # seed stops the part rather than tune for a quarter of an hour unannounced), and its tuned configs
-# packed into $out/autotune-cache.tgz every 30 s by a background saver (pid in $saver) and by $pack
+# packed into $out/autotune-cache.tgz every 30 s by a background saver (pid in $saver) and by $pack.
+# Kernels compile in the calling process (TORCHINDUCTOR_COMPILE_THREADS=1, unless set): a kernel
+# compiled in inductor's worker pool comes back pickled, and triton.Config's __setstate__ keeps only
+# its own fields, so the mark that its config was found by coordinate descent is lost and the tuning
+# runs again although the tuned config is on disk. On 2026-12-03 (torch 2.11, Triton 3.6) SD 1.5's
+# float8 row at batch 8 with the 281 seeded configs timed 3,252 candidates in a 1,207 s warm-up with
+# 16 compile threads, and 16 candidates in a 92 s warm-up with one (benchmarks/results/h200.md,
+# fourteenth session); compiling the ~150 kernels serially cost little next to that.
 tuned_cache() {
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/cq-inductor}
+  export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
   mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
   [ -z "${CQ_AUTOTUNE_SEED:-}" ] || bash benchmarks/device/autotune_cache.sh unpack "$CQ_AUTOTUNE_SEED" \
     "$TORCHINDUCTOR_CACHE_DIR" || return 2
@@ -111,7 +119,7 @@ for part in "$@"; do
     # once (--repeats 0), in two processes that share inductor's on-disk caches, then the timed rows run
     # one after another in one process and find the compiled graphs and the tuned configs there
     # (with torch 2.11 the graph-cache hit re-ran the tuning anyway, 224 s for int8 on 2026-12-03: see
-    # torchao-sd15-b8-float8 below). The timed runs have the GPU to themselves; the tuning runs did
+    # torchao-sd15-b8-float8 below; that run also compiled in a worker pool, see tuned_cache). The timed runs have the GPU to themselves; the tuning runs did
     # not (the two processes' candidate timings overlapped). The tuned configs are packed into $out/autotune-cache.tgz every 30 s
     # (detached.sh wait hands it back); CQ_AUTOTUNE_SEED=that file seeds a fresh machine, so when a
     # session ends before the timed rows are done, the next one need not tune again.
@@ -124,16 +132,16 @@ for part in "$@"; do
       python3 $s --model sd15 --batch 8 --repeats 5 --profile-warmup \
         --rows "fp16 eager,torchao int8 dynamic + compile,torchao float8 dynamic + compile" \
         --out "$out/torchao-sd15-b8.json"; $pack ;;
-    # SD 1.5's torchao float8 at batch 8, the one row torchao-sd15-b8-rest left (2026-12-03: the session
-    # ended in its timed warm-up), from the configs that part tuned, committed as
-    # CQ_AUTOTUNE_SEED=benchmarks/results/h200-2026-12-03-run13-autotune-cache.tgz (torch 2.11.0+cu130,
-    # Triton 3.6.0, torchao 0.18.0 on an H200: other versions or GPUs name their kernels differently and tune afresh).
+    # SD 1.5's torchao float8 at batch 8, the one row torchao-sd15-b8-rest left (measured 2026-12-03,
+    # run 14, unseeded in effect: see tuned_cache), from a seed of tuned configs: CQ_AUTOTUNE_SEED=
+    # benchmarks/results/h200-2026-12-03-run14-autotune-cache.tgz (torch 2.11.0+cu130, Triton 3.6.0,
+    # torchao 0.18.0 on an H200: other versions or GPUs name their kernels differently and tune afresh).
     # Inductor's FX graph and AOTAutograd caches are off: with torch < 2.12 a graph loaded from them
     # re-runs the coordinate-descent tuning of each single-config kernel although its tuned config is
     # on disk (pytorch/pytorch#172819, fixed upstream by #173391, as torch 2.13's code shows): the int8
-    # row of that part's timed call, a graph-cache hit, spent 224 s of its 241 s warm-up in the tuning.
-    # Compiled afresh, a kernel's first launch reads its tuned config and skips the tuning; the row's
-    # inductor_tuning.coordesc_tuning_bench (candidates timed) says whether it did.
+    # row of torchao-sd15-b8-rest's timed call, a graph-cache hit, spent 224 s of its 241 s warm-up in
+    # the tuning. The row's inductor_tuning.coordesc_tuning_bench (candidates timed) says whether the
+    # seed served.
     torchao-sd15-b8-float8) tuned_cache || exit 2
       export TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0
       python3 $s --model sd15 --batch 8 --repeats 5 --profile-warmup \

@@ -127,12 +127,14 @@ echo "end $$" >> {log}
 def test_sd15_batch8_float8_part_starts_from_the_seed_with_the_graph_caches_off(tmp_path):
     """run_speed_rest.sh torchao-sd15-b8-float8: the seed's tuned configs are in inductor's cache
     before speed.py starts, the FX graph and AOTAutograd caches are off in its environment (their
-    hits re-ran the tuning with torch 2.11), and the configs come back packed; a seed that is not
-    a tarball stops the part before any speed.py call."""
+    hits re-ran the tuning with torch 2.11), kernels compile in speed.py's own process unless the
+    caller chose a thread count (from the worker pool a tuned config came back unmarked and was
+    tuned again), and the configs come back packed; a seed that is not a tarball stops the part
+    before any speed.py call."""
     log = tmp_path / "calls.log"
     env = _seeded_env(tmp_path, f"""#!/usr/bin/env bash
 seeded=no; [ -f "$TORCHINDUCTOR_CACHE_DIR/old/y.best_config" ] && seeded=yes
-echo "call seeded=$seeded fx=$TORCHINDUCTOR_FX_GRAPH_CACHE aot=$TORCHINDUCTOR_AUTOGRAD_CACHE $*" >> {log}
+echo "call seeded=$seeded fx=$TORCHINDUCTOR_FX_GRAPH_CACHE aot=$TORCHINDUCTOR_AUTOGRAD_CACHE threads=$TORCHINDUCTOR_COMPILE_THREADS $*" >> {log}
 out=; prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR/new" && echo '{{}}' > "$TORCHINDUCTOR_CACHE_DIR/new/z.best_config"
 echo '{{"rows": []}}' > "$out"
@@ -143,11 +145,16 @@ echo '{{"rows": []}}' > "$out"
                        timeout=120, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     calls = log.read_text().splitlines()
-    assert len(calls) == 1 and calls[0].startswith("call seeded=yes fx=0 aot=0 ")
+    assert len(calls) == 1 and calls[0].startswith("call seeded=yes fx=0 aot=0 threads=1 ")
     assert "--repeats 5" in calls[0] and "fp16 eager,torchao float8 dynamic + compile" in calls[0]
     assert {p.name for p in out.iterdir()} == {"torchao-sd15-b8-float8.json", "autotune-cache.tgz"}
     listing = subprocess.run(["tar", "tzf", str(out / "autotune-cache.tgz")], capture_output=True, text=True).stdout
     assert sorted(listing.split()) == ["new/z.best_config", "old/y.best_config"]
+    log.unlink()
+    chosen = subprocess.run(["bash", script, str(tmp_path / "out1"), "torchao-sd15-b8-float8"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, env={**env, "TORCHINDUCTOR_COMPILE_THREADS": "4"})
+    assert chosen.returncode == 0, chosen.stderr
+    assert " threads=4 " in log.read_text()
     log.unlink()
     (tmp_path / "junk.tgz").write_text("not a tarball")
     bad = subprocess.run(["bash", script, str(tmp_path / "out2"), "torchao-sd15-b8-float8"], capture_output=True,
