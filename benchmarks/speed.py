@@ -765,7 +765,12 @@ def main() -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)")
     env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (--tiny smoke test)", "torch": torch.__version__, "python": platform.python_version(),
-           "command": " ".join(sys.argv)}
+           "command": " ".join(sys.argv),
+           # the environment settings that change what a row measures: inductor's caches and compile
+           # threads (whether a seeded tuning applies, h200.md fourteenth session), cachequant's
+           # kernel choices (CACHEQUANT_FP8_GEMM, CACHEQUANT_TILES) and the device scripts' seed
+           "settings": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith(("TORCHINDUCTOR_", "CACHEQUANT_", "CQ_"))}}
     if device == "cuda":
         import torch._inductor.config as inductor_config
 

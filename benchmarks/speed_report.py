@@ -213,7 +213,8 @@ def main(argv: list[str]) -> int:
         env = res["env"]
         print(f"### {Path(p).name}\n")
         print(f"`{env['command']}` — {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
-              f"diffusers {env['diffusers']}, torchao {env['torchao']}\n")
+              f"diffusers {env['diffusers']}, torchao {env['torchao']}"
+              + "".join(f", {k}={v}" for k, v in env.get("settings", {}).items()) + "\n")
         print(kernels_table(res["kernels"]) if "kernels" in res else rows_table(res) + profile_table(res) + warmup_table(res))
         print()
     return 0

@@ -4,6 +4,7 @@ file quotes."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -367,14 +368,19 @@ def test_warmup_only_run_records_the_warmup_and_measures_nothing(tmp_path):
     out = tmp_path / "warm.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2", "--sampler", "ddim",
            "--steps", "2", "--intervals", "2", "--rows", "fp16 eager,cache-only"]
-    r = subprocess.run(cmd + ["--repeats", "0", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1", "CQ_AUTOTUNE_SEED": "seed.tgz"}
+    r = subprocess.run(cmd + ["--repeats", "0", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+    settings = json.loads(out.read_text())["env"]["settings"]  # the settings that change a measurement
+    assert settings["TORCHINDUCTOR_COMPILE_THREADS"] == "1" and settings["CQ_AUTOTUNE_SEED"] == "seed.tgz"
+    assert "PATH" not in settings and "HOME" not in settings
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(row["warmup_only"] and row["warmup_s"] > 0 for row in rows)
     assert not any("median_s" in row or "error" in row for row in rows)
     rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed_report.py"), str(out)],
                          capture_output=True, text=True, timeout=60)
     assert rep.returncode == 0 and "| fp16 eager | 1 | – | – | – | – | warm-up run only (--repeats 0) |" in rep.stdout
+    assert "TORCHINDUCTOR_COMPILE_THREADS=1" in rep.stdout  # the report's header line names them
     bad = subprocess.run(cmd + ["--repeats", "-1", "--out", str(tmp_path / "bad.json")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--repeats -1" in bad.stderr and not (tmp_path / "bad.json").exists()
