@@ -119,8 +119,9 @@ for part in "$@"; do
     # once (--repeats 0), in two processes that share inductor's on-disk caches, then the timed rows run
     # one after another in one process and find the compiled graphs and the tuned configs there
     # (with torch 2.11 the graph-cache hit re-ran the tuning anyway, 224 s for int8 on 2026-12-03: see
-    # torchao-sd15-b8-float8 below; that run also compiled in a worker pool, see tuned_cache). The timed runs have the GPU to themselves; the tuning runs did
-    # not (the two processes' candidate timings overlapped). The tuned configs are packed into $out/autotune-cache.tgz every 30 s
+    # torchao-sd15-b8-float8 below; that run also compiled in a worker pool, see tuned_cache). The
+    # timed runs have the GPU to themselves; the tuning runs did not (the two processes' candidate
+    # timings overlapped). The tuned configs are packed into $out/autotune-cache.tgz every 30 s
     # (detached.sh wait hands it back); CQ_AUTOTUNE_SEED=that file seeds a fresh machine, so when a
     # session ends before the timed rows are done, the next one need not tune again.
     torchao-sd15-b8-rest) tuned_cache || exit 2

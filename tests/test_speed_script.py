@@ -371,10 +371,11 @@ def test_warmup_only_run_records_the_warmup_and_measures_nothing(tmp_path):
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1", "CQ_AUTOTUNE_SEED": "seed.tgz"}
     r = subprocess.run(cmd + ["--repeats", "0", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    settings = json.loads(out.read_text())["env"]["settings"]  # the settings that change a measurement
+    res = json.loads(out.read_text())
+    settings = res["env"]["settings"]  # the settings that change a measurement
     assert settings["TORCHINDUCTOR_COMPILE_THREADS"] == "1" and settings["CQ_AUTOTUNE_SEED"] == "seed.tgz"
     assert "PATH" not in settings and "HOME" not in settings
-    rows = json.loads(out.read_text())["rows"]
+    rows = res["rows"]
     assert len(rows) == 2 and all(row["warmup_only"] and row["warmup_s"] > 0 for row in rows)
     assert not any("median_s" in row or "error" in row for row in rows)
     rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed_report.py"), str(out)],
