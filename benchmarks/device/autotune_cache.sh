@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Inductor's tuned kernel configs (the *.best_config JSON files of its on-disk cache), packed so that
 # they outlive a device machine: a fresh machine seeded with them, with the same torch, Triton and
-# cache path, finds its kernels' tuned configs and skips nearly all of the tuning (16 candidates timed
-# instead of 3,252 on 2026-12-03), provided that the kernels
-# compile in the process that runs them (TORCHINDUCTOR_COMPILE_THREADS=1: from inductor's worker pool
-# a kernel's config comes back unpickled without its found-by-coordinate-descent mark) and that no
-# graph is loaded from inductor's FX graph cache (with torch 2.11 that re-runs the tuning too,
-# pytorch/pytorch#172819). tuned_cache in benchmarks/run_speed_rest.sh sets the first, the part
-# torchao-sd15-b8-float8 the second. With torchao's recommended
-# inductor settings (coordinate-descent tuning) that tuning was 777 of the 876 s warm-up of SD 1.5's
-# float8 row (benchmarks/results/h200.md, twelfth session).
+# cache path, finds its kernels' tuned configs and skips nearly all of the tuning (16 candidates
+# timed instead of 3,252 on 2026-12-03), provided that the kernels compile in the process that runs
+# them (TORCHINDUCTOR_COMPILE_THREADS=1: from inductor's worker pool a kernel's config comes back
+# unpickled without its found-by-coordinate-descent mark) and that no graph is loaded from inductor's
+# FX graph cache (with torch 2.11 that re-runs the tuning too, pytorch/pytorch#172819). tuned_cache in
+# benchmarks/run_speed_rest.sh sets the first, the part torchao-sd15-b8-float8 the second. With
+# torchao's recommended inductor settings (coordinate-descent tuning) that tuning was 777 of the 876 s
+# warm-up of SD 1.5's float8 row (benchmarks/results/h200.md, twelfth session).
 #
 # usage:
 #   bash benchmarks/device/autotune_cache.sh pack CACHE_DIR TGZ     every *.best_config under CACHE_DIR
