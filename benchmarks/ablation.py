@@ -292,9 +292,9 @@ def find_same(work: Path, khash: str, exclude: Path) -> Path | None:
 
 def load_pipe(model: str, device: str, scheduler: str):
     """Same loader as the CLI (zoo, tiny or folder), so the pipelines are the ones `evaluate` uses."""
-    from cachequant.cli.main import _load_pipeline
+    from cachequant.cli.common import load_pipeline
 
-    pipe = _load_pipeline(model, device, scheduler)
+    pipe = load_pipeline(model, device, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -302,7 +302,7 @@ def load_pipe(model: str, device: str, scheduler: str):
 def calibrate_variant(pipe, table: Table, cfg: dict, steps: int, args, vdir: Path):
     """Calibrates (or reloads the plan of an interrupted earlier attempt) and times it."""
     import cachequant as cq
-    from cachequant.metrics.sampling import is_class_conditional, num_classes
+    from cachequant.pipecall import conditioning, num_classes
 
     plan_path, calib_path = vdir / "plan.cqplan", vdir / "calibration.json"
     calib_info = read_json(calib_path)
@@ -310,7 +310,7 @@ def calibrate_variant(pipe, table: Table, cfg: dict, steps: int, args, vdir: Pat
         return cq.load_plan(plan_path), calib_info
     config = cq.CacheQuantConfig.from_dict(cfg)
     kw: dict = {}
-    if is_class_conditional(pipe):  # the same labels the CLI's default uses, explicit for the record
+    if conditioning(pipe) == "class":  # the same labels the CLI's default uses, explicit for the record
         kw["class_labels"] = [i % num_classes(pipe) for i in range(config.num_calib_samples)]
     else:
         kw["num_samples"] = config.num_calib_samples
@@ -321,7 +321,7 @@ def calibrate_variant(pipe, table: Table, cfg: dict, steps: int, args, vdir: Pat
     _sync(args.device)
     calib_info = {"config": cfg, "seconds": time.time() - t, "inputs": {k: (v if k == "num_samples" else len(v))
                                                                           for k, v in kw.items()},
-                  "pipeline_kwargs": pk, "schedule": plan.schedule, "diagnostics": plan.meta.get("diagnostics", {})}
+                  "pipeline_kwargs": pk, "schedule": plan.schedule, "diagnostics": plan.diagnostics}
     plan.save(plan_path)
     write_json(calib_path, calib_info)
     return plan, calib_info
@@ -352,10 +352,9 @@ def sample_variant(pipe, table: Table, variant: Variant, args, steps: int, model
     from tqdm.auto import tqdm
 
     import cachequant as cq
-    from cachequant.cli.evaluate import weight_storage_bits
-    from cachequant.metrics.macs import count_ops
+    from cachequant.metrics.macs import count_ops, weight_storage_bits
     from cachequant.metrics.sampling import ShardSpec, merge_shards, sample_indices, shard_path, write_shard
-    from cachequant.models.adapters import denoiser_of
+    from cachequant.pipecall import denoiser_of
     from cachequant.utils.io import atomic_path
 
     key = run_key(table, variant, args, steps, model)
@@ -365,7 +364,7 @@ def sample_variant(pipe, table: Table, variant: Variant, args, steps: int, model
     kw = {} if table.guidance_scale is None else {"guidance_scale": table.guidance_scale}
     _, model_mod = denoiser_of(pipe)
     if plan is not None:
-        cq.accelerate(pipe, plan, backend=args.backend, kernel_attention=args.kernel_attention)
+        cq.accelerate(pipe, plan, backend=args.backend, attention=args.kernel_attention)
     try:
         with torch.inference_mode():
             with count_ops(model_mod) as ops:  # one image, as `cachequant evaluate` counts

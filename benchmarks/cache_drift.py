@@ -61,30 +61,37 @@ def parse_runs(text: str) -> list[tuple[str, int]]:
 def record_features(pipe, steps: int, num_samples: int, guidance_scale: float | None, seed: int) -> list[torch.Tensor]:
     """The cached feature at every model call of an uncached full-precision run (float32, CPU)."""
     import cachequant as cq
-    from cachequant.calibration.inputs import run_batch
-    from cachequant.metrics.sampling import is_class_conditional
-    from cachequant.models.adapters import adapter_for, denoiser_of
-    from cachequant.runtime import Runtime
-    from cachequant.session import install_session, probe_sampler
+    from cachequant.models.adapters import adapter_for
+    from cachequant.pipecall import call_pipeline, conditioning, denoiser_of
+    from cachequant.runtime.sampler import probe_timesteps
+    from cachequant.session import Session
 
     _, model = denoiser_of(pipe)
     adapter = adapter_for(model)
-    site = adapter.resolve_site(model, cq.CacheQuantConfig())
-    sampler = probe_sampler(pipe.scheduler, steps)
-    T = sampler["num_calls"]
-    rt = Runtime(T, frozenset(range(T)), recorder=[])
-    sess = install_session(pipe, model, adapter, site, rt, sampler)
+    layout = adapter.layout(model, adapter.resolve_site(model, cq.CacheQuantConfig()))
+    timesteps = probe_timesteps(pipe.scheduler, steps)
+    T = len(timesteps)
+    sess = Session.open(model, timesteps, None, 0, type(pipe.scheduler).__name__, steps, guard=False)
+    recorded: list[torch.Tensor] = []
+    handle = None
     try:
-        if is_class_conditional(pipe):
-            run_batch(pipe, "class", [i % 10 for i in range(num_samples)], steps, seed,
-                      {"guidance_scale": guidance_scale} if guidance_scale is not None else {})
+        sess.add_cache(layout)
+        sess.attach_scheduler(pipe.scheduler)
+        handle = model.register_forward_hook(
+            lambda *_: recorded.append(sess.store.feature(layout.feature_key).detach().float().cpu()))
+        gen = torch.Generator("cpu").manual_seed(seed)
+        if conditioning(pipe) == "class":
+            call_pipeline(pipe, [i % 10 for i in range(num_samples)], num_inference_steps=steps, generator=gen,
+                          **({"guidance_scale": guidance_scale} if guidance_scale is not None else {}))
         else:
-            run_batch(pipe, "unconditional", list(range(num_samples)), steps, seed, {})
+            call_pipeline(pipe, [None] * num_samples, num_inference_steps=steps, generator=gen)
     finally:
-        sess.restore()
-    if len(rt.recorder) != T:
-        raise RuntimeError(f"expected {T} model calls, recorded {len(rt.recorder)}")
-    return [x.detach().float().cpu() for x in rt.recorder]
+        if handle is not None:
+            handle.remove()
+        sess.close()
+    if len(recorded) != T:
+        raise RuntimeError(f"expected {T} model calls, recorded {len(recorded)}")
+    return recorded
 
 
 def interval_rows(fit: list[torch.Tensor], held_out: list[torch.Tensor], interval: int, channel_dim: int) -> dict:
@@ -135,9 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     if any(n < 2 for n in intervals) or args.num_samples < 1:
         raise SystemExit("--intervals must all be >= 2 and --num-samples >= 1")
 
-    from cachequant.cli.main import _load_pipeline
-    from cachequant.metrics.sampling import is_class_conditional
-    from cachequant.models.adapters import adapter_for, denoiser_of
+    import cachequant as cq
+    from cachequant.cli.common import load_pipeline
+    from cachequant.models.adapters import adapter_for
+    from cachequant.pipecall import conditioning, denoiser_of
 
     torch.manual_seed(args.seed)
     out = {"command": "python benchmarks/cache_drift.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -145,10 +153,12 @@ def main(argv: list[str] | None = None) -> dict:
            "environment": {"device": args.device, "torch": torch.__version__, "python": platform.python_version()},
            "runs": []}
     for name, steps in runs:
-        pipe = _load_pipeline(args.model, args.device, name)
+        pipe = load_pipeline(args.model, args.device, name)
         pipe.set_progress_bar_config(disable=True)
-        gs = args.guidance_scale if is_class_conditional(pipe) else None
-        channel_dim = adapter_for(denoiser_of(pipe)[1]).channel_dim
+        gs = args.guidance_scale if conditioning(pipe) == "class" else None
+        model = denoiser_of(pipe)[1]
+        adapter = adapter_for(model)
+        channel_dim = adapter.layout(model, adapter.resolve_site(model, cq.CacheQuantConfig())).channel_dim
         t0 = time.perf_counter()
         fit = record_features(pipe, steps, args.num_samples, gs, args.seed + 1)
         held_out = record_features(pipe, steps, args.num_samples, gs, args.seed)

@@ -50,15 +50,14 @@ def perturb(pipe) -> list:
     A quantized network is discontinuous (a code flips when its input crosses a rounding boundary),
     so *any* float-level difference — accumulation order, a fused epilogue — grows into this much
     image difference; a kernel that matches the reference up to float rounding lands at this floor."""
-    from cachequant.models.adapters import denoiser_of
-    from cachequant.quant.layers import _QuantBase
+    from cachequant.pipecall import denoiser_of
+    from cachequant.quant.layer import quant_hooks
 
     g = torch.Generator(pipe.device).manual_seed(1)
     hooks = []
-    for m in denoiser_of(pipe)[1].modules():
-        if isinstance(m, _QuantBase):
-            hooks.append(m.register_forward_hook(
-                lambda mod, i, o: o * (1 + 1e-6 * torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype))))
+    for m, _ in quant_hooks(denoiser_of(pipe)[1]).values():
+        hooks.append(m.register_forward_hook(
+            lambda mod, i, o: o * (1 + 1e-6 * torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype))))
     return hooks
 
 

@@ -23,6 +23,7 @@ about 2 minutes (16 samples); the default runs, about 35 minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -61,21 +62,61 @@ def _ablation():
 
 
 def act_scales(plan_path: Path) -> dict[str, np.ndarray]:
-    """Per-step activation scales of a plan (``<quantizer>.scale``; weight scales ``w.*`` left out),
-    NaN at the steps the quantizer never observed (``<quantizer>.seen``: layers a cached step skips)."""
+    """Per-position activation scales of a plan, one row per quantizer (``<quantizer>.scale``:
+    ``act.<layer>.<part>`` from the plan's ``act.<layer>`` table, ``attn.<module>.<operand>`` from
+    ``attn.<module>``; weight scales ``w.*`` left out), NaN at the positions the quantizer never
+    observed (the plan fills them with the nearest observed position's range; see ``observed``)."""
     from safetensors import safe_open
 
     with safe_open(str(plan_path), "np") as f:
-        keys = set(f.keys())
-        out = {}
-        for k in sorted(keys):
-            if k.endswith(".scale") and not k.startswith("w."):
-                sc = f.get_tensor(k).astype(np.float64)
-                seen = k[: -len(".scale")] + ".seen"
-                if seen in keys:
-                    sc = np.where(f.get_tensor(seen).astype(bool), sc, np.nan)
-                out[k] = sc
-        return out
+        raw = (f.metadata() or {}).get("cachequant")
+        tables = {k: f.get_tensor(k).astype(np.float64) for k in f.keys() if k.startswith(("act.", "attn."))}
+    meta = json.loads(raw) if raw else {}
+    out = {}
+    for k in sorted(tables):
+        kind, name = k.split(".", 1)
+        t = tables[k]  # (parts or operands, 2 [scale, zero point], T)
+        seen = observed(meta, name, t.shape[-1])
+        labels = ATTENTION_OPERANDS if kind == "attn" else [str(i) for i in range(t.shape[0])]
+        for label, table in zip(labels, t):
+            out[f"{k}.{label}.scale"] = np.where(seen, table[0], np.nan)
+    return out
+
+
+ATTENTION_OPERANDS = ("q", "k", "p", "v")  # the rows of an attn.<module> table (cachequant.plan)
+
+
+def observed(meta: dict, module: str, T: int) -> np.ndarray:
+    """The positions ``module``'s quantizers observed in calibration, from the plan's metadata: none
+    before the first position the runs visit (``sampler.begin``); with a selection, only positions
+    some selected entry is at (``calibration_selection.per_step``); in a module a cached position
+    skips (the cache layout of ``cache.site``), only the full positions (``cache.schedule``)."""
+    seen = np.ones(T, dtype=bool)
+    seen[: (meta.get("sampler") or {}).get("begin", 0)] = False
+    per_step = ((meta.get("diagnostics") or {}).get("calibration_selection") or {}).get("per_step")
+    if per_step is not None:
+        seen &= np.array([int(per_step.get(str(t), 0)) > 0 for t in range(T)])
+    cache = meta.get("cache") or {}
+    if cache.get("kind", "none") != "none" and any(module == m or module.startswith(m + ".")
+                                                   for m in _skipped_modules(json.dumps(meta["fingerprint"]),
+                                                                             json.dumps(cache["site"]))):
+        seen &= np.isin(np.arange(T), cache["schedule"])
+    return seen
+
+
+@functools.lru_cache(maxsize=8)
+def _skipped_modules(fingerprint: str, site: str) -> tuple[str, ...]:
+    """The modules a cached position skips: the adapter's cache layout of ``site`` on the plan's
+    architecture (built from its config on the meta device: no weights)."""
+    import diffusers
+    import torch
+
+    from cachequant.models.adapters import adapter_for
+
+    fp = json.loads(fingerprint)
+    with torch.device("meta"):
+        model = getattr(diffusers, fp["cls"]).from_config(fp["config"])
+    return adapter_for(model).layout(model, json.loads(site)).modules
 
 
 def range_vs(scales: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict:

@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     import cachequant as cq
-    from cachequant.cli.main import _load_pipeline
-    from cachequant.metrics.sampling import is_class_conditional, num_classes
+    from cachequant.cli.common import load_pipeline
+    from cachequant.pipecall import conditioning, num_classes
 
-    pipe = _load_pipeline(a.model, a.device, "ddim")
+    pipe = load_pipeline(a.model, a.device, "ddim")
     pipe.set_progress_bar_config(disable=True)
     kw = ({"class_labels": [i % num_classes(pipe) for i in range(a.calib_samples)],
-           "pipeline_kwargs": {"guidance_scale": 1.5}} if is_class_conditional(pipe)
+           "pipeline_kwargs": {"guidance_scale": 1.5}} if conditioning(pipe) == "class"
           else {"num_samples": a.calib_samples})
     rows = []
     for setting in a.settings:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                   calib_batch_size=a.calib_samples, dps_samples=8, calib_select=a.calib_select)
         t0 = time.time()
         plan = cq.calibrate(pipe, cfg, num_inference_steps=a.steps, progress=False, **kw)
-        sel = plan.meta["diagnostics"]["calibration_selection"]
+        sel = plan.diagnostics["calibration_selection"]
         rows.append({"setting": setting, "seconds": time.time() - t0,
                      **{k: v for k, v in sel.items() if k not in ("per_step",)}})
         print(f"{setting}: pool {sel['pool']}, clusters {sel.get('clusters', '–')}, TAP candidates "

@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cachequant as cq  # noqa: E402
-from cachequant.models.adapters import adapter_for, denoiser_of  # noqa: E402
+from cachequant.models.adapters import adapter_for  # noqa: E402
+from cachequant.pipecall import denoiser_of  # noqa: E402
 from cachequant.utils.io import atomic_path  # noqa: E402
 
 SD15_UNET = dict(
@@ -295,11 +296,11 @@ class PlanCache:
             if path.is_file():
                 try:
                     plan = cq.load_plan(path)
-                    plan.check_model(denoiser(pipe))
+                    plan.fingerprint.check(denoiser(pipe))
                     site = adapter_for(denoiser(pipe)).resolve_site(denoiser(pipe), cfg)
-                    if plan.meta["site"] != site:
-                        raise cq.PlanError(f"its cache site {plan.meta['site']} is not this version's {site}")
-                    plan.meta["bench_plan_loaded"] = str(path)
+                    if plan.cache.site != site:
+                        raise cq.PlanError(f"its cache site {plan.cache.site} is not this version's {site}")
+                    plan.info["bench_plan_loaded"] = str(path)
                     self.plans[key] = plan
                     return plan
                 except (cq.PlanError, cq.PlanMismatchError) as e:
@@ -307,7 +308,7 @@ class PlanCache:
         inputs = {"prompts": ["a photo"]} if model == "sd15" else {"class_labels": [0]}
         t0 = time.perf_counter()
         plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, **inputs)
-        plan.meta["bench_calib_s"] = time.perf_counter() - t0
+        plan.info["bench_calib_s"] = time.perf_counter() - t0
         if path is not None:
             plan.save(path)
         self.plans[key] = plan
@@ -324,18 +325,10 @@ def set_denoiser(pipe, m) -> None:
 
 def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, fp8_gemm=None, **_):
     plan = plans.get(pipe, model, steps, interval, wbits if kind is not None else None)
-    saved = os.environ.get("CACHEQUANT_FP8_GEMM")
-    if fp8_gemm is not None:  # read when the layers are packed, i.e. inside accelerate
-        os.environ["CACHEQUANT_FP8_GEMM"] = fp8_gemm
-    try:
-        cq.accelerate(pipe, plan, backend=kind or "fake")
-    finally:
-        if saved is None:
-            os.environ.pop("CACHEQUANT_FP8_GEMM", None)
-        else:
-            os.environ["CACHEQUANT_FP8_GEMM"] = saved
-    info = {"full_steps": len(plan.schedule), "calls": plan.num_calls, "calib_s": plan.meta["bench_calib_s"],
-            "cache_site": plan.meta["site"], **({"plan_loaded": True} if "bench_plan_loaded" in plan.meta else {})}
+    # fp8_gemm None: CACHEQUANT_FP8_GEMM if set, else the per-GPU default
+    cq.accelerate(pipe, plan, backend=kind or "fake", fp8_gemm=fp8_gemm)
+    info = {"full_steps": len(plan.schedule), "calls": plan.num_calls, "calib_s": plan.info["bench_calib_s"],
+            "cache_site": plan.cache.site, **({"plan_loaded": True} if "bench_plan_loaded" in plan.info else {})}
     if kind:
         rep = cq.kernel_report(pipe)
         info.update(kernel_layers=rep["kernel_layers"], fake_layers=len(rep["fake_layers"]),
@@ -561,7 +554,7 @@ def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
     # "FP8 + graph" rows: the Triton GEMM everywhere, as measured before cuBLASLt became the default on Hopper
     rows.append(("cachequant FP8 quant-only + graph", row_cq, dict(interval=1, kind="fp8", graphs=True,
                                                                   fp8_gemm="triton")))
-    # the FP8 backend with cuBLASLt (torch._scaled_mm) for its GEMM-shaped layers (CACHEQUANT_FP8_GEMM)
+    # the FP8 backend with cuBLASLt (torch._scaled_mm) for its GEMM-shaped layers (KernelOptions.fp8_gemm)
     lt = dict(kind="fp8", graphs=True, fp8_gemm="cublaslt")
     rows.append(("cachequant FP8 quant-only, cuBLASLt GEMMs + graph", row_cq, dict(interval=1, **lt)))
     for n in n_list:
@@ -623,12 +616,18 @@ def graph_ms(fn, reps: int = 20) -> float:
 def kernel_microbench() -> list[dict]:
     """Achieved TOPS of the INT8 / FP8 kernels on SD-sized GEMMs, against measured ceilings:
     ``*_tops`` from eager calls, ``*_graph_tops`` from graph replays (kernel time only)."""
+    from dataclasses import replace
+
     import triton.testing as tt
     from torch import nn
 
-    from cachequant.kernels.backend import enable_kernels, kernel_forward
-    from cachequant.quant.layers import wrap_module
-    from cachequant.runtime import Runtime
+    from cachequant.backends.options import KernelOptions
+    from cachequant.backends.reference import ReferenceBackend
+    from cachequant.backends.triton import TritonBackend
+    from cachequant.plan import LayerSpec
+    from cachequant.quant.observers import RangeObserver
+    from cachequant.quant.quantizer import weight_qparams
+    from cachequant.session import Session
 
     out = []
     d = "cuda"
@@ -665,6 +664,11 @@ def kernel_microbench() -> list[dict]:
             y = mod(x)
         macs = y.numel() * (mod.weight[0].numel())
         row = {"op": name, "macs": macs}
+        # W8A8 tables of the layer at one position: the activation range of x, per-channel weight ranges
+        obs = RangeObserver(8)
+        obs.observe(x, 0, 0)
+        s, z = weight_qparams(mod.weight, 8)
+        tensors = {"act.0": obs.table(1)[None], "w.0": torch.stack([s.flatten(), z.flatten()])}
         with torch.no_grad():
             row["fp16_torch_tops"] = 2 * macs / tt.do_bench(lambda: mod(x)) / 1e9
             try:
@@ -675,28 +679,30 @@ def kernel_microbench() -> list[dict]:
                 for algo in ("two-pass", "two-pass-nosplit", "fused") + (("two-pass-cublaslt",) if kind == "fp8" else ()):
                     # two-pass-nosplit: the same kernel with split-K off, to see what splitting buys;
                     # two-pass-cublaslt: the quantize pass, then torch._scaled_mm where the layer is a plain GEMM
-                    os.environ["CACHEQUANT_SPLIT_K"] = "1" if algo == "two-pass-nosplit" else "auto"
-                    os.environ["CACHEQUANT_FP8_GEMM"] = "cublaslt" if algo == "two-pass-cublaslt" else "triton"
+                    opts = KernelOptions(algo="fused" if algo == "fused" else "two-pass", channels_last=False,
+                                         fp8_gemm="cublaslt" if algo == "two-pass-cublaslt" else "triton").resolved()
+                    opts = replace(opts, split_k=1 if algo == "two-pass-nosplit" else None)  # else chosen per shape
+                    container = nn.Sequential(mod)  # the layer is "0" of a one-layer model
+                    sess = None
                     try:
-                        rt = Runtime(1, frozenset([0]))
-                        q = wrap_module(mod, 8, 8, rt).to(d)
-                        q.init_weight_qparams()
-                        rt.quant_mode = "observe"
-                        q(x)
-                        q.act[0].finalize()
-                        rt.quant_mode = "quant"
-                        enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False,
-                                       algo="fused" if algo == "fused" else "two-pass")
+                        sess = Session.open(container, [0.0], None, 0, "-", 1, guard=False)
+                        sess.add_quant([LayerSpec("0", 8, None, False)], 8, tensors, ReferenceBackend())
+                        hook = sess.layers["0"]
+                        kb = TritonBackend(kind, opts)
+                        kb.prepare(mod, hook)
+                        hook.backend = kb
+                        sess.clock.start_run()
+                        sess.clock.set(0)
                         if algo == "two-pass-cublaslt":
-                            row["fp8_two-pass-cublaslt_gemm"] = q._packed.gemm  # "triton" where it does not fit
-                        ms = tt.do_bench(lambda: kernel_forward(q, x))
+                            row["fp8_two-pass-cublaslt_gemm"] = hook.pack.gemm  # "triton" where it does not fit
+                        ms = tt.do_bench(lambda: kb.forward(mod, hook, x))
                         row[f"{kind}_{algo}_tops"] = 2 * macs / ms / 1e9
-                        row[f"{kind}_{algo}_graph_tops"] = 2 * macs / graph_ms(lambda: kernel_forward(q, x)) / 1e9
+                        row[f"{kind}_{algo}_graph_tops"] = 2 * macs / graph_ms(lambda: kb.forward(mod, hook, x)) / 1e9
                     except Exception as e:  # noqa: BLE001
                         row[f"{kind}_{algo}_error"] = f"{type(e).__name__}: {e}"[:200]
                     finally:
-                        os.environ.pop("CACHEQUANT_SPLIT_K", None)
-                        os.environ.pop("CACHEQUANT_FP8_GEMM", None)
+                        if sess is not None:
+                            sess.close()  # removes the hook and the packed buffers: mod is a plain layer again
         print(json.dumps(row), flush=True)
         out.append(row)
     return out

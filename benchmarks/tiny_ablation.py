@@ -22,7 +22,7 @@ import torch
 import cachequant as cq
 from cachequant.metrics import psnr
 from cachequant.metrics.macs import count_ops
-from cachequant.models.adapters import denoiser_of
+from cachequant.pipecall import denoiser_of
 from cachequant.models.tiny import tiny_ddim_pipeline, tiny_dit_pipeline
 from cachequant.utils.io import atomic_path
 
@@ -57,8 +57,10 @@ def record_calls(pipe, model, kind, n, steps, seed):
 
 @torch.no_grad()
 def teacher_forced_error(pipe, model, calls, outs) -> float:
-    cq.reset_steps(pipe)
-    errs = [float((model(*a, **k)[0] - r).norm() / r.norm()) for (a, k), r in zip(calls, outs)]
+    errs = []
+    for position, ((a, k), r) in enumerate(zip(calls, outs)):
+        cq.set_step(pipe, position)  # call i of the full-precision run is position i of the plan
+        errs.append(float((model(*a, **k)[0] - r).norm() / r.norm()))
     return float(np.mean(errs))
 
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,7 +72,7 @@ def time_call(fn, reps: int, cuda: bool) -> float:
     return time.perf_counter() - t
 
 
-def candidates(args: tuple, picks: list[int] | None) -> list[dict]:
+def candidates(args: tuple, picks: list[int] | None, split_k_forced: int | None = None) -> list[dict]:
     """Tile-table entries to try for one recorded call: each candidate at split 1 and, for the
     convs the rule splits, at the rule's split."""
     from cachequant.kernels.triton_gemm import block_config, num_sms, split_k
@@ -84,23 +84,24 @@ def candidates(args: tuple, picks: list[int] | None) -> list[dict]:
             continue
         cfg = {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
         rule_cfg = {**block_config(M, N, C, split), "BM": bm, "BN": bn, "BK": bk}
-        sk, _ = split_k(M, N, C, kh * kw, rule_cfg, num_sms(y.device))
+        sk, _ = split_k(M, N, C, kh * kw, rule_cfg, num_sms(y.device), split_k_forced)
         for s in sorted({1, sk}):
             out.append({**cfg, "split_k": s})
     return out
 
 
-def tune_shape(args: tuple, rule_s: float, reps: int, picks: list[int] | None, cuda: bool) -> dict:
+def tune_shape(args: tuple, rule_s: float, reps: int, picks: list[int] | None, cuda: bool,
+               split_k_forced: int | None = None) -> dict:
     import torch
 
     from cachequant.kernels.triton_gemm import gemm
 
     y = args[2]
-    call = lambda tiles=None: gemm(*args, tiles=tiles)  # noqa: E731
+    call = lambda tiles=None: gemm(*args, tiles=tiles, table="off", split_k_forced=split_k_forced)  # noqa: E731
     call()
     ref = y.clone()
     best, best_s, rejected, tried = None, rule_s, [], 0
-    for cand in candidates(args, picks):
+    for cand in candidates(args, picks, split_k_forced):
         try:
             s = time_call(lambda c=cand: call(c), reps, cuda)
         except Exception as e:  # noqa: BLE001 — a config the GPU cannot run (shared memory, registers)
@@ -117,7 +118,7 @@ def tune_shape(args: tuple, rule_s: float, reps: int, picks: list[int] | None, c
     return {"rule_us": rule_s * 1e6, "best_us": best_s * 1e6, "best": best, "tried": tried, "rejected": rejected}
 
 
-def record_shapes(model: str, batches: list[int], kind: str, device: str, tiny: bool) -> Recorder:
+def record_shapes(model: str, batches: list[int], kind: str, device: str, tiny: bool, options) -> Recorder:
     import torch
 
     import cachequant as cq
@@ -126,7 +127,7 @@ def record_shapes(model: str, batches: list[int], kind: str, device: str, tiny: 
 
     pipe = build(model, "pndm" if model == "sd15" else "ddim", device, tiny)
     plan = PlanCache().get(pipe, model, 2, 1, 8)
-    cq.accelerate(pipe, plan, backend=kind)
+    cq.accelerate(pipe, plan, replace(options, backend=kind))
     rec = Recorder()
     try:
         for b in batches:
@@ -142,19 +143,14 @@ def run(models: list[str], batches: list[int], kinds: list[str], reps: int, pick
         tiny: bool, budget_s: float = float("inf")) -> dict:
     """Per model and kind: the rule's time for every shape first, then candidates for the shapes in
     order of their share of the run (calls × time), until that pair's share of ``budget_s`` is spent.
-    Runs with ``CACHEQUANT_TILES=off`` (the rule is the baseline, never an older table), restored after."""
-    saved = os.environ.get("CACHEQUANT_TILES")
-    os.environ["CACHEQUANT_TILES"] = "off"
-    try:
-        return _run(models, batches, kinds, reps, picks, tiny, budget_s)
-    finally:
-        if saved is None:
-            os.environ.pop("CACHEQUANT_TILES", None)
-        else:
-            os.environ["CACHEQUANT_TILES"] = saved
+    Runs with tiles ``off`` (the rule is the baseline, never an older table); the other kernel
+    options take their defaults (``KernelOptions.resolved()``: e.g. ``CACHEQUANT_SPLIT_K``)."""
+    import cachequant as cq
+
+    return _run(models, batches, kinds, reps, picks, tiny, budget_s, cq.KernelOptions(tiles="off").resolved())
 
 
-def _run(models, batches, kinds, reps, picks, tiny, budget_s) -> dict:
+def _run(models, batches, kinds, reps, picks, tiny, budget_s, options) -> dict:
     import torch
     import triton
 
@@ -167,14 +163,15 @@ def _run(models, batches, kinds, reps, picks, tiny, budget_s) -> dict:
     for model in models:
         for kind in kinds:
             t0 = time.perf_counter()
-            rec = record_shapes(model, batches, kind, device, tiny)
-            rule = {key: time_call(lambda a=args: gemm(*a), reps, cuda) for key, args in rec.first.items()}
+            rec = record_shapes(model, batches, kind, device, tiny, options)
+            rule = {key: time_call(lambda a=args: gemm(*a, table="off", split_k_forced=options.split_k), reps, cuda)
+                    for key, args in rec.first.items()}
             for key in sorted(rule, key=lambda k: -rec.count[k] * rule[k]):
                 if time.perf_counter() - t0 > share:
                     r = {"rule_us": rule[key] * 1e6, "best_us": rule[key] * 1e6, "best": None, "tried": 0,
                          "rejected": [], "skipped": "time budget"}
                 else:
-                    r = tune_shape(rec.first[key], rule[key], reps, picks, cuda)
+                    r = tune_shape(rec.first[key], rule[key], reps, picks, cuda, options.split_k)
                 shapes.append({"model": model, "key": key, "calls": rec.count[key], **r})
                 if r["best"] is not None and r["best_us"] < (1 - MIN_GAIN) * r["rule_us"]:
                     entries[key] = {**r["best"], "us": round(r["best_us"], 2), "rule_us": round(r["rule_us"], 2)}

@@ -89,18 +89,17 @@ def correct_biases(model: torch.nn.Module, means: dict[str, torch.Tensor]) -> di
     output is shifted in expectation by (W_q − W)·E[x]; subtract that from its bias. For a conv,
     E[x] per input channel is taken over positions, so the kernel's taps are summed (borders
     ignored). Returns the original biases for ``restore_biases``."""
-    from cachequant.quant.layers import _QuantBase
+    from cachequant.quant.layer import quant_hooks
 
     saved = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _QuantBase) and m.inner.bias is not None:
-            inner_name = name  # the wrapper replaced the layer under the same module name
-            dw = (m.dequantized_weight().float() - m.inner.weight.detach().float())
+    for name, (m, hook) in quant_hooks(model).items():
+        if m.bias is not None:
+            dw = (hook.dequantized_weight(m).float() - m.weight.detach().float())
             dw = dw.sum(dim=(2, 3)) if dw.dim() == 4 else dw
-            shift = dw @ means[inner_name].float()
-            saved[name] = m.inner.bias.detach().clone()
+            shift = dw @ means[name].float()
+            saved[name] = m.bias.detach().clone()
             with torch.no_grad():
-                m.inner.bias.sub_(shift.to(m.inner.bias.dtype))
+                m.bias.sub_(shift.to(m.bias.dtype))
     return saved
 
 
@@ -108,7 +107,7 @@ def restore_biases(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> No
     mods = dict(model.named_modules())
     for name, b in saved.items():
         with torch.no_grad():
-            mods[name].inner.bias.copy_(b)
+            mods[name].bias.copy_(b)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import cachequant as cq
     from cachequant.metrics import psnr, ssim
     from cachequant.metrics.sampling import sample_indices
-    from cachequant.models.adapters import denoiser_of
+    from cachequant.pipecall import denoiser_of
     from cachequant.utils.io import atomic_path
 
     torch.manual_seed(0)
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         pats = list(cfg.w8_layers)
         w8 = sum(r["params"] for r in werr if any(fnmatchcase(r["layer"], q) for q in pats))
         row = {"variant": label, "config": cfg.to_dict(), "weight_bits": cfg.weight_bits, "w8_layers": pats,
-               "psnr_vs_fp": psnr(out, ref), "ssim_vs_fp": ssim(out, ref), "gptq_fit": plan.meta["diagnostics"].get("gptq"),
+               "psnr_vs_fp": psnr(out, ref), "ssim_vs_fp": ssim(out, ref), "gptq_fit": plan.diagnostics.get("gptq"),
                "full_steps": len(plan.schedule), "params_kept_8bit": w8, "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         print(f"{label:55s} PSNR {row['psnr_vs_fp']:6.2f} dB  SSIM {row['ssim_vs_fp']:.4f}  "

@@ -1,138 +1,205 @@
-"""``accelerate`` / ``restore``: applying a plan to a pipeline in place, and undoing it."""
+"""Applying a plan to a pipeline in place, and undoing it: ``accelerate``, ``restore`` and friends."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 
-from .errors import PlanError
-from .models.adapters import adapter_for, denoiser_of
+from .backends.options import KernelOptions
+from .backends.registry import make_backend, select_backend
+from .errors import PlanMismatchError, WorkflowError
+from .models.adapters import adapter_for
+from .pipecall import denoiser_of
 from .plan import Plan
-from .quant.apply import install_quant
-from .runtime import Runtime
-from .session import check_sampler, install_session, session_of
+from .quant.specs import STOCK_PROCESSORS
+from .session import Session, check_attachable, session_of
 
 
-def accelerate(pipe: Any, plan: Plan, backend: str = "auto", keep_float_weights: bool = True,
-               kernel_attention: str = "sdpa") -> Any:
+def accelerate(pipe: Any, plan: Plan, options: KernelOptions | None = None, **option_fields) -> Any:
     """Applies ``plan`` to ``pipe`` in place; the pipeline is then called exactly as before.
 
-    ``backend`` executes the quantized layers: ``fake`` (float reference, any device), ``int8`` /
-    ``fp8`` (fused Triton kernels on a CUDA GPU; attention matmuls then run in fused fp16/bf16
-    SDPA), or ``auto`` (``int8`` on a CUDA GPU of compute capability ≥ 8.0, else ``fake``). Layers a
-    kernel cannot run keep the reference path; ``kernel_report(pipe)`` lists them.
+    ``options`` (:class:`~cachequant.backends.KernelOptions`, or its fields as keywords, e.g.
+    ``backend="int8"``) say how the quantized layers execute: ``backend`` ``fake`` (the float
+    reference, any device), ``int8`` / ``fp8`` (Triton kernels on a CUDA GPU; attention matmuls then
+    run in fused SDPA unless ``attention="8bit"``), or ``auto`` (``int8`` on a CUDA GPU of compute
+    capability ≥ 8.0, else ``fake``). Layers a kernel cannot run keep the reference path;
+    ``kernel_report(pipe)`` lists them. ``keep_float_weights=False`` frees the float weights of the
+    kernel layers (8-bit weights only in memory); the pipeline then cannot be restored or saved.
 
-    ``kernel_attention`` (kernel backends): ``sdpa`` (default) runs attention in fused float SDPA;
-    ``8bit`` keeps the plan's 8-bit attention matmuls, so that the kernel path computes what the
-    fake-quant reference computes (quality tables at kernel speed).
-
-    ``keep_float_weights=False`` (kernel backends only) frees the float weights of the layers that
-    run on a kernel, so that the accelerated model holds 8-bit weights instead of both; the
-    pipeline then cannot be restored (``restore`` raises), reload it instead.
-
-    Raises :class:`~cachequant.errors.PlanMismatchError` if the denoiser (class, architecture,
-    weights) or the scheduler class differ from the calibrated ones; a different step count is
-    caught when the pipeline is called.
+    Raises :class:`~cachequant.errors.PlanMismatchError` if the denoiser (class, architecture, dtype,
+    weights) or the scheduler class differ from the calibrated ones (a different step count,
+    timesteps or strength is caught when the pipeline runs), and
+    :class:`~cachequant.errors.WorkflowError` for model states cachequant cannot run correctly.
     """
-    from .kernels.backend import ATTENTION  # no Triton import: the kernels load lazily
-
-    if kernel_attention not in ATTENTION:
-        raise ValueError(f"kernel_attention must be one of {', '.join(ATTENTION)}; got {kernel_attention!r}")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a cachequant.Plan (from cq.calibrate or cq.load_plan), got {type(plan).__name__}")
-    attr, model = denoiser_of(pipe)
-    if session_of(model) is not None:
-        raise RuntimeError("this pipeline is already accelerated; call cq.restore(pipe) first")
+    if options is not None and option_fields:
+        raise TypeError("give KernelOptions or its fields as keywords, not both")
+    if options is not None and not isinstance(options, KernelOptions):
+        raise TypeError(f"options must be a cachequant.KernelOptions, got {type(options).__name__}")
+    options = (options or KernelOptions(**option_fields)).resolved()
+    _, model = denoiser_of(pipe)
     adapter = adapter_for(model)
-    plan.check_model(model)
-    check_sampler(plan.meta["sampler"], pipe.scheduler)
+    check_attachable(model)
+    plan.fingerprint.check(model)
+    if type(pipe.scheduler).__name__ != plan.sampler.scheduler:
+        raise PlanMismatchError(
+            f"this plan was calibrated with {plan.sampler.scheduler} ({plan.sampler.num_inference_steps} steps), but "
+            f"the pipeline uses {type(pipe.scheduler).__name__}; set that scheduler back or calibrate a plan for it")
     device = next(model.parameters()).device
-    cache_dec = None
-    if "cache_dec.a" in plan.tensors:
-        cache_dec = (plan.tensors["cache_dec.a"].to(device), plan.tensors["cache_dec.b"].to(device))
-    schedule = plan.schedule
-    T = plan.num_calls
-    if not schedule or schedule[0] != 0 or any(s < 0 or s >= T for s in schedule):
-        raise PlanError(f"the plan's schedule {schedule[:8]}... is invalid for {T} model calls (damaged plan?)")
-    vc = plan.tensors["vc.scale"].to(device) if "vc.scale" in plan.tensors else None
-    rt = Runtime(T, frozenset(schedule), cache_dec=cache_dec, vc=vc)
-    sess = install_session(pipe, model, adapter, plan.meta["site"], rt, plan.meta["sampler"])
+    if plan.quant is None:
+        if options.backend in ("int8", "fp8"):
+            raise ValueError(f"backend={options.backend!r} was asked for, but this plan has no quantization (cache only)")
+        if not options.keep_float_weights:
+            raise ValueError("keep_float_weights=False was asked for, but this plan has no quantization (cache only): "
+                             "there are no 8-bit weights to run on")
+    backend = select_backend(options, device) if plan.quant is not None else None
+    if backend is not None and backend.name == "fake" and not options.keep_float_weights:
+        raise ValueError(f"keep_float_weights=False needs a kernel backend (int8 / fp8), but backend="
+                         f"{options.backend!r} runs the float reference here (device {device}), which computes "
+                         "from the float weights")
+    sess = Session.open(model, list(plan.sampler.timesteps), plan.cache.schedule, plan.sampler.begin,
+                        plan.sampler.scheduler, plan.sampler.num_inference_steps)
     try:
-        q = plan.meta.get("quant")
-        if q:
-            sess.quant = install_quant(model, rt, q["layers"], q["attention"], q["act_bits"], q["per_step_act"],
-                                       search_weights=False)
-            sess.quant.load(plan.tensors)
-            rt.quant_mode = "quant"
-            _enable_backend(sess, model, rt, backend, device, keep_float_weights, kernel_attention)
-        elif backend in ("int8", "fp8"):
-            raise ValueError(f"backend={backend!r} was asked for, but this plan has no quantization (cache only)")
-        elif not keep_float_weights:
-            raise ValueError("keep_float_weights=False was asked for, but this plan has no quantization (cache "
-                             "only): there are no 8-bit weights to run on")
-    except Exception:
-        sess.restore()
+        if plan.cache.kind != "none":
+            sess.add_cache(adapter.layout(model, plan.cache.site), plan.tensors.get("cache_dec"))
+        if plan.quant is not None:
+            _add_quant(sess, plan, backend, options)
+        if plan.vc:
+            sess.add_vc(plan.tensors["vc"])
+        sess.follow(pipe)
+        sess.arm()
+    except BaseException:
+        sess.close()
         raise
     return pipe
 
 
-def _enable_backend(sess, model, rt, backend: str, device, keep_float_weights: bool = True,
-                    kernel_attention: str = "sdpa") -> None:
-    from .kernels.backend import disable_kernels, drop_float_weights, enable_kernels, select_backend
+def _add_quant(sess: Session, plan: Plan, backend, options: KernelOptions) -> None:
+    q = plan.quant
+    model = sess.model
+    reference = make_backend("fake", options)
+    sess.add_quant(list(q.layers), q.act_bits, plan.tensors, reference)
+    report: dict = {"backend": backend.name, "kernel_layers": 0, "fake_layers": {}}
+    if backend.name != "fake":
+        on = []
+        for name, hook in sess.layers.items():
+            module = model.get_submodule(name)
+            reason = backend.unsupported(module, hook)
+            if reason is not None:
+                report["fake_layers"][name] = reason
+                continue
+            backend.prepare(module, hook)
+            hook.backend = backend
+            on.append((module, hook))
 
-    kind = select_backend(backend, device)
-    sess.kernel_report = {"backend": "fake", "kernel_layers": 0, "fake_layers": {}}
-    if kind == "fake":
-        if not keep_float_weights:
-            raise ValueError(f"keep_float_weights=False needs a kernel backend (int8 / fp8), but backend={backend!r} "
-                             f"runs the fake-quant reference here (device {device}), which computes from the float "
-                             "weights")
-        return
-    report = enable_kernels(model, sess.quant.layers, rt, kind, attention=kernel_attention)
-    sess.undo.append(lambda: disable_kernels(sess.quant.layers, rt))
-    sess.undo.extend(report.pop("undo"))
-    if not keep_float_weights:
-        report["float_weight_bytes_dropped"] = drop_float_weights(sess.quant.layers)
-        sess.restorable = ("the float weights of the kernel layers were dropped (accelerate(..., "
-                           "keep_float_weights=False)); reload the pipeline instead of restoring it")
-    sess.kernel_report = report
+        def unpack(on=on):
+            for module, hook in on:
+                hook.backend = reference
+                backend.release(module)
+        sess.undo.append(unpack)
+        sess.undo.extend(backend.prepare_model(model, any(isinstance(m, nn.Conv2d) for m, _ in on)))
+        report.update(kernel_layers=len(on), attention=options.attention,
+                      cublaslt_layers=sum(h.pack.gemm == "cublaslt" for _, h in on))
+        if not options.keep_float_weights:
+            report["float_weight_bytes_dropped"] = _drop_float_weights(sess, [m for m, _ in on])
+    sess.report = report
+    if q.attention and (backend.name == "fake" or options.attention == "8bit"):
+        for name in q.attention:
+            proc = type(model.get_submodule(name).processor).__name__
+            if proc not in STOCK_PROCESSORS:
+                raise WorkflowError(
+                    f"the plan quantizes the attention matmuls of {name}, whose processor is now {proc} (attention "
+                    "slicing, fused projections, IP-Adapter?): set the default processor back "
+                    "(model.set_default_attn_processor()), or calibrate a plan with this processor")
+        sess.add_attention(list(q.attention), plan.tensors, q.act_bits)
 
 
-def kernel_report(pipe: Any) -> dict:
-    """Which backend runs the quantized layers, and the layers left on the reference path (why)."""
-    _, model = denoiser_of(pipe)
-    sess = session_of(model)
+def _drop_float_weights(sess: Session, modules: list[nn.Module]) -> int:
+    """Frees the float weights of the kernel layers (the packed 8-bit copy is all the kernel reads)
+    and returns the bytes freed. Without this a W8A8 model holds fp16 *and* 8-bit weights. The
+    price: the pipeline can neither be restored nor saved afterwards."""
+    freed = 0
+    for module in modules:
+        w = module.weight
+        freed += w.numel() * w.element_size()
+        module.weight = nn.Parameter(w.detach().new_empty(0), requires_grad=False)
+    why = ("the float weights of the kernel layers were dropped (keep_float_weights=False); reload the "
+           "pipeline instead")
+    sess.restorable = why
+
+    def refuse(*_args, **_kwargs):
+        raise WorkflowError(f"cannot save or read this model's state_dict: {why}")
+    sess.model.register_state_dict_pre_hook(refuse)
+    return freed
+
+
+def _session(pipe: Any) -> Session:
+    sess = session_of(denoiser_of(pipe)[1])
     if sess is None:
-        raise RuntimeError("this pipeline is not accelerated by cachequant")
-    rep = dict(sess.kernel_report or {"backend": "none (no quantization)", "kernel_layers": 0, "fake_layers": {}})
-    if sess.quant is not None:
-        from .kernels.backend import weight_bytes
-
-        rep.update(weight_bytes(sess.quant.layers))
-    return rep
+        raise RuntimeError("this pipeline is not accelerated by cachequant (call cq.accelerate(pipe, plan) first)")
+    return sess
 
 
 def restore(pipe: Any) -> Any:
-    """Removes cachequant from ``pipe``: the original modules, forward and scheduler come back."""
-    _, model = denoiser_of(pipe)
-    sess = session_of(model)
-    if sess is None:
-        raise RuntimeError("this pipeline is not accelerated by cachequant (nothing to restore)")
-    sess.restore()
+    """Removes cachequant from ``pipe``: the original modules, processors and scheduler come back,
+    bit for bit; hooks and processors other code installed since are left in place."""
+    _session(pipe).restore()
     return pipe
 
 
-def reset_steps(pipe: Any) -> None:
-    """Resets the step counter, for code that drives the denoiser without ``scheduler.set_timesteps``."""
-    _, model = denoiser_of(pipe)
-    sess = session_of(model)
-    if sess is None:
-        raise RuntimeError("this pipeline is not accelerated by cachequant")
-    sess.runtime.reset()
+def attach(pipe: Any) -> Any:
+    """Lets another scheduler drive an accelerated model: a scheduler swapped into ``pipe`` after
+    ``accelerate``, or the scheduler of a second pipeline sharing the model (``from_pipe``). Its
+    class and timesteps must match the plan's."""
+    _session(pipe).attach_scheduler(pipe.scheduler)
+    return pipe
+
+
+def set_step(pipe: Any, position: int) -> None:
+    """Places the next model call at ``position`` of the plan (code that drives the denoiser itself,
+    without the scheduler)."""
+    _session(pipe).clock.set(int(position))
 
 
 def is_accelerated(pipe: Any) -> bool:
     return session_of(denoiser_of(pipe)[1]) is not None
 
 
-__all__ = ["accelerate", "restore", "reset_steps", "is_accelerated", "kernel_report"]
+def kernel_report(pipe: Any) -> dict:
+    """Which backend runs the quantized layers, the layers left on the reference path (why), and
+    the weight bytes held (packed 8-bit copies and float originals)."""
+    from .backends.pack import PACK
+
+    sess = _session(pipe)
+    rep = dict(sess.report or {"backend": "none (no quantization)", "kernel_layers": 0, "fake_layers": {}})
+    packed = floats = 0
+    for name in sess.layers:
+        m = sess.model.get_submodule(name)
+        w8 = m._buffers.get(PACK + "w")
+        packed += 0 if w8 is None else w8.numel() * w8.element_size()
+        floats += m.weight.numel() * m.weight.element_size()
+    rep.update(packed_weight_bytes=packed, float_weight_bytes=floats)
+    return rep
+
+
+def enable_cuda_graphs(pipe: Any) -> None:
+    """Replays the accelerated denoiser's calls as CUDA graphs, one per (full / cached, input shapes);
+    undone by ``cq.restore``."""
+    from .backends.graphs import GRAPH_HOOK, CudaGraphHook
+    from .runtime.hooks import add_hook, remove_hook
+
+    sess = _session(pipe)
+    device = next(sess.model.parameters()).device
+    if device.type != "cuda":
+        raise RuntimeError(f"CUDA graphs need the model on a CUDA GPU; it is on {device}")
+    if getattr(sess.model, "_hf_hook", None) is not None:
+        raise WorkflowError("CUDA graphs replay fixed device memory, and CPU offload moves the model every run: "
+                            "disable offloading (pipe.remove_all_hooks(); pipe.to('cuda')) to use them")
+    hook = CudaGraphHook(sess.clock, sess.store, device)
+    add_hook(sess.model, hook, GRAPH_HOOK)
+    sess.undo.append(lambda: remove_hook(sess.model, GRAPH_HOOK))
+
+
+__all__ = ["accelerate", "attach", "enable_cuda_graphs", "is_accelerated", "kernel_report", "restore", "set_step"]

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 SCHEDULES = ("uniform", "quadratic", "dps")
+"""Where the full steps go (``cachequant.cache.schedules`` implements each)."""
+SELECTION_METHODS = ("tap", "random", "uniform-per-step", "kmeans", "dbscan", "agglomerative")
+"""Ways of choosing calibration entries from the pool (``cachequant.calibration.select``)."""
+CALIBRATION_MODES = ("trajectory",) + SELECTION_METHODS
+"""``CacheQuantConfig.calibration``: every step of every trajectory, or a selection."""
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass
@@ -75,7 +81,7 @@ class CacheQuantConfig:
     """VC: weight of the channel-energy (noise-ratio) term against the MSE term (see correction/vc.py)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.interval, int) or self.interval < 1:
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
@@ -85,8 +91,8 @@ class CacheQuantConfig:
             raise ValueError(f"weight_bits must be 4 or 8 (or None), got {self.weight_bits!r}")
         if self.act_bits is not None and self.act_bits not in (8,):
             raise ValueError(f"act_bits must be 8 (or None), got {self.act_bits!r}")
-        if self.weight_rounding not in ("nearest", "gptq"):
-            raise ValueError(f"weight_rounding must be 'nearest' or 'gptq', got {self.weight_rounding!r}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}; got {self.weight_rounding!r}")
         if self.weight_rounding != "nearest" and self.weight_bits is None:
             raise ValueError("weight_rounding='gptq' needs quantized weights (weight_bits=8 or 4)")
         if isinstance(self.w8_layers, str) or not all(isinstance(p, str) and p for p in self.w8_layers):
@@ -106,10 +112,8 @@ class CacheQuantConfig:
             if len(self.dit_span) != 2:
                 raise ValueError(f"dit_span must be (start, end), got {self.dit_span!r}")
             self.dit_span = (int(self.dit_span[0]), int(self.dit_span[1]))
-        from .calibration.select import METHODS
-
-        if self.calibration not in ("trajectory",) + METHODS:
-            raise ValueError(f"calibration must be one of trajectory, {', '.join(METHODS)}; got {self.calibration!r}")
+        if self.calibration not in CALIBRATION_MODES:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_MODES)}; got {self.calibration!r}")
         if not 0.0 <= self.tap_lambda <= 1.0:
             raise ValueError(f"tap_lambda must be in [0, 1], got {self.tap_lambda}")
         if self.vc_gamma < 0:

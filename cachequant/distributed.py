@@ -77,3 +77,12 @@ def merge_by_index(parts: list[dict] | None) -> list:
 def barrier() -> None:
     if rank_world()[1] > 1:
         torch.distributed.barrier()
+
+
+def solve_on_rank0(local: dict[int, Any], solve) -> Any:
+    """Every rank's per-batch results ``{global batch index: value}`` gathered on rank 0, where
+    ``solve(values in batch order)`` runs; its result is returned on every rank. Batch order makes
+    a K-process calibration compute what one process computes."""
+    parts = gather(local)
+    out = solve(merge_by_index(parts)) if rank_world()[0] == 0 else None
+    return broadcast(out)

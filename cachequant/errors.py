@@ -6,4 +6,10 @@ class PlanError(ValueError):
 
 
 class PlanMismatchError(ValueError):
-    """A plan is used with a model, scheduler or step count it was not calibrated for."""
+    """A plan is used with a model, scheduler, step count or strength it was not calibrated for."""
+
+
+class WorkflowError(RuntimeError):
+    """The pipeline is in a state cachequant cannot run correctly (another library's hooks, an
+    offloading mode, a replaced attention processor, a LoRA loaded after ``accelerate``...). The
+    message names what was found and how to get to a supported state."""

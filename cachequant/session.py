@@ -1,174 +1,241 @@
-"""Installing and removing cachequant on a pipeline's denoiser (the hook core).
+"""A session: everything cachequant attached to one denoiser, and how to take it off again.
 
-A :class:`Session` owns everything that was changed on the pipeline: the denoiser's ``forward``
-(dispatching full / cached steps and advancing the step counter), the adapter's cache hooks, the
-quantized layers, and the scheduler's ``set_timesteps`` (which resets the counter at the start
-of every pipeline run and checks the sampler against the plan). ``restore`` undoes all of it;
-no parameter of the original model is ever modified, so the model comes back bit for bit.
+Calibration passes and ``cq.accelerate`` build sessions from the same pieces — a step clock, a
+feature cache, the denoiser hook, cache hooks, quantized layers, 8-bit attention, variance
+compensation — each attached as named hooks and held buffers and each recorded with its undo.
+``restore`` runs the undos in reverse; no parameter of the model is ever modified, so the model
+comes back bit for bit.
+
+A session also guards the state it depends on. At ``accelerate`` and at the start of every run
+(host side, before any model call) it refuses, with what was found and what to do: hooks of other
+libraries (diffusers' caches, group offloading, layerwise casting), sequential CPU offload, peft
+LoRA layers, a quantized layer replaced or its weights changed since, an attention processor
+replaced since. Model CPU offload and device or dtype moves of the whole pipeline are followed.
 """
 
 from __future__ import annotations
 
-import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .errors import PlanMismatchError
-from .models.adapters import Adapter
-from .quant.apply import QuantState
-from .runtime import Runtime
+from .cache.hooks import CacheLayout, attach_cache
+from .cache.store import FeatureCache
+from .correction.vc import VC_TABLE, vc_output
+from .errors import PlanMismatchError, WorkflowError
+from .plan import LayerSpec
+from .quant.attention import attach_quant_attention
+from .quant.layer import QuantHook, attach_quant_layers
+from .runtime.clock import StepClock
+from .runtime.denoiser import DenoiserHooks
+from .runtime.hooks import PREFIX, foreign_hooks, hold, hooks_in, release, removal_problem
+from .runtime.sampler import SchedulerAttachment
 
-_ATTR = "_cachequant_session"
-
-
-def probe_sampler(scheduler, num_inference_steps: int) -> dict:
-    """The timesteps (one per model call) a pipeline run of ``num_inference_steps`` will use."""
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(num_inference_steps)
-    timesteps = [int(t) for t in probe.timesteps]
-    return {"scheduler": type(scheduler).__name__, "num_inference_steps": num_inference_steps,
-            "num_calls": len(timesteps), "timesteps": timesteps}
+SESSION_ATTR = "_cachequant_session"
 
 
-def sample_of(out: Any) -> torch.Tensor:
-    """The predicted tensor of a denoiser output (a ``*Output`` dataclass or a tuple)."""
-    return out[0] if isinstance(out, tuple) else out.sample
+def session_of(model: nn.Module) -> "Session | None":
+    return model.__dict__.get(SESSION_ATTR)
 
 
-def map_sample(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(out, tuple):
-        return (fn(out[0]),) + tuple(out[1:])
-    out.sample = fn(out.sample)
-    return out
+def check_attachable(model: nn.Module) -> None:
+    """Refuses model states cachequant cannot run correctly (see the module docstring)."""
+    if session_of(model) is not None:
+        raise RuntimeError("this pipeline is already accelerated (or being calibrated) by cachequant; "
+                           "call cq.restore(pipe) first")
+    foreign = foreign_hooks(model)
+    if foreign:
+        raise WorkflowError(
+            f"the model carries hooks of diffusers' own features ({', '.join(foreign[:4])}): a diffusers cache, "
+            "group offloading or layerwise casting would act on the same modules as cachequant's cache and "
+            "quantization. Remove them first (e.g. model.disable_cache(), or reload the model)")
+    _check_offload_and_lora(model)
 
 
-def to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+def _check_offload_and_lora(model: nn.Module, accelerated: bool = False) -> None:
+    for name, m in model.named_modules():
+        if type(m).__module__.split(".")[0] == "peft":
+            raise WorkflowError(
+                f"{name} is a peft LoRA layer" + (" loaded after cq.accelerate" if accelerated else "") +
+                ": cachequant calibrates and quantizes plain weights. " +
+                ("cq.restore(pipe) first, then f" if accelerated else "F") +
+                "use the LoRA (pipe.fuse_lora(lora_scale=...); pipe.unload_lora_weights()) and calibrate a plan for "
+                "the fused model; a plan detects a different LoRA or scale by its weights fingerprint")
+        if name and getattr(m, "_hf_hook", None) is not None:
+            raise WorkflowError(
+                f"{name} carries an accelerate hook: sequential CPU offload (or a device map) moves each layer's "
+                "weights at call time, which cachequant's quantized layers do not follow. Use "
+                "pipe.enable_model_cpu_offload() (supported) or keep the model on one device")
+    for p in model.parameters():
+        if p.device.type == "meta":
+            raise WorkflowError("the model has parameters on the 'meta' device (sequential offload or a lazy "
+                                "load): cachequant needs materialized weights on one device")
 
 
-def check_sampler(s: dict, scheduler, timesteps: list[int] | None = None) -> None:
-    """Raises :class:`PlanMismatchError` if ``scheduler`` (and its current timesteps) differ from ``s``."""
-    cls = type(scheduler).__name__
-    if cls != s["scheduler"]:
-        raise PlanMismatchError(
-            f"this plan was calibrated with {s['scheduler']} ({s['num_inference_steps']} steps), but the "
-            f"pipeline uses {cls}; set that scheduler back or calibrate a plan for {cls}")
-    if timesteps is None:
-        return
-    if len(timesteps) != s["num_calls"]:
-        raise PlanMismatchError(
-            f"this plan was calibrated for num_inference_steps={s['num_inference_steps']} with {cls} "
-            f"({s['num_calls']} model calls), but this run has {len(timesteps)} model calls. Call the pipeline "
-            f"with num_inference_steps={s['num_inference_steps']}, or calibrate a plan for the step count you want")
-    if timesteps != s["timesteps"]:
-        raise PlanMismatchError(
-            "the scheduler's timesteps differ from the calibrated ones (same count, different values: is the "
-            f"scheduler configured differently, e.g. timestep_spacing?); plan {s['timesteps'][:5]}..., "
-            f"now {timesteps[:5]}...")
+def _weight_probe(modules: list[nn.Module]) -> tuple[list[tuple], torch.Tensor | None]:
+    """A few values of every weight, to notice weights changed in place since attaching (a fused
+    LoRA, load_state_dict) at the cost of one small transfer per run."""
+    ident = [(id(m.weight), m.weight.dtype, m.weight.device) for m in modules]
+    vals = [m.weight.detach().reshape(-1)[:: max(1, m.weight.numel() // 8)][:8].float() for m in modules
+            if m.weight.numel() and m.weight.device == modules[0].weight.device]
+    return ident, torch.cat(vals).cpu() if vals else None
 
 
 @dataclass
 class Session:
-    pipe: Any
     model: nn.Module
-    adapter: Adapter
-    site: dict
-    runtime: Runtime
-    sampler: dict
-    quant: QuantState | None = None
-    scheduler: Any = None
-    run_step: Callable[[tuple, dict], Any] | None = None
-    kernel_report: dict | None = None
+    clock: StepClock
+    store: FeatureCache
+    denoiser_hooks: DenoiserHooks
+    planned: list[float] | None
+    scheduler_name: str
+    num_inference_steps: int
+    layers: dict[str, QuantHook] = field(default_factory=dict)
+    processors: dict[str, Any] = field(default_factory=dict)
+    attachments: list[SchedulerAttachment] = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
     restorable: str | None = None
     """None, or why :meth:`restore` would leave a broken model (it then raises instead)."""
+    guard: bool = True
+    """Check the model's state at every run start (off during calibration's own passes)."""
+    pipe: Any = None
+    """A weak reference to the accelerated pipeline (its scheduler may be swapped later)."""
+    _probe: tuple | None = None
 
-    def check_timesteps(self, scheduler) -> None:
-        check_sampler(self.sampler, scheduler, [int(t) for t in scheduler.timesteps])
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, model: nn.Module, timesteps: list[float] | None, full_steps, begin: int, scheduler_name: str,
+             num_inference_steps: int, guard: bool = True) -> "Session":
+        """A session with a clock and the denoiser hook; ``timesteps=None`` adopts the first run's."""
+        check_attachable(model)
+        clock = StepClock(model, timesteps or [], full_steps, begin)
+        hooks = DenoiserHooks(model, clock)
+        sess = cls(model, clock, FeatureCache(), hooks, timesteps, scheduler_name, num_inference_steps, guard=guard)
+        hooks.on_call = sess._on_call
+        sess.undo += [clock.detach, hooks.remove]
+        model.__dict__[SESSION_ATTR] = sess
+        return sess
 
-    def wrap_scheduler(self, scheduler) -> None:
-        original = scheduler.set_timesteps
+    def add_cache(self, layout: CacheLayout, cache_dec: torch.Tensor | None = None) -> None:
+        self.undo.extend(attach_cache(self.model, layout, self.clock, self.store, cache_dec))
 
-        def set_timesteps(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.check_timesteps(scheduler)
-            self.runtime.reset()
-            return out
+    def add_quant(self, specs: list[LayerSpec], act_bits: int, tensors: dict[str, torch.Tensor], backend: Any) -> None:
+        hooks, undo = attach_quant_layers(self.model, specs, act_bits, tensors, self.clock, backend)
+        self.layers.update(hooks)
+        self.undo.extend(undo)
 
-        scheduler.set_timesteps = set_timesteps
-        self.scheduler = scheduler
-        self.undo.append(lambda: scheduler.__dict__.pop("set_timesteps", None))
+    def add_attention(self, names: list[str], tensors: dict[str, torch.Tensor], bits: int) -> None:
+        procs, undo = attach_quant_attention(self.model, names, tensors, self.clock, bits)
+        self.processors.update(procs)
+        self.undo.extend(undo)
 
+    def add_vc(self, table: torch.Tensor) -> None:
+        device = next(self.model.parameters()).device
+        hold(self.model, VC_TABLE, table.to(device))
+        self.denoiser_hooks.outputs.append(vc_output(self.clock))
+        self.undo.append(lambda: release(self.model, VC_TABLE))
+
+    def attach_scheduler(self, scheduler: Any) -> SchedulerAttachment:
+        """Lets ``scheduler`` move this session's clock (a pipeline's own, or another pipeline's
+        sharing the model)."""
+        if any(a.scheduler is scheduler for a in self.attachments):
+            return next(a for a in self.attachments if a.scheduler is scheduler)
+        name = type(scheduler).__name__
+        if name != self.scheduler_name:
+            raise PlanMismatchError(
+                f"this plan was calibrated with {self.scheduler_name} ({self.num_inference_steps} steps), but the "
+                f"pipeline uses {name}; set that scheduler back or calibrate a plan for {name}")
+        att = SchedulerAttachment(scheduler, self.clock, self.planned, self.scheduler_name, self.num_inference_steps,
+                                  on_run_start=self.check_state if self.guard else None)
+        self.attachments.append(att)
+        return att
+
+    def follow(self, pipe: Any) -> None:
+        """Attaches ``pipe``'s scheduler, and any scheduler swapped into ``pipe`` later (at its first
+        eager call: same class as the plan's, timesteps checked)."""
+        self.pipe = weakref.ref(pipe)
+        self.attach_scheduler(pipe.scheduler)
+
+    def _on_call(self, timestep) -> None:
+        pipe = self.pipe() if self.pipe is not None else None
+        if pipe is None or any(a.scheduler is pipe.scheduler for a in self.attachments):
+            return
+        self.attach_scheduler(pipe.scheduler).join_run(timestep)
+
+    def arm(self) -> None:
+        """Records what the state guard compares against (after everything is attached)."""
+        self._probe = _weight_probe([self.model.get_submodule(n) for n in self.layers])
+
+    # -- the state guard -----------------------------------------------------------------------
+    def check_state(self) -> None:
+        """Host-side checks at the start of a run (see the module docstring)."""
+        model = self.model
+        foreign = foreign_hooks(model)
+        if foreign:
+            raise WorkflowError(
+                f"hooks of other features were added to the accelerated model ({', '.join(foreign[:4])}): they "
+                "would act on the modules cachequant caches or quantizes. Remove them, or cq.restore(pipe) first")
+        _check_offload_and_lora(model, accelerated=True)
+        mods = []
+        for name, hook in self.layers.items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                mod = None
+            r = getattr(mod, "_diffusers_hook", None)
+            if mod is None or r is None or r.hooks.get("cachequant.quant") is not hook:
+                raise WorkflowError(
+                    f"the quantized layer {name} was replaced after cq.accelerate (a LoRA loaded, "
+                    "fuse_qkv_projections, or a module swapped): the plan no longer describes this model. "
+                    "cq.restore(pipe), change the model, and calibrate a plan for it")
+            mods.append(mod)
+        for name, proc in self.processors.items():
+            mod = model.get_submodule(name)
+            if mod.processor is not proc:
+                raise WorkflowError(
+                    f"the attention processor of {name} was replaced after cq.accelerate (by "
+                    f"{type(mod.processor).__name__}: attention slicing, fused projections, IP-Adapter?), which "
+                    "drops the plan's 8-bit attention. cq.restore(pipe), set the processor, then accelerate again "
+                    "(with a plan calibrated for it)")
+        if self._probe is not None and mods:
+            ident, vals = _weight_probe(mods)
+            old_ident, old_vals = self._probe
+            moved = [a[1:] != b[1:] for a, b in zip(ident, old_ident)]
+            same_obj = all(a[0] == b[0] for a, b in zip(ident, old_ident))
+            if not same_obj:
+                raise WorkflowError("a quantized layer's weight tensor was replaced after cq.accelerate; "
+                                    "cq.restore(pipe) and calibrate a plan for the new weights")
+            if not any(moved) and vals is not None and not torch.equal(vals, old_vals):
+                raise WorkflowError(
+                    "the weights of quantized layers changed after cq.accelerate (a fused LoRA, load_state_dict?): "
+                    "the plan's ranges no longer fit them. cq.restore(pipe), change the weights, and calibrate a "
+                    "plan for them")
+            self._probe = (ident, vals)
+
+    # -- taking it off ---------------------------------------------------------------------------
     def restore(self) -> None:
+        """Takes everything off, or nothing: what cannot be removed cleanly is found first."""
         if self.restorable is not None:
             raise RuntimeError(f"cannot restore this pipeline: {self.restorable}")
-        if self.quant is not None:
-            self.quant.restore()
+        for mname, hname in hooks_in(self.model):
+            if hname.startswith(PREFIX):
+                why = removal_problem(self.model.get_submodule(mname), hname)
+                if why is not None:
+                    raise WorkflowError(f"cannot restore: {why}")
+        self.close()
+
+    def close(self) -> None:
         for fn in reversed(self.undo):
             fn()
         self.undo.clear()
-        self.model.__dict__.pop(_ATTR, None)
-
-
-def session_of(model: nn.Module) -> Session | None:
-    return model.__dict__.get(_ATTR)
-
-
-def install_session(pipe: Any, model: nn.Module, adapter: Adapter, site: dict, runtime: Runtime,
-                    sampler: dict) -> Session:
-    if session_of(model) is not None:
-        raise RuntimeError("this pipeline is already accelerated by cachequant; call cq.restore(pipe) first")
-    sess = Session(pipe, model, adapter, site, runtime, sampler)
-    sess.undo.extend(adapter.install(model, runtime, site))
-    sess.wrap_scheduler(pipe.scheduler)
-    original_forward = model.forward
-    rt = runtime
-
-    def run_step(args, kwargs):
-        """One model call as step ``rt.step`` (full or cached), with VC on its output."""
-        if rt.is_full:
-            out = original_forward(*args, **kwargs)
-        else:
-            out = adapter.cached_forward(model, rt, site, original_forward, args, kwargs)
-        if rt.vc is not None:
-            from .correction.vc import apply_vc
-
-            vc = rt.at_step(rt.vc)
-            out = map_sample(out, lambda x: apply_vc(x, vc))
-        if rt.call_log is not None:
-            rt.call_log.append((rt.step, to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))))
-        return out
-
-    def forward(*args, **kwargs):
-        if pipe.scheduler is not sess.scheduler:
-            # The scheduler was replaced after accelerate(): adopt it if it matches the plan.
-            sess.check_timesteps(pipe.scheduler)
-            sess.wrap_scheduler(pipe.scheduler)
-            rt.reset()
-        if rt.calls >= rt.num_calls:
-            raise RuntimeError(
-                f"cachequant: the denoiser was called more than the {rt.num_calls} times one calibrated run "
-                "has. The step counter resets when the pipeline calls scheduler.set_timesteps(); if you drive "
-                "the model yourself, call cq.reset_steps(pipe) before each sampling loop")
-        rt.step = rt.calls
-        rt.calls += 1
-        if rt.step_t is not None:
-            rt.step_t.fill_(rt.step)
-        return sess.run_step(args, kwargs)
-
-    sess.run_step = run_step
-    model.forward = forward
-    sess.undo.append(lambda: model.__dict__.pop("forward", None))
-    model.__dict__[_ATTR] = sess
-    return sess
+        for att in self.attachments:
+            att.detach()
+        self.attachments.clear()
+        self.model.__dict__.pop(SESSION_ATTR, None)
+        reg = getattr(self.model, "_diffusers_hook", None)
+        if reg is not None and hasattr(reg, "invalidate_child_registries_cache"):  # diffusers >= 0.37
+            reg.invalidate_child_registries_cache()

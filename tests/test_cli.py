@@ -53,7 +53,7 @@ def test_calibrate_cache_site_flags(tmp_path, capsys):
     args = ["calibrate", "--model", "tiny-ddim", "--steps", "4", "--interval", "2", "--bits", "fp",
             "--num-samples", "2", "--batch-size", "2"]
     assert main(args + ["--cache-layers", "1", "--out", str(plan)]) == 0
-    assert cq.load_plan(plan).meta["site"] == {"layers": 1, "feature": "up_blocks.2.resnets.0"}
+    assert cq.load_plan(plan).cache.site == {"layers": 1, "feature": "up_blocks.2.resnets.0"}
     bad = tmp_path / "bad.cqplan"
     rc = main(args + ["--cache-layers", "9", "--out", str(bad)])
     assert rc == 2 and "cache_layers must be in [1, 5]" in capsys.readouterr().err

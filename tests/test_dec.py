@@ -5,21 +5,25 @@ import torch
 
 import cachequant as cq
 from cachequant.models.adapters import adapter_for
-from cachequant.runtime import Runtime
-from cachequant.session import install_session, probe_sampler
+from cachequant.quant.layer import quant_hooks
+from cachequant.runtime.sampler import probe_timesteps
+from cachequant.session import Session
 from conftest import run
 
 
 def _features(pipe, steps, n=4):
+    """The cached feature at every step of an uncached full-precision run."""
     model = pipe.unet
     adapter = adapter_for(model)
-    site = adapter.resolve_site(model, cq.CacheQuantConfig())
-    sampler = probe_sampler(pipe.scheduler, steps)
-    rt = Runtime(sampler["num_calls"], frozenset(range(sampler["num_calls"])), recorder=[])
-    sess = install_session(pipe, model, adapter, site, rt, sampler)
+    layout = adapter.layout(model, adapter.resolve_site(model, cq.CacheQuantConfig()))
+    sess = Session.open(model, probe_timesteps(pipe.scheduler, steps), None, 0, type(pipe.scheduler).__name__, steps)
+    sess.add_cache(layout)
+    sess.attach_scheduler(pipe.scheduler)
+    feats = []
+    model.register_forward_hook(lambda *a: feats.append(sess.store.feature(layout.feature_key).clone()))
     run(pipe, "ddim", steps=steps, seed=7, n=n)
     sess.restore()
-    return rt.recorder
+    return feats
 
 
 def test_cache_dec_reduces_cached_feature_error(make_pipe):
@@ -28,10 +32,10 @@ def test_cache_dec_reduces_cached_feature_error(make_pipe):
     cfg = cq.CacheQuantConfig(interval=4, schedule="uniform", weight_bits=None, act_bits=None, dec=True,
                               dps_samples=4)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, num_samples=4)
-    a, b = plan.tensors["cache_dec.a"], plan.tensors["cache_dec.b"]
+    a, b = plan.tensors["cache_dec"]
     full = set(plan.schedule)
     # the plan records how stale the reused feature is on its calibration trajectories, and DEC shrinks it
-    reuse = plan.meta["diagnostics"]["cache_reuse"]
+    reuse = plan.diagnostics["cache_reuse"]
     assert 0 < reuse["relative_l1_after_cache_dec"] < reuse["relative_l1"]
     assert torch.equal(a[sorted(full)], torch.ones(len(full), a.shape[1]))
     # held-out trajectories (other seed): error of the reused feature vs the fresh one
@@ -58,7 +62,7 @@ def test_shift_only_cache_dec(make_pipe):
     cfg = cq.CacheQuantConfig(interval=4, schedule="uniform", weight_bits=None, act_bits=None, dec=True,
                               cache_dec_slope=False, dps_samples=4)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, num_samples=4)
-    a, b = plan.tensors["cache_dec.a"], plan.tensors["cache_dec.b"]
+    a, b = plan.tensors["cache_dec"]
     assert torch.equal(a, torch.ones_like(a)) and b.abs().sum() > 0
     feats = _features(pipe, steps)
     full = sorted(set(plan.schedule))
@@ -70,7 +74,7 @@ def test_shift_only_cache_dec(make_pipe):
             continue
         # the shift is the difference of the per-channel means, so the corrected feature has the fresh mean
         assert torch.allclose(b2[t].double(), (x - feats[anchor]).double().mean(dim=(0, 2, 3)), atol=1e-5)
-    reuse = plan.meta["diagnostics"]["cache_reuse"]
+    reuse = plan.diagnostics["cache_reuse"]
     assert 0 < reuse["relative_l1_after_cache_dec"] < reuse["relative_l1"]
     with pytest.raises(ValueError, match="cache_dec_slope"):
         cq.CacheQuantConfig(cache_dec_slope="no")
@@ -87,11 +91,11 @@ def test_quant_dec_reduces_consumer_output_error(make_pipe):
         cq.accelerate(pipe, plan)
         name = "up_blocks.2.resnets.0.conv1"
         layer = pipe.unet.get_submodule(name)
-        assert layer.has_dec == quant_dec
+        assert quant_hooks(pipe.unet)[name][1].has_dec == quant_dec
         acc = []
 
         def hook(mod, inp, out):
-            acc.append(float(((out - mod.inner(inp[0])) ** 2).mean()))
+            acc.append(float(((out - mod._conv_forward(inp[0], mod.weight, mod.bias)) ** 2).mean()))
 
         layer.register_forward_hook(hook)
         run(pipe, "ddim", steps=9, seed=10_000, n=4)  # the calibration trajectories' seed

@@ -69,9 +69,11 @@ def test_gptq_plan_round_trip_and_lower_error(make_pipe, tmp_path):
 
     def err(plan):
         cq.accelerate(pipe, plan)
-        cq.reset_steps(pipe)
+        e = []
         with torch.no_grad():
-            e = [float((model(*a, **k)[0] - r).norm() / r.norm()) for (a, k), r in zip(inputs, ref)]
+            for i, ((a, k), r) in enumerate(zip(inputs, ref)):
+                cq.set_step(pipe, i)
+                e.append(float((model(*a, **k)[0] - r).norm() / r.norm()))
         cq.restore(pipe)
         return float(np.mean(e))
 
@@ -80,7 +82,7 @@ def test_gptq_plan_round_trip_and_lower_error(make_pipe, tmp_path):
                         **calib_kwargs("ddim", 8))
     gq = cq.calibrate(pipe, cq.CacheQuantConfig(**base, weight_rounding="gptq"), num_inference_steps=4,
                       progress=False, **calib_kwargs("ddim", 8))
-    d = gq.meta["diagnostics"]["gptq"]
+    d = gq.diagnostics["gptq"]
     assert d["layers"] > 10 and d["rel_output_error_gptq"] < d["rel_output_error_nearest"]
     codes = [k for k in gq.tensors if k.endswith(".codes")]
     assert codes and all(gq.tensors[k].dtype == torch.uint8 for k in codes)
@@ -99,8 +101,8 @@ def test_gptq_plan_round_trip_and_lower_error(make_pipe, tmp_path):
 
 
 def test_int8_packing_uses_the_plan_codes(make_pipe):
-    from cachequant.kernels.pack import pack_layer
-    from cachequant.quant.layers import _QuantBase
+    from cachequant.backends.pack import pack_layer, packed
+    from cachequant.quant.layer import quant_hooks
 
     pipe = make_pipe("ddim")
     cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=8, act_bits=8, dec=False,
@@ -108,17 +110,18 @@ def test_int8_packing_uses_the_plan_codes(make_pipe):
     plan = cq.calibrate(pipe, cfg, num_inference_steps=3, progress=False, num_samples=2)
     cq.accelerate(pipe, plan)
     try:
-        layers = [m for m in pipe.unet.modules() if isinstance(m, _QuantBase) and m.w_codes.numel()]
+        layers = [(m, h) for m, h in quant_hooks(pipe.unet).values() if m._buffers.get("_cachequant_codes") is not None]
         assert layers
         changed = 0
-        for layer in layers[:6]:
-            nearest = torch.clamp(torch.round(layer.inner.weight.float() / layer.w_scale) + layer.w_zero_point, 0, 255)
-            changed += int((nearest != layer.weight_codes()).sum())
-            p = pack_layer(layer, "int8")
-            codes = layer.weight_codes()
+        for module, hook in layers[:6]:
+            s, z = hook._w_scale_zero(module)
+            nearest = torch.clamp(torch.round(module.weight.float() / s) + z, 0, 255)
+            codes = hook.weight_codes(module)
+            changed += int((nearest != codes).sum())
+            pack_layer(module, hook, "int8")
             codes = codes.permute(0, 2, 3, 1) if codes.dim() == 4 else codes[:, None, None, :]
             expect = (codes - 128).to(torch.int8).reshape(codes.shape[0], -1)
-            assert torch.equal(p.w.cpu().reshape(expect.shape), expect)
+            assert torch.equal(packed(module)["w"].cpu().reshape(expect.shape), expect)
         assert changed > 0  # GPTQ moved some codes away from nearest
     finally:
         cq.restore(pipe)

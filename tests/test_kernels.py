@@ -16,13 +16,19 @@ from torch import nn
 triton = pytest.importorskip("triton", reason="kernel tests need Triton (CI installs it; see .ci/run)")
 
 import cachequant as cq  # noqa: E402
-from cachequant.kernels.backend import enable_kernels, kernel_forward  # noqa: E402
-from cachequant.quant.layers import fake_forward, wrap_module  # noqa: E402
-from cachequant.runtime import Runtime  # noqa: E402
+from cachequant.backends.options import KernelOptions  # noqa: E402
+from cachequant.backends.pack import packed  # noqa: E402
+from cachequant.backends.reference import ReferenceBackend  # noqa: E402
+from cachequant.backends.triton import TritonBackend  # noqa: E402
+from cachequant.plan import LayerSpec  # noqa: E402
+from cachequant.quant.observers import RangeObserver  # noqa: E402
+from cachequant.quant.quantizer import weight_qparams  # noqa: E402
+from cachequant.session import Session  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 T = 3
+pytestmark = pytest.mark.fresh_thread  # Triton's interpreter runs deep call chains (conftest.pytest_pyfunc_call)
 
 
 @pytest.fixture(autouse=True)
@@ -43,41 +49,64 @@ def _triton_fp8_gemm(monkeypatch):
     monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "triton")
 
 
-def _layer(module, xshape, split=None, dec=False, weight_bits=8, seed=0, dtype=torch.float32):
-    """A calibrated quantized layer and per-step inputs whose range drifts with the step."""
-    g = torch.Generator().manual_seed(seed)
-    module = module.to(DEV)
-    rt = Runtime(T, frozenset([0]))
-    q = wrap_module(module, weight_bits, 8, rt, split).to(DEV)
-    q.init_weight_qparams()
-    xs = [(torch.randn(*xshape, generator=g) * (1 + t) + 0.3).to(DEV, dtype) for t in range(T)]
-    rt.quant_mode = "observe"
-    for t in range(T):
-        rt.step = t
-        q(xs[t])
-    for a in q.act:
-        a.finalize()
-    if dec:
-        n = module.weight.shape[0]
-        q.dec_a = (1 + 0.1 * torch.randn(T, n, generator=g)).to(DEV)
-        q.dec_b = (0.1 * torch.randn(T, n, generator=g)).to(DEV)
-    rt.quant_mode = "quant"
-    return q, rt, xs
+class Layer:
+    """One calibrated quantized layer on its own (in a one-module container with a step clock of T
+    positions), and per-position inputs whose range drifts with the position."""
+
+    def __init__(self, module, xshape, split=None, dec=False, weight_bits=8, seed=0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        self.module = module.to(DEV)
+        self.xs = [(torch.randn(*xshape, generator=g) * (1 + t) + 0.3).to(DEV, dtype) for t in range(T)]
+        obs = [RangeObserver(8) for _ in range(1 if split is None else 2)]
+        for t, x in enumerate(self.xs):
+            for o, part in zip(obs, [x] if split is None else [x[:, :split], x[:, split:]]):
+                o.observe(part, t, 0)
+        s, z = weight_qparams(self.module.weight.detach(), weight_bits)
+        tensors = {"act.0": torch.stack([o.table(T) for o in obs]), "w.0": torch.stack([s.flatten(), z.flatten()])}
+        if dec:
+            n = self.module.weight.shape[0]
+            tensors["qdec.0"] = torch.stack([1 + 0.1 * torch.randn(T, n, generator=g), 0.1 * torch.randn(T, n, generator=g)])
+        self.container = nn.Sequential(self.module)
+        self.sess = Session.open(self.container, [float(T - t) for t in range(T)], None, 0, "-", T, guard=False)
+        self.sess.add_quant([LayerSpec("0", weight_bits, split, dec)], 8, tensors, ReferenceBackend())
+        self.hook = self.sess.layers["0"]
+        self.sess.clock.start_run()
+
+    def at(self, t: int) -> "Layer":
+        self.sess.clock.set(t)
+        return self
+
+    @torch.no_grad()
+    def reference(self, t: int, x=None) -> torch.Tensor:
+        self.at(t)
+        return ReferenceBackend().forward(self.module, self.hook, self.xs[t] if x is None else x)
+
+    def use_kernel(self, kind: str, **options) -> TritonBackend:
+        backend = TritonBackend(kind, KernelOptions(**options).resolved())
+        reason = backend.unsupported(self.module, self.hook)
+        if reason is not None:
+            return reason
+        backend.prepare(self.module, self.hook)
+        self.hook.backend = backend
+        return backend
+
+    @torch.no_grad()
+    def out(self, t: int, x=None) -> torch.Tensor:
+        """The layer's output at position t with its current backend."""
+        self.at(t)
+        return self.container(self.xs[t] if x is None else x)
+
+    @property
+    def pack(self):
+        return self.hook.pack
 
 
-@torch.no_grad()
-def _compare(q, rt, xs, kind, algo="two-pass"):
-    refs = []
-    for t in range(T):
-        rt.step = t
-        refs.append(fake_forward(q, xs[t]))
-    report = enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False, algo=algo)
-    assert report["kernel_layers"] == 1 and not report["fake_layers"]
+def _compare(layer: Layer, kind: str, algo: str = "two-pass") -> float:
+    refs = [layer.reference(t) for t in range(T)]
+    assert isinstance(layer.use_kernel(kind, algo=algo), TritonBackend)
     errs = []
     for t in range(T):
-        rt.step = t
-        rt.step_t.fill_(t)
-        y = kernel_forward(q, xs[t])
+        y = layer.out(t)
         assert y.shape == refs[t].shape and y.dtype == refs[t].dtype
         errs.append(float((y - refs[t]).abs().max() / refs[t].abs().max()))
     return max(errs)
@@ -101,9 +130,8 @@ SHAPES = [
 @pytest.mark.parametrize("name,make,xshape,kw", SHAPES, ids=[s[0] for s in SHAPES])
 def test_int8_kernel_equals_fake_quant_reference(name, make, xshape, kw, algo):
     torch.manual_seed(0)
-    q, rt, xs = _layer(make(), xshape, **kw)
     # Exact integer arithmetic: only the float rounding of the epilogue differs.
-    assert _compare(q, rt, xs, "int8", algo) < 1e-4
+    assert _compare(Layer(make(), xshape, **kw), "int8", algo) < 1e-4
 
 
 W4_SHAPES = [
@@ -119,12 +147,15 @@ def test_int8_kernel_w4a8_weights(name, make, xshape, kw, packed):
     """W4A8: 4-bit weight codes two per byte (half the weight bytes) where the input parts allow
     the unmasked K loop, one per byte elsewhere; both equal the fake-quant reference."""
     torch.manual_seed(0)
-    q, rt, xs = _layer(make(), xshape, weight_bits=4, **kw)
-    assert _compare(q, rt, xs, "int8") < 1e-4
-    pk = q._packed
-    assert pk.w4 == packed
-    ktot = q.inner.weight[0].numel()
-    assert pk.w.shape == (q.inner.weight.shape[0], ktot // 2 if packed else ktot)
+    layer = Layer(make(), xshape, weight_bits=4, **kw)
+    assert _compare(layer, "int8") < 1e-4
+    assert layer.pack.w4 == packed
+    ktot = layer.module.weight[0].numel()
+    assert packed_w(layer).shape == (layer.module.weight.shape[0], ktot // 2 if packed else ktot)
+
+
+def packed_w(layer: Layer) -> torch.Tensor:
+    return packed(layer.module)["w"]
 
 
 @pytest.mark.skipif(not CUDA, reason="Triton's interpreter has no fp8 arithmetic; runs on the GPU (device)")
@@ -132,9 +163,8 @@ def test_int8_kernel_w4a8_weights(name, make, xshape, kw, packed):
 @pytest.mark.parametrize("name,make,xshape,kw", SHAPES, ids=[s[0] for s in SHAPES])
 def test_fp8_kernel_close_to_reference(name, make, xshape, kw, algo):
     torch.manual_seed(0)
-    q, rt, xs = _layer(make(), xshape, **kw)
     # e4m3 keeps 3 mantissa bits: a few percent per product, averaged down over the reduction.
-    assert _compare(q, rt, xs, "fp8", algo) < 0.08
+    assert _compare(Layer(make(), xshape, **kw), "fp8", algo) < 0.08
 
 
 LT_SHAPES = [
@@ -155,34 +185,27 @@ def test_fp8_cublaslt_gemm_computes_the_triton_kernels_product(name, make, xshap
     fake-quant reference. Other layers keep the Triton kernel."""
     from cachequant.kernels.triton_quantize import quantize
 
-    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
     torch.manual_seed(0)
-    q, rt, xs = _layer(make(), xshape, **kw)
-    refs = []
-    for t in range(T):
-        rt.step = t
-        refs.append(fake_forward(q, xs[t]))
-    enable_kernels(nn.Sequential(q), {"l": q}, rt, "fp8", channels_last=False)
-    pk = q._packed
-    assert pk.gemm == ("cublaslt" if lt else "triton")
+    layer = Layer(make(), xshape, **kw)
+    refs = [layer.reference(t) for t in range(T)]
+    layer.use_kernel("fp8", fp8_gemm="cublaslt")
+    assert layer.pack.gemm == ("cublaslt" if lt else "triton")
     if not lt:
         return
-    w8 = pk.w.view(torch.float8_e4m3fn).float()
+    pk = packed(layer.module)
+    w8 = pk["w"].view(torch.float8_e4m3fn).float()
+    step = layer.sess.clock.step_tensor()
     for t in range(T):
-        rt.step = t
-        rt.step_t.fill_(t)
-        with torch.no_grad():
-            y = kernel_forward(q, xs[t])
-            refs[t] = refs[t].detach()
-        x = xs[t]
+        y = layer.out(t)
+        x = layer.xs[t]
         x2d = (x.permute(0, 2, 3, 1) if x.dim() == 4 else x).reshape(-1, x.shape[1] if x.dim() == 4 else x.shape[-1])
         codes = torch.empty(x2d.shape, dtype=torch.uint8, device=DEV)
         row_s = torch.full((x2d.shape[0], 1), -1.0, device=DEV)
-        quantize(x2d.contiguous(), codes, rt.step_t, pk.act_s, pk.act_z, 0, T, True, row_s=row_s)
-        assert torch.equal(row_s, pk.act_s[0, t].expand_as(row_s))
-        want = (codes.view(torch.float8_e4m3fn).float() @ w8.t()) * pk.act_s[0, t] * pk.w_s
-        if pk.lt_bias is not None:
-            want = want + pk.lt_bias.float()
+        quantize(x2d.contiguous(), codes, step, pk["act_s"], pk["act_z"], 0, T, True, row_s=row_s)
+        assert torch.equal(row_s, pk["act_s"][0, t].expand_as(row_s))
+        want = (codes.view(torch.float8_e4m3fn).float() @ w8.t()) * pk["act_s"][0, t] * pk["w_s"]
+        if pk["bias"] is not None:
+            want = want + pk["bias"].float()
         got = (y.permute(0, 2, 3, 1) if y.dim() == 4 else y).reshape(want.shape)
         # On the CPU the products are summed in float32; Hopper's FP8 tensor cores accumulate with
         # fewer mantissa bits (an H200 run differed by up to 1.0e-4 of the largest output on the
@@ -194,43 +217,52 @@ def test_fp8_cublaslt_gemm_computes_the_triton_kernels_product(name, make, xshap
 
 
 def test_fp8_gemm_choice_is_checked(monkeypatch):
-    """Unset: cuBLASLt on Hopper or newer, the Triton GEMM elsewhere; set: as asked, and checked."""
-    from cachequant.kernels.pack import fp8_gemm
+    """Unset: cuBLASLt on Hopper or newer, the Triton GEMM elsewhere; set (option or environment):
+    as asked, and checked."""
+    from cachequant.backends.pack import default_fp8_gemm
 
     monkeypatch.delenv("CACHEQUANT_FP8_GEMM")
-    assert fp8_gemm("cpu") == "triton"  # the interpreter's tests check the Triton GEMM
+    assert default_fp8_gemm(torch.device("cpu")) == "triton"  # the interpreter's tests check the Triton GEMM
     if CUDA:
         hopper = torch.cuda.get_device_capability() >= (9, 0)
-        assert fp8_gemm("cuda") == ("cublaslt" if hopper else "triton")
+        assert default_fp8_gemm(torch.device("cuda")) == ("cublaslt" if hopper else "triton")
+    assert KernelOptions().resolved().fp8_gemm is None
     monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
-    assert fp8_gemm("cpu") == "cublaslt"
+    assert KernelOptions().resolved().fp8_gemm == "cublaslt"
+    assert KernelOptions(fp8_gemm="triton").resolved().fp8_gemm == "triton"  # the option wins
     monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublas")
     with pytest.raises(ValueError, match="CACHEQUANT_FP8_GEMM must be one of triton, cublaslt"):
-        fp8_gemm("cpu")
+        KernelOptions().resolved()
+    with pytest.raises(ValueError, match="fp8_gemm must be one of"):
+        KernelOptions(fp8_gemm="cublas")
 
 
 @pytest.mark.skipif(not CUDA, reason="half-precision activations: GPU only")
 def test_int8_kernel_fp16_activations():
     torch.manual_seed(0)
-    q, rt, xs = _layer(nn.Conv2d(64, 64, 3, padding=1).half(), (2, 64, 16, 16), dtype=torch.float16)
-    assert _compare(q, rt, xs, "int8") < 2e-2
+    assert _compare(Layer(nn.Conv2d(64, 64, 3, padding=1).half(), (2, 64, 16, 16), dtype=torch.float16), "int8") < 2e-2
 
 
-def test_unsupported_layer_stays_on_reference_and_is_reported():
-    q, rt, xs = _layer(nn.Conv2d(16, 16, 3, padding=1, groups=2), (1, 16, 4, 4))
-    report = enable_kernels(nn.Sequential(q), {"l": q}, rt, "int8", channels_last=False)
-    assert report["kernel_layers"] == 0 and "grouped" in report["fake_layers"]["l"]
-    assert q.backend == "fake"
+def test_unsupported_layer_stays_on_reference_and_is_reported(make_pipe):
+    layer = Layer(nn.Conv2d(16, 16, 3, padding=1, groups=2), (1, 16, 4, 4))
+    assert "grouped" in layer.use_kernel("int8")
+    assert isinstance(layer.hook.backend, ReferenceBackend)
+    pipe, plan = _tiny_unet_plan(make_pipe, 2)
+    pipe.unet.conv_in.groups = 3  # (pretend) a grouped conv: the pipeline's report names it
+    cq.accelerate(pipe, plan, backend="int8")
+    rep = cq.kernel_report(pipe)
+    assert "grouped" in rep["fake_layers"]["conv_in"] and rep["kernel_layers"] > 0
+    cq.restore(pipe)
 
 
 def test_backend_selection_and_errors():
-    from cachequant.kernels.backend import select_backend
+    from cachequant.backends.registry import select_backend
 
-    assert select_backend("fake", torch.device("cpu")) == "fake"
+    assert select_backend(KernelOptions(backend="fake"), torch.device("cpu")).name == "fake"
     with pytest.raises(ValueError, match="backend must be one of"):
-        select_backend("int4", torch.device("cpu"))
+        KernelOptions(backend="int4")
     if not CUDA:
-        assert select_backend("auto", torch.device("cpu")) == "fake"
+        assert select_backend(KernelOptions(), torch.device("cpu")).name == "fake"
 
 
 def _tiny_unet_plan(make_pipe, steps: int, device: str = DEV, **cfg):
@@ -263,12 +295,13 @@ def test_pipeline_images_match_fake_quant_path(make_pipe):
     rep = cq.kernel_report(pipe)
     assert rep["backend"] == "int8" and rep["kernel_layers"] > 0 and not rep["fake_layers"]
     norms = [m for m in pipe.unet.modules() if type(m) is nn.GroupNorm]
-    assert rep["nhwc_group_norms"] == len(norms) > 0 and all("forward" in m.__dict__ for m in norms)
+    assert norms and all("cachequant.group_norm" in m._diffusers_hook.hooks for m in norms)
     hook = record("int8")
     out = run(pipe, "ddim", 4, n=1)
     hook.remove()
     cq.restore(pipe)
     assert not any("forward" in m.__dict__ for m in norms)  # restore() puts PyTorch's GroupNorm back
+    assert all(p.is_contiguous() for p in pipe.unet.parameters())  # and the NCHW memory format
     # The kernel path computes in another order than the float reference (exact integer
     # accumulation, its own GroupNorm), so a layer input that lands within ~1e-6 of a rounding
     # boundary gets the other code (a "flip"), and the trajectories then drift apart at the level
@@ -317,25 +350,28 @@ def test_fp8_cublaslt_pipeline_agrees_with_triton_fp8(make_pipe, monkeypatch):
     17.6 dB apart)."""
     from conftest import run
 
-    from cachequant.kernels.backend import kernel_forward
+    import dataclasses
 
-    pipe, plan = _tiny_unet_plan(make_pipe, 4)
-    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
-    cq.accelerate(pipe, plan, backend="fp8")
-    layers = [m for m in pipe.unet.modules() if getattr(getattr(m, "_packed", None), "gemm", None) == "cublaslt"]
+    from cachequant.quant.layer import quant_hooks
+
+    pipe, plan = _tiny_unet_plan(make_pipe, 2)  # one full and one cached call
+    cq.accelerate(pipe, plan, backend="fp8", fp8_gemm="cublaslt")
+    layers = [(m, h) for m, h in quant_hooks(pipe.unet).values() if getattr(h, "pack", None) and h.pack.gemm == "cublaslt"]
     assert layers and cq.kernel_report(pipe)["cublaslt_layers"] == len(layers)
     worst = []
 
     def check(mod, inp, out):
-        mod._packed.gemm = "triton"  # the same packed codes and scales, the Triton GEMM
+        hook = quant_hooks(pipe.unet)[next(n for n, (m, _) in quant_hooks(pipe.unet).items() if m is mod)][1]
+        lt = hook.pack
+        hook.pack = dataclasses.replace(lt, gemm="triton")  # the same packed codes and scales, the Triton GEMM
         try:
-            ref = kernel_forward(mod, inp[0])
+            ref = hook.backend.forward(mod, hook, inp[0])
         finally:
-            mod._packed.gemm = "cublaslt"
+            hook.pack = lt
         worst.append(float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)))
 
-    hooks = [m.register_forward_hook(check) for m in layers]
-    run(pipe, "ddim", 4, n=2)
+    hooks = [m.register_forward_hook(check) for m, _ in layers]
+    run(pipe, "ddim", 2, n=1)
     for h in hooks:
         h.remove()
     cq.restore(pipe)
@@ -350,8 +386,7 @@ def test_fp8_cublaslt_pipeline_replays(make_pipe, monkeypatch):
     from conftest import run
 
     pipe, plan = _tiny_unet_plan(make_pipe, 6)
-    monkeypatch.setenv("CACHEQUANT_FP8_GEMM", "cublaslt")
-    cq.accelerate(pipe, plan, backend="fp8")
+    cq.accelerate(pipe, plan, backend="fp8", fp8_gemm="cublaslt")
     assert cq.kernel_report(pipe)["cublaslt_layers"] > 0
     eager = run(pipe, "ddim", 6, n=2)
     cq.enable_cuda_graphs(pipe)
@@ -361,14 +396,29 @@ def test_fp8_cublaslt_pipeline_replays(make_pipe, monkeypatch):
     assert np.abs(replay - eager).max() < 1e-5
 
 
-def test_cuda_graphs_refuse_reference_path_and_cpu(make_pipe):
+def test_cuda_graphs_refuse_cpu_and_unaccelerated(make_pipe):
     pipe, plan = _tiny_unet_plan(make_pipe, 4, device="cpu", quant_attention=True)
     cq.accelerate(pipe, plan, backend="fake")
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         cq.enable_cuda_graphs(pipe)
     cq.restore(pipe)
-    with pytest.raises(RuntimeError, match="accelerated pipeline"):
+    with pytest.raises(RuntimeError, match="not accelerated"):
         cq.enable_cuda_graphs(pipe)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (runs on the device)")
+def test_cuda_graph_replay_of_the_reference_path(make_pipe):
+    """The reference path reads its per-step data on the device too, so it is capturable."""
+    from conftest import run
+
+    pipe, plan = _tiny_unet_plan(make_pipe, 6, quant_attention=True)
+    cq.accelerate(pipe, plan, backend="fake")
+    eager = run(pipe, "ddim", 6, n=2)
+    cq.enable_cuda_graphs(pipe)
+    run(pipe, "ddim", 6, n=2)
+    replay = run(pipe, "ddim", 6, n=2)
+    cq.restore(pipe)
+    assert np.abs(replay - eager).max() < 1e-5
 
 
 @pytest.mark.parametrize("bits,zp", [(8, 0.0), (8, 37.0), (8, 255.0), (4, 3.0)])
@@ -400,15 +450,15 @@ def test_reference_path_images_unchanged_by_the_fused_fake_quant(make_pipe, monk
     from conftest import run
 
     pipe, plan = _tiny_unet_plan(make_pipe, 4, quant_attention=True)
-    cq.accelerate(pipe, plan, backend="fake")
-    monkeypatch.setenv("CACHEQUANT_FAKE_QUANT_KERNEL", "0")
+    cq.accelerate(pipe, plan, backend="fake", fused_fake_quant=False)
     torch_ops = run(pipe, "ddim", 4, n=2)
-    monkeypatch.setenv("CACHEQUANT_FAKE_QUANT_KERNEL", "1")
+    cq.restore(pipe)
     import cachequant.kernels.triton_fakequant as fq
 
     calls = []
     real = fq.fake_quant_fused
     monkeypatch.setattr(fq, "fake_quant_fused", lambda *a: calls.append(1) or real(*a))
+    cq.accelerate(pipe, plan, backend="fake", fused_fake_quant=True)
     fused = run(pipe, "ddim", 4, n=2)
     cq.restore(pipe)
     assert calls  # the kernel really ran (not the torch ops twice)
@@ -452,6 +502,8 @@ def test_dropping_float_weights_keeps_images_and_frees_memory(make_pipe):
         cq.restore(pipe)
     assert cq.is_accelerated(pipe)  # still usable after the refused restore
     assert np.array_equal(run(pipe, "ddim", 2, n=1), kept)
+    with pytest.raises(cq.WorkflowError, match="cannot save"):
+        pipe.unet.state_dict()  # save_pretrained would write empty weights: refused
 
 
 SPLIT_K_SHAPES = [
@@ -468,43 +520,41 @@ def test_split_k_equals_reference(name, make, xshape, kw, forced, monkeypatch):
     zero-point terms counted once, bias and DEC offset once, add up to the reference."""
     from cachequant.kernels.triton_gemm import block_config, split_k
 
-    monkeypatch.setenv("CACHEQUANT_SPLIT_K", forced)
+    monkeypatch.setenv("CACHEQUANT_SPLIT_K", forced)  # the environment supplies the option's default
     torch.manual_seed(0)
-    q, rt, xs = _layer(make(), xshape, **kw)
-    c = q.inner.weight.shape[1]
-    taps = q.inner.weight[0, 0].numel() if q.inner.weight.dim() == 4 else 1
-    k, tap_split = split_k(9, q.inner.weight.shape[0], c, taps, block_config(9, 1, c, kw.get("split") or 0), 132)
+    layer = Layer(make(), xshape, **kw)
+    w = layer.module.weight
+    c = w.shape[1]
+    taps = w[0, 0].numel() if w.dim() == 4 else 1
+    k, tap_split = split_k(9, w.shape[0], c, taps, block_config(9, 1, c, kw.get("split") or 0), 132, int(forced))
     assert k == int(forced) and tap_split == (taps > 1)  # the shape really is split
-    assert _compare(q, rt, xs, "int8") < 1e-4
-    split_out = [_kernel_out(q, rt, xs, t) for t in range(T)]
-    monkeypatch.setenv("CACHEQUANT_SPLIT_K", "1")
+    assert _compare(layer, "int8") < 1e-4
+    assert layer.pack.split_k == int(forced)
+    split_out = [layer.out(t) for t in range(T)]
+    layer.use_kernel("int8", split_k=1)
     for t in range(T):  # integer partial sums: the split changes no bit of the result
-        assert torch.equal(split_out[t], _kernel_out(q, rt, xs, t))
-
-
-@torch.no_grad()
-def _kernel_out(q, rt, xs, t):
-    rt.step = t
-    rt.step_t.fill_(t)
-    return kernel_forward(q, xs[t])
+        assert torch.equal(split_out[t], layer.out(t))
 
 
 def test_split_k_choice(monkeypatch):
     from cachequant.kernels.triton_gemm import block_config, split_k
 
-    monkeypatch.delenv("CACHEQUANT_SPLIT_K", raising=False)
-
-    def choose(M, N, C, taps):
-        return split_k(M, N, C, taps, block_config(M, N, C, 0), 132)
+    def choose(M, N, C, taps, forced=None):
+        return split_k(M, N, C, taps, block_config(M, N, C, 0), 132, forced)
 
     assert choose(128, 1280, 1280, 9) == (9, True)     # SD 8×8 conv at batch 2: 10 tiles → every tap
     assert choose(8192, 320, 320, 9) == (1, False)     # 64² conv: 192 tiles, the GPU is full
     assert choose(154, 1280, 768, 1) == (1, False)     # cross-attention k/v: a GEMM, measured slower split
     assert choose(40, 40, 40, 9) == (9, True)          # one tile: a 3×3 conv still splits over its taps
-    monkeypatch.setenv("CACHEQUANT_SPLIT_K", "3")
-    assert choose(154, 1280, 768, 1) == (3, False)     # forced: K blocks (at least 2 each)
-    assert choose(128, 1280, 1280, 9) == (3, True)
-    assert choose(16, 64, 64, 1) == (1, False)         # one K block: nothing to split
+    assert choose(154, 1280, 768, 1, 3) == (3, False)  # forced: K blocks (at least 2 each)
+    assert choose(128, 1280, 1280, 9, 3) == (3, True)
+    assert choose(16, 64, 64, 1, 3) == (1, False)      # one K block: nothing to split
+    monkeypatch.setenv("CACHEQUANT_SPLIT_K", "two")
+    with pytest.raises(ValueError, match="CACHEQUANT_SPLIT_K must be"):
+        KernelOptions().resolved()
+
+
+STEPS_8BIT = 2
 
 
 def test_kernel_path_with_8bit_attention_computes_the_reference(make_pipe):
@@ -514,18 +564,18 @@ def test_kernel_path_with_8bit_attention_computes_the_reference(make_pipe):
     path, on the first denoising step (the same input for all paths) and on the images. By how much
     depends on the platform: the kernel differs from the reference by ~1e-6 per layer, which flips
     a code that sits on a rounding boundary now and then, and each flip moves the next layers'
-    inputs. Measured (printed by -s), two images: CPU interpreter, first-step relative error 1.1e-2
-    (8bit) vs 2.3e-2 (sdpa), images 44.3 vs 35.7 dB. With four images (the test's earlier size):
-    CPU 8.0e-3 vs 2.3e-2, 45.6 vs 35.3 dB; H200 1.6e-2 vs 2.2e-2, 39.8 vs 35.5 dB. On the GPU the
-    flips alone cost nearly as much as dropping the attention quantization on this tiny
-    random-weight UNet, which is why the benchmarks README states this figure per platform. Two
-    images, not one: with one image the flips hide the difference (35.1 dB both, on the CPU); two
-    keep the interpreter run at ~2 minutes."""
+    inputs. Measured (printed by -s), two images of two steps (one full, one cached): CPU
+    interpreter, first-step relative error 1.3e-2 (8bit) vs 2.2e-2 (sdpa), images 72.9 vs 45.5 dB.
+    With four steps: CPU 1.1e-2 vs 2.3e-2, 44.3 vs 35.7 dB; four images, H200: 1.6e-2 vs 2.2e-2,
+    39.8 vs 35.5 dB. On the GPU the flips alone cost nearly as much as dropping the attention
+    quantization on this tiny random-weight UNet. Two images, not one: with one image the flips hide
+    the difference (35.1 dB both, on the CPU, four steps); two steps keep the interpreter run near
+    a minute."""
     from conftest import run
 
     from cachequant.metrics import psnr
 
-    pipe, plan = _tiny_unet_plan(make_pipe, 4, quant_attention=True)
+    pipe, plan = _tiny_unet_plan(make_pipe, STEPS_8BIT, quant_attention=True)
 
     def run_first_step() -> tuple[np.ndarray, torch.Tensor]:
         first: list[torch.Tensor] = []
@@ -533,7 +583,7 @@ def test_kernel_path_with_8bit_attention_computes_the_reference(make_pipe):
             lambda m, i, o: first.append((o[0] if isinstance(o, tuple) else o.sample).detach().double().cpu())
             if not first else None)
         try:
-            return run(pipe, "ddim", 4, n=2), first[0]
+            return run(pipe, "ddim", STEPS_8BIT, n=2), first[0]
         finally:
             hook.remove()
 
@@ -542,7 +592,7 @@ def test_kernel_path_with_8bit_attention_computes_the_reference(make_pipe):
     cq.restore(pipe)
     db, err = {}, {}
     for att in ("8bit", "sdpa"):
-        cq.accelerate(pipe, plan, backend="int8", kernel_attention=att)
+        cq.accelerate(pipe, plan, backend="int8", attention=att)
         assert cq.kernel_report(pipe)["attention"] == att
         images, out0 = run_first_step()
         cq.restore(pipe)
@@ -551,8 +601,8 @@ def test_kernel_path_with_8bit_attention_computes_the_reference(make_pipe):
     print(f"vs the reference path: first-step relative error 8bit attention {err['8bit']:.2e}, sdpa "
           f"{err['sdpa']:.2e}; image PSNR 8bit {db['8bit']:.1f} dB, sdpa {db['sdpa']:.1f} dB")  # -s shows it
     assert err["8bit"] < err["sdpa"] and db["8bit"] > db["sdpa"] + 2, (err, db)
-    with pytest.raises(ValueError, match="kernel_attention"):
-        cq.accelerate(pipe, plan, backend="int8", kernel_attention="int4")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        cq.accelerate(pipe, plan, backend="int8", attention="int4")
 
 
 @pytest.mark.parametrize("shape,groups,dtype,loc,scale", [
@@ -583,7 +633,9 @@ def test_nhwc_group_norm_equals_torch(shape, groups, dtype, loc, scale):
 
 
 def test_nhwc_group_norm_refuses_other_layouts():
-    from cachequant.kernels.triton_groupnorm import group_norm_nhwc, nhwc_group_norm_forward
+    from cachequant.backends.triton import GROUP_NORM_HOOK, NHWCGroupNorm
+    from cachequant.kernels.triton_groupnorm import group_norm_nhwc
+    from cachequant.runtime.hooks import add_hook, remove_hook
 
     x = torch.randn(1, 8, 4, 4, device=DEV)
     with pytest.raises(ValueError, match="channels-last"):
@@ -592,8 +644,13 @@ def test_nhwc_group_norm_refuses_other_layouts():
         group_norm_nhwc(torch.randn(1, 6, 4, 4, device=DEV).contiguous(memory_format=torch.channels_last),
                         4, None, None, 1e-5)
     gn = nn.GroupNorm(2, 8).to(DEV)
-    fwd = nhwc_group_norm_forward(gn)
-    assert torch.equal(fwd(x), gn(x))  # an NCHW input goes to PyTorch's own GroupNorm
+    ref = gn(x)
+    add_hook(gn, NHWCGroupNorm(), GROUP_NORM_HOOK)
+    assert torch.equal(gn(x), ref)  # an NCHW input goes to PyTorch's own GroupNorm
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert gn(nhwc).is_contiguous(memory_format=torch.channels_last)  # an NHWC one stays NHWC
+    remove_hook(gn, GROUP_NORM_HOOK)
+    assert "forward" not in gn.__dict__
 
 
 @pytest.mark.skipif(CUDA, reason="the --tiny smoke test is for the interpreter; on the GPU run the script itself")
@@ -616,14 +673,15 @@ def test_conv_input_layouts_give_identical_outputs(kind, hw):
     """The two-pass conv quantizes NCHW, NHWC and other pixel-strided inputs straight to NHWC codes
     (no fp16 copy); inputs it cannot address that way are copied first. All give the same bits.
     6×5 pixels read NCHW through the general strided path, 8×16 through the pixel-contiguous one."""
-    from cachequant.kernels.backend import pixel_strides
+    from cachequant.backends.ops import pixel_strides
     from cachequant.kernels.triton_quantize import DENSE, PIXEL_CONTIGUOUS, STRIDED, _layout
 
     torch.manual_seed(0)
     h, w = hw
-    q, rt, xs = _layer(nn.Conv2d(32, 24, 3, padding=1), (2, 32, h, w), split=16, dec=True)
-    enable_kernels(nn.Sequential(q), {"l": q}, rt, kind, channels_last=False)
-    x = xs[1]
+    layer = Layer(nn.Conv2d(32, 24, 3, padding=1), (2, 32, h, w), split=16, dec=True)
+    ref = layer.reference(1)
+    layer.use_kernel(kind)
+    x = layer.xs[1]
     wide = torch.zeros(2, 32, h, w + 4, device=DEV, dtype=x.dtype)
     wide[..., :w] = x
     sliced = wide[..., :w]  # rows of w + 4 with w used: pixels are not one stride apart
@@ -633,11 +691,7 @@ def test_conv_input_layouts_give_identical_outputs(kind, hw):
     m = 2 * h * w
     assert _layout(pixel_strides(nhwc), m, 32, 64) == DENSE and _layout(None, m, 32, 64) == DENSE
     assert _layout(pixel_strides(x), m, 32, 64) == (PIXEL_CONTIGUOUS if h * w % 64 == 0 else STRIDED)
-    rt.step = 1
-    rt.step_t.fill_(1)
-    with torch.no_grad():
-        outs = [kernel_forward(q, t) for t in (x, nhwc, sliced)]
-        ref = fake_forward(q, x)
+    outs = [layer.out(1, t) for t in (x, nhwc, sliced)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert float((outs[0] - ref).abs().max() / outs[0].abs().max()) < (1e-4 if kind == "int8" else 0.08)
 
@@ -648,40 +702,36 @@ def test_tile_table_entry_is_used_and_gives_the_rules_bits(tmp_path, monkeypatch
     from cachequant.kernels import tiles, triton_gemm
 
     torch.manual_seed(0)
-    q, rt, xs = _layer(nn.Conv2d(32, 48, 3, padding=1), (2, 32, 6, 5), dec=True)
-    enable_kernels(nn.Sequential(q), {"l": q}, rt, "int8", channels_last=False)
-    rt.step = 1
-    rt.step_t.fill_(1)
-    monkeypatch.setenv("CACHEQUANT_TILES", "off")
+    layer = Layer(nn.Conv2d(32, 48, 3, padding=1), (2, 32, 6, 5), dec=True)
+    layer.use_kernel("int8", tiles="off")
     rec = []
     monkeypatch.setattr(triton_gemm, "RECORD", rec)
-    with torch.no_grad():
-        ref = kernel_forward(q, xs[1])
+    ref = layer.out(1)
     monkeypatch.setattr(triton_gemm, "RECORD", None)
     (*_, M, N, C, split, T_, geom, kh, kw, fp8, w4) = rec[0]
     key = tiles.shape_key("int8", M, N, C, split, kh * kw, w4)
     table = tmp_path / "gpu.json"
     entry = {"BM": 32, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 2, "split_k": 3}  # 3-way tap split
     table.write_text(json.dumps({"entries": {key: entry}}))
-    monkeypatch.setenv("CACHEQUANT_TILES", str(table))
+    monkeypatch.setenv("CACHEQUANT_TILES", str(table))  # the environment supplies the option's default
+    layer.use_kernel("int8")
 
     def no_rule(*a):
         raise AssertionError("the tile rule was used for a shape the table has")
 
     monkeypatch.setattr(triton_gemm, "block_config", no_rule)
-    with torch.no_grad():
-        out = kernel_forward(q, xs[1])
+    out = layer.out(1)
     assert torch.equal(out, ref)
     assert triton_gemm.tuned_config(C, split, kh * kw, False, entry)[1:] == (3, True)
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"entries": {key: {**entry, "BM": 48}}}))
-    monkeypatch.setenv("CACHEQUANT_TILES", str(bad))
+    layer.use_kernel("int8", tiles=str(bad))
     with pytest.raises(ValueError, match="power of two"):
-        kernel_forward(q, xs[1])
-    monkeypatch.setenv("CACHEQUANT_TILES", str(tmp_path / "missing.json"))
+        layer.out(1)
+    layer.use_kernel("int8", tiles=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="no such file"):
-        kernel_forward(q, xs[1])
+        layer.out(1)
 
 
 @pytest.mark.skipif(CUDA, reason="the --tiny smoke test is for the interpreter; on the GPU run the script itself")

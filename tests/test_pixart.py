@@ -53,7 +53,7 @@ def test_pixart_identity_cache_quant_restore():
 
     cfg = cq.CacheQuantConfig(interval=2, schedule="dps", calib_batch_size=2, dps_samples=2)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=6, progress=False, num_samples=2)
-    assert plan.meta["site"]["span"] == [1, 3] and plan.tensors["cache_dec.a"].shape == (6, 16)
+    assert plan.cache.site["span"] == [1, 3] and plan.tensors["cache_dec"].shape == (2, 6, 16)
     cq.accelerate(pipe, plan)
     ran = []
     pipe.transformer.transformer_blocks[2].attn1.register_forward_hook(lambda *a: ran.append(1))

@@ -29,21 +29,27 @@ def test_round_trip_gives_identical_outputs(calibrated, make_pipe):
     a, b = make_pipe("ddim"), make_pipe("ddim")
     cq.accelerate(a, plan)
     loaded = cq.load_plan(path)
-    assert loaded.meta == json.loads(json.dumps(plan.meta))
+    assert loaded.to_meta() == json.loads(json.dumps(plan.to_meta()))
     assert set(loaded.tensors) == set(plan.tensors)
+    assert all(torch.equal(loaded.tensors[k], plan.tensors[k]) for k in plan.tensors)
     cq.accelerate(b, loaded)
     np.testing.assert_array_equal(run(a, "ddim", 9), run(b, "ddim", 9))
     with open(path, "rb") as f:
         assert b"pickle" not in f.read(64) and path.stat().st_size > 0
 
 
-def test_plan_records_what_was_calibrated(calibrated):
+def test_plan_records_what_was_calibrated(calibrated, make_pipe):
     plan, _ = calibrated
-    m = plan.meta
-    assert m["sampler"]["scheduler"] == "DDIMScheduler" and m["sampler"]["num_inference_steps"] == 9
-    assert len(m["model"]["weights_sha256"]) == 64 and m["model"]["class"] == "UNet2DModel"
-    assert m["cachequant_version"] == cq.__version__
-    assert m["schedule"][0] == 0 and len(m["schedule"]) == 3
+    assert plan.sampler.scheduler == "DDIMScheduler" and plan.sampler.num_inference_steps == 9
+    assert plan.sampler.begin == 0 and plan.num_calls == 9
+    import copy
+    probe = copy.deepcopy(make_pipe("ddim").scheduler)
+    probe.set_timesteps(9)
+    assert list(plan.sampler.timesteps) == [float(t) for t in probe.timesteps]
+    assert len(plan.fingerprint.weights_sha256) == 64 and plan.fingerprint.cls == "UNet2DModel"
+    assert plan.fingerprint.dtype == "float32" and plan.info["cachequant_version"] == cq.__version__
+    assert plan.cache.kind == "unet" and plan.schedule[0] == 0 and len(plan.schedule) == 3
+    assert plan.quant.act_bits == 8 and plan.quant.layers and plan.tensors["cache_dec"].shape[:2] == (2, 9)
 
 
 def test_other_weights_rejected(calibrated, make_pipe):
@@ -87,9 +93,12 @@ def test_other_scheduler_rejected(calibrated, make_pipe):
         cq.accelerate(pipe, plan)
     pipe = make_pipe("ddim")
     cq.accelerate(pipe, plan)
+    ref = run(pipe, "ddim", steps=9)
     pipe.scheduler = make_scheduler("ddpm")  # swapped after accelerate
     with pytest.raises(cq.PlanMismatchError, match="uses DDPMScheduler"):
         run(pipe, "ddim", steps=9)
+    pipe.scheduler = make_scheduler("ddim")  # another object of the calibrated class: followed
+    np.testing.assert_array_equal(run(pipe, "ddim", steps=9), ref)
 
 
 def test_other_scheduler_config_rejected(calibrated, make_pipe):
@@ -125,14 +134,68 @@ def test_damaged_and_foreign_files_fail_cleanly(calibrated, tmp_path):
         cq.load_plan(tmp_path / "missing.cqplan")
 
 
-def test_plan_missing_tensor_fails_cleanly(calibrated, make_pipe, tmp_path):
+def _resaved(plan, path, meta=None, tensors=None):
+    """The plan written with its metadata or tensors changed, bypassing Plan's own types."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in (tensors if tensors is not None else plan.tensors).items()}, str(path),
+              metadata={"cachequant": json.dumps(meta if meta is not None else plan.to_meta())})
+    return path
+
+
+def test_plan_missing_or_misshapen_tensor_fails_cleanly(calibrated, tmp_path):
     plan, _ = calibrated
-    broken = cq.Plan(plan.meta, {k: v for k, v in plan.tensors.items() if not k.startswith("w.conv_in")})
-    broken.save(tmp_path / "b.cqplan")
+    t = {k: v for k, v in plan.tensors.items() if k != "w.conv_in"}
+    with pytest.raises(cq.PlanError, match="tensor 'w.conv_in' is missing"):
+        cq.load_plan(_resaved(plan, tmp_path / "a.cqplan", tensors=t))
+    t = dict(plan.tensors, **{"act.conv_in": plan.tensors["act.conv_in"][..., :4]})
+    with pytest.raises(cq.PlanError, match=r"tensor 'act.conv_in' is \(1, 2, 4\)"):
+        cq.load_plan(_resaved(plan, tmp_path / "b.cqplan", tensors=t))
+    t = dict(plan.tensors, cache_dec=plan.tensors["cache_dec"] * float("nan"))
+    with pytest.raises(cq.PlanError, match="non-finite"):
+        cq.load_plan(_resaved(plan, tmp_path / "c.cqplan", tensors=t))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (("sampler", "num_inference_steps"), -20, "num_inference_steps must be an integer >= 1"),
+    (("cache", "schedule"), [0, 5, 999], "must be increasing positions in"),
+    (("cache", "schedule"), [3, 5], "starting at the first calibrated position 0"),
+    (("config", "interval"), True, "interval must be an integer"),
+    (("sampler", "begin"), 12, "sampler.begin must be an integer in"),
+    (("format_version",), 1, "plan format version 1"),
+])
+def test_plan_metadata_validated_on_load(calibrated, tmp_path, field, value, message):
+    plan, _ = calibrated
+    meta = plan.to_meta()
+    node = meta
+    for k in field[:-1]:
+        node = node[k]
+    node[field[-1]] = value
+    with pytest.raises(cq.PlanError, match=message):
+        cq.load_plan(_resaved(plan, tmp_path / "m.cqplan", meta=meta))
+
+
+def test_failed_accelerate_leaves_the_pipeline_untouched(calibrated, make_pipe):
+    plan, _ = calibrated
     pipe = make_pipe("ddim")
-    with pytest.raises(ValueError, match="has no tensor 'w.conv_in.scale'"):
-        cq.accelerate(pipe, cq.load_plan(tmp_path / "b.cqplan"))
-    assert not cq.is_accelerated(pipe)  # a failed accelerate leaves the pipeline untouched
+    ref = run(pipe, "ddim", 9)
+    with pytest.raises(RuntimeError, match="backend 'int8' cannot run here"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("TRITON_INTERPRET", raising=False)
+            cq.accelerate(pipe, plan, backend="int8")
+    assert not cq.is_accelerated(pipe)
+    assert not any(k.startswith("_cachequant") for k, _ in pipe.unet.named_buffers())
+    np.testing.assert_array_equal(run(pipe, "ddim", 9), ref)
+
+
+def test_save_refuses_a_directory_or_none(calibrated, tmp_path):
+    plan, _ = calibrated
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        plan.save(tmp_path)
+    with pytest.raises(TypeError, match="needs a file path"):
+        plan.save(None)
+    with pytest.raises(cq.PlanError, match="needs a file path"):
+        cq.load_plan(None)
 
 
 def test_save_is_atomic(calibrated, tmp_path, monkeypatch):
@@ -161,3 +224,5 @@ def test_config_errors():
         cq.CacheQuantConfig(weight_bits=8, act_bits=None)
     with pytest.raises(ValueError, match="interval must be an integer >= 1"):
         cq.CacheQuantConfig(interval=0)
+    with pytest.raises(ValueError, match="interval must be an integer >= 1"):
+        cq.CacheQuantConfig(interval=True)

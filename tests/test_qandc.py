@@ -19,8 +19,10 @@ def _variance_gap(pipe, plan_or_none, steps, seed=0):
     with torch.no_grad():
         ref = [model(*a, **k)[0][:, :4] for a, k in calls]
         cq.accelerate(pipe, plan_or_none)
-        cq.reset_steps(pipe)
-        out = [model(*a, **k)[0][:, :4] for a, k in calls]
+        out = []
+        for i, (a, k) in enumerate(calls):
+            cq.set_step(pipe, i)
+            out.append(model(*a, **k)[0][:, :4])
         cq.restore(pipe)
     gaps = [(o.var(dim=(0, 2, 3)) / r.var(dim=(0, 2, 3)) - 1).abs().mean().item() for o, r in zip(out, ref)]
     return float(np.mean(gaps[len(gaps) // 2:]))  # the later half of sampling, where VC matters
@@ -33,15 +35,15 @@ def test_tap_and_vc_options_end_to_end(make_pipe, tmp_path):
                 dps_samples=4)
     plan_tap = cq.calibrate(pipe, cq.CacheQuantConfig(**base, calibration="tap", calib_select=24, tap_clusters=8),
                             num_inference_steps=steps, progress=False, class_labels=list(range(8)))
-    sel = plan_tap.meta["diagnostics"]["calibration_selection"]
+    sel = plan_tap.diagnostics["calibration_selection"]
     assert sel["method"] == "tap" and sel["pool"] == 8 * steps and sel["selected"] == 24
     assert len(sel["per_step"]) >= steps // 2  # spread over the trajectory, not bunched
 
     plan_vc = cq.calibrate(pipe, cq.CacheQuantConfig(**base, calibration="tap", calib_select=24, tap_clusters=8,
                                                      vc=True),
                            num_inference_steps=steps, progress=False, class_labels=list(range(8)))
-    assert plan_vc.tensors["vc.scale"].shape == (steps, 4)
-    assert not torch.equal(plan_vc.tensors["vc.scale"], torch.ones(steps, 4))
+    assert plan_vc.tensors["vc"].shape == (steps, 4)
+    assert not torch.equal(plan_vc.tensors["vc"], torch.ones(steps, 4))
     plan_vc.save(tmp_path / "vc.cqplan")
     loaded = cq.load_plan(tmp_path / "vc.cqplan")
     cq.accelerate(pipe, loaded)
@@ -59,7 +61,7 @@ def test_other_selection_methods_calibrate(make_pipe, method):
     cfg = cq.CacheQuantConfig(interval=2, schedule="uniform", calibration=method, calib_select=10, tap_clusters=4,
                               calib_batch_size=4, dps_samples=2, dec=False)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=4, progress=False, num_samples=4)
-    assert plan.meta["diagnostics"]["calibration_selection"]["selected"] == 10
+    assert plan.diagnostics["calibration_selection"]["selected"] == 10
     cq.accelerate(pipe, plan)
     assert np.isfinite(run(pipe, "ddim", 4)).all()
 

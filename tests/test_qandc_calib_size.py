@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,15 +24,17 @@ def test_ranges_are_compared_only_where_both_plans_observed(study, tmp_path):
     from safetensors.numpy import save_file
 
     plan = tmp_path / "p.cqplan"
-    save_file({"act.a.scale": np.array([0.5, 1.0, 7.0], np.float32), "act.a.seen": np.array([1, 1, 0], np.uint8),
-               "w.a.scale": np.ones(4, np.float32)}, str(plan))
+    # act.<layer>: (parts, [scale, zero point], T); no selected calibration entry at position 2
+    meta = {"diagnostics": {"calibration_selection": {"per_step": {"0": 3, "1": 2}}}}
+    save_file({"act.a": np.array([[[0.5, 1.0, 7.0], [0.0, 0.0, 0.0]]], np.float32),
+               "w.a": np.ones((2, 4), np.float32)}, str(plan), metadata={"cachequant": json.dumps(meta)})
     scales = study.act_scales(plan)
-    assert list(scales) == ["act.a.scale"]  # weight scales left out
-    assert np.isnan(scales["act.a.scale"][2])  # an unobserved step is no range
-    ref = {"act.a.scale": np.array([1.0, 1.0, 1.0])}
+    assert list(scales) == ["act.a.0.scale"]  # weight scales left out
+    assert np.isnan(scales["act.a.0.scale"][2])  # an unobserved step is no range
+    ref = {"act.a.0.scale": np.array([1.0, 1.0, 1.0])}
     r = study.range_vs(scales, ref)
     assert r["range_ratio_median"] == pytest.approx(0.75) and r["range_narrower_20pct"] == pytest.approx(0.5)
-    assert r["most_narrowed"] == ["act.a (1 steps)"]
+    assert r["most_narrowed"] == ["act.a.0 (1 steps)"]
 
 
 def test_coverage_vs_fid_of_the_committed_table(study, capsys):

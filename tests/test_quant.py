@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import cachequant as cq
-from cachequant.quant.layers import QuantLinear
+from cachequant.quant.layer import quant_hooks
+from cachequant.quant.observers import RangeObserver
 from cachequant.quant.quantizer import fake_quant, params_from_range, weight_qparams
-from cachequant.runtime import Runtime
 from conftest import calib_kwargs, run
 
 
@@ -34,23 +33,29 @@ def test_per_step_ranges_beat_one_global_range_when_scale_drifts():
     T = 10
     scales = torch.logspace(-1, 1, T)  # 0.1 .. 10 across the trajectory
     xs = [torch.randn(64, 32) * scales[t] + 0.5 * scales[t] for t in range(T)]
+    obs = RangeObserver(8)
+    for t in range(T):
+        obs.observe(xs[t], t, 0)
     errors = {}
     for per_step in (True, False):
-        rt = Runtime(T, frozenset(range(T)), quant_mode="observe")
-        layer = QuantLinear(nn.Linear(32, 16), 8, 8, rt, per_step=per_step)
-        layer.init_weight_qparams()
-        for t in range(T):
-            rt.step = t
-            layer(xs[t])
-        layer.act[0].finalize()
-        rt.quant_mode = "quant"
+        table = obs.table(T, per_step=per_step)
         err = 0.0
         for t in range(T):
-            rt.step = t
-            q = layer.quantize_input(xs[t], t)
+            q = fake_quant(xs[t], table[0, t], table[1, t], 8)
             err += float(((q - xs[t]) ** 2).mean() / scales[t] ** 2)  # relative error per step
         errors[per_step] = err / T
     assert errors[True] < 0.1 * errors[False]
+
+
+def test_range_table_fills_unobserved_positions_from_the_nearest():
+    obs = RangeObserver(8)
+    obs.observe(torch.linspace(-1, 1, 100), 2, 0)
+    obs.observe(torch.linspace(-4, 4, 100), 5, 0)
+    table = obs.table(7, begin=1)
+    assert torch.equal(table[:, 0], torch.tensor([1.0, 0.0]))  # before the first position: never run
+    assert torch.equal(table[:, 1], table[:, 2]) and torch.equal(table[:, 3], table[:, 2])
+    assert torch.equal(table[:, 4], table[:, 5]) and torch.equal(table[:, 6], table[:, 5])
+    assert table[0, 5] > 3 * table[0, 2]
 
 
 def _denoiser_error(kind, make_pipe, weight_bits, steps=6):
@@ -67,9 +72,11 @@ def _denoiser_error(kind, make_pipe, weight_bits, steps=6):
                               calib_batch_size=4)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, **calib_kwargs(kind, 8))
     cq.accelerate(pipe, plan)
-    cq.reset_steps(pipe)
+    errs = []
     with torch.no_grad():
-        errs = [float((model(*a, **k)[0] - r).norm() / r.norm()) for (a, k), r in zip(inputs, ref)]
+        for i, ((a, k), r) in enumerate(zip(inputs, ref)):
+            cq.set_step(pipe, i)  # driving the model directly: each call at its position
+            errs.append(float((model(*a, **k)[0] - r).norm() / r.norm()))
     return float(np.mean(errs))
 
 
@@ -85,13 +92,13 @@ def test_w4_keeps_first_and_last_layers_at_8_bits(make_pipe):
     pipe = make_pipe("ddim")
     cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=4, act_bits=8, calib_batch_size=2)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=3, progress=False, num_samples=2)
-    bits = {l["name"]: l["weight_bits"] for l in plan.meta["quant"]["layers"]}
+    bits = {layer.name: layer.weight_bits for layer in plan.quant.layers}
     assert bits["conv_in"] == 8 and bits["conv_out"] == 8
     assert bits["mid_block.resnets.0.conv1"] == 4
     # skip-concatenated inputs get split quantizers
-    splits = {l["name"]: l["split"] for l in plan.meta["quant"]["layers"] if l["split"]}
+    splits = {layer.name: layer.split for layer in plan.quant.layers if layer.split}
     assert splits["up_blocks.2.resnets.0.conv1"] == 32 and splits["up_blocks.2.resnets.1.conv1"] == 16
-    assert "act.up_blocks.2.resnets.0.conv1.1.scale" in plan.tensors
+    assert plan.tensors["act.up_blocks.2.resnets.0.conv1"].shape == (2, 2, 3)  # (parts, scale/zero, positions)
 
 
 def test_w8_layers_mixed_precision_round_trips_and_rejects_typos(make_pipe, tmp_path):
@@ -99,7 +106,7 @@ def test_w8_layers_mixed_precision_round_trips_and_rejects_typos(make_pipe, tmp_
     cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=4, act_bits=8, calib_batch_size=2,
                               w8_layers=("mid_block.*", "*.time_emb_proj"))
     plan = cq.calibrate(pipe, cfg, num_inference_steps=3, progress=False, num_samples=2)
-    bits = {l["name"]: l["weight_bits"] for l in plan.meta["quant"]["layers"]}
+    bits = {layer.name: layer.weight_bits for layer in plan.quant.layers}
     assert bits["mid_block.resnets.0.conv1"] == 8 and bits["down_blocks.0.resnets.0.time_emb_proj"] == 8
     assert bits["down_blocks.0.resnets.0.conv1"] == 4 and bits["conv_in"] == 8
     plan.save(tmp_path / "p.cqplan")
@@ -107,7 +114,7 @@ def test_w8_layers_mixed_precision_round_trips_and_rejects_typos(make_pipe, tmp_
     assert again.config.w8_layers == ("mid_block.*", "*.time_emb_proj")
     # the 8-bit layers really carry 8-bit weight codes once applied
     cq.accelerate(pipe, again)
-    layers = {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "weight_bits")}
+    layers = {n: h for n, (m, h) in quant_hooks(pipe.unet).items()}
     assert layers["mid_block.resnets.0.conv1"].weight_bits == 8 and layers["up_blocks.0.resnets.0.conv1"].weight_bits == 4
     cq.restore(pipe)
     with pytest.raises(ValueError, match="match no Linear"):
@@ -123,8 +130,8 @@ def test_attention_matmuls_are_quantized(make_pipe):
     pipe = make_pipe("dit")
     cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", calib_batch_size=2)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=3, progress=False, class_labels=[0, 1])
-    attn = plan.meta["quant"]["attention"]
+    attn = plan.quant.attention
     assert len(attn) == 4
-    for op in "qkpv":
-        s = plan.tensors[f"attn.{attn[0]}.{op}.scale"]
-        assert s.shape == (3,) and bool((s != 1).all())  # a range per step, all calibrated
+    t = plan.tensors[f"attn.{attn[0]}"]
+    assert t.shape == (4, 2, 3)  # q, k, softmax, v x (scale, zero point) x positions
+    assert bool((t[:, 0] != 1).all())  # a range per step, all calibrated

@@ -1,4 +1,4 @@
-"""Step indexing is right whatever the scheduler calls: one index per model call, reset per run."""
+"""Step indexing follows the sampler whatever the scheduler calls: one position per model call."""
 
 import numpy as np
 import pytest
@@ -18,13 +18,13 @@ def test_every_sampler_indexes_model_calls(sched, make_pipe):
     plan = cq.calibrate(pipe, cfg, num_inference_steps=STEPS, progress=False, class_labels=[0, 1])
     calls = STEPS + 1 if sched == "pndm" else STEPS  # PLMS without PRK makes one extra model call
     assert plan.num_calls == calls
-    assert plan.meta["sampler"]["timesteps"] == [int(t) for t in _timesteps(pipe, STEPS)]
+    assert list(plan.sampler.timesteps) == [float(t) for t in _timesteps(pipe, STEPS)]
     cq.accelerate(pipe, plan)
     model = pipe.transformer
-    rt = session_of(model).runtime
+    clock = session_of(model).clock
     seen, deep = [], []
-    model.register_forward_pre_hook(lambda *a: seen.append(rt.calls))  # runs before our forward advances it
-    model.transformer_blocks[1].norm1.register_forward_hook(lambda *a: deep.append(rt.step))
+    model.register_forward_pre_hook(lambda *a: seen.append(clock.position))
+    model.transformer_blocks[1].norm1.register_forward_hook(lambda *a: deep.append(clock.position))
     for _ in range(2):
         seen.clear(), deep.clear()
         out = run(pipe, "dit", STEPS)
@@ -51,4 +51,12 @@ def test_sd_pndm_with_cfg_cache_and_quant(make_pipe):
     cq.accelerate(pipe, plan)
     out = run(pipe, "sd", STEPS)
     assert out.shape == ref.shape and np.isfinite(out).all()
-    assert session_of(pipe.unet).runtime.cache.shape[0] == 4  # 2 prompts x (cond, uncond)
+    store = session_of(pipe.unet).store
+    assert store.feature(store_key(pipe)).shape[0] == 4  # 2 prompts x (cond, uncond)
+
+
+def store_key(pipe):
+    from cachequant.models.adapters import adapter_for
+
+    plan_site = adapter_for(pipe.unet).resolve_site(pipe.unet, cq.CacheQuantConfig())
+    return adapter_for(pipe.unet).layout(pipe.unet, plan_site).feature_key

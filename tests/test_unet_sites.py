@@ -10,7 +10,7 @@ import torch
 
 import cachequant as cq
 from cachequant.models.adapters import adapter_for
-from cachequant.runtime import Runtime
+from cachequant.session import Session
 from conftest import calib_kwargs, run
 
 
@@ -47,20 +47,22 @@ def _inputs(name, model, odd=False):
 
 
 def _full_vs_cached(name, site, odd=False):
+    """The model's output on a full call, then on a cached call at the same inputs."""
     model = MODELS[name]
-    adapter = adapter_for(model)
-    rt = Runtime(num_calls=2, full_steps=frozenset({0}))
-    undo = adapter.install(model, rt, site)
+    sess = Session.open(model, [1.0, 0.0], full_steps=[0], begin=0, scheduler_name="-", num_inference_steps=2,
+                        guard=False)
     try:
+        sess.add_cache(adapter_for(model).layout(model, site))
         x, kw = _inputs(name, model, odd)
+        sess.clock.start_run()
         with torch.no_grad():
+            sess.clock.set(0)
             full = model(x, **kw).sample
-            assert rt.cache is not None and rt.cache_step == 0
-            rt.step = 1
-            cached = adapter.cached_forward(model, rt, site, model.forward, (x,), kw).sample
+            sess.clock.set(1)
+            assert sess.clock.mode == "cached"
+            cached = model(x, **kw).sample
     finally:
-        for fn in undo:
-            fn()
+        sess.close()
     return full, cached
 
 
@@ -89,23 +91,25 @@ def test_sites_name_their_feature_and_default_per_class():
     sd, ddpm = MODELS["sd-like"], MODELS["unet2d"]
     resolve = adapter_for(sd).resolve_site
     assert resolve(sd, cq.CacheQuantConfig()) == {"layers": 1, "feature": "up_blocks.2.attentions.1"}
-    assert resolve(sd, cq.CacheQuantConfig(cache_branch=1)) == {"layers": 3, "feature": "up_blocks.1", "branch": 1}
-    assert resolve(sd, cq.CacheQuantConfig(cache_layers=3)) == {"layers": 3, "feature": "up_blocks.1", "branch": 1}
-    assert resolve(ddpm, cq.CacheQuantConfig()) == {"layers": 2, "feature": "up_blocks.1", "branch": 1}
+    assert resolve(sd, cq.CacheQuantConfig(cache_branch=1)) == {"layers": 3, "feature": "up_blocks.1.upsamplers.0"}
+    assert resolve(sd, cq.CacheQuantConfig(cache_layers=3)) == resolve(sd, cq.CacheQuantConfig(cache_branch=1))
+    assert resolve(ddpm, cq.CacheQuantConfig()) == {"layers": 2, "feature": "up_blocks.1.upsamplers.0"}
     assert resolve(ddpm, cq.CacheQuantConfig(cache_layers=1))["feature"] == "up_blocks.2.resnets.0"
     # the quantization-DEC consumers are the first layer reading the cached feature
     assert set(adapter_for(sd).cache_consumers(sd, resolve(sd, cq.CacheQuantConfig()))) == {
         "up_blocks.2.resnets.2.conv1", "up_blocks.2.resnets.2.conv_shortcut"}
 
 
-def test_plans_from_before_layer_sites_still_run():
-    """A plan written with only {"branch": b} runs the whole last b up blocks, as it was calibrated."""
-    model = MODELS["tiny-sd"]
-    site = {"branch": 1, "feature": "up_blocks.1"}
-    full, cached = _full_vs_cached("tiny-sd", site)
-    torch.testing.assert_close(cached, full, rtol=0, atol=0)
-    new = adapter_for(model).resolve_site(model, cq.CacheQuantConfig(cache_branch=1))
-    assert adapter_for(model).cache_consumers(model, site) == adapter_for(model).cache_consumers(model, new)
+def test_layout_skips_everything_deep_and_nothing_shallow():
+    """SD's default site: the last up layer, conv_in and the head are live; every other resnet,
+    attention, sampler and the mid block is skipped, the boundary last of all."""
+    model = MODELS["sd-like"]
+    layout = adapter_for(model).layout(model, {"layers": 1})
+    assert layout.boundary == layout.modules[-1] == "up_blocks.2.attentions.1"
+    live = {"up_blocks.2.resnets.2", "up_blocks.2.attentions.2"}
+    units = {n for n, m in model.named_modules() if n.count(".") == 3 and n.split(".")[2] in
+             ("resnets", "attentions", "downsamplers", "upsamplers")}
+    assert set(layout.modules) == (units - live) | {"mid_block"}
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -132,15 +136,15 @@ def test_sd_default_cached_step_runs_one_up_layer(make_pipe):
     pipe = make_pipe("sd")
     cfg = cq.CacheQuantConfig(interval=3, schedule="uniform", weight_bits=None, act_bits=None, dec=False)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=9, progress=False, **calib_kwargs("sd", 2))
-    assert plan.meta["site"]["layers"] == 1
+    assert plan.cache.site["layers"] == 1
     unet = pipe.unet
     n_full = len(plan.schedule)
-    watched = {"conv_in": unet.conv_in, "down0": unet.down_blocks[0], "last_up_first": unet.up_blocks[-1].resnets[0],
-               "last_up_last": unet.up_blocks[-1].resnets[-1]}
+    watched = {"conv_in": unet.conv_in, "down0": unet.down_blocks[0].resnets[0].conv1,
+               "last_up_first": unet.up_blocks[-1].resnets[0].conv1, "last_up_last": unet.up_blocks[-1].resnets[-1].conv1}
     calls = dict.fromkeys(watched, 0)
     for k, m in watched.items():
         m.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1))
     cq.accelerate(pipe, plan)
     run(pipe, "sd", steps=9)
-    n_calls = plan.meta["sampler"]["num_calls"]
+    n_calls = plan.num_calls
     assert calls == {"conv_in": n_calls, "down0": n_full, "last_up_first": n_full, "last_up_last": n_calls}

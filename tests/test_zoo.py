@@ -35,7 +35,7 @@ def test_zoo_dit_accelerates(tmp_path):
     pipe = cq.zoo.load_pipeline("cifar10-dit")
     cfg = cq.CacheQuantConfig(interval=2, schedule="uniform", calib_batch_size=2, dps_samples=2)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=4, progress=False, class_labels=[0, 1])
-    assert plan.meta["calibration"]["inputs"] == "class"
+    assert plan.info["calibration"]["inputs"] == "class"
     cq.accelerate(pipe, plan)
     im = pipe(class_labels=[0, 1], num_inference_steps=4, output_type="np").images
     assert np.isfinite(im).all()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +25,16 @@ def to_device(obj: Any, device) -> Any:
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
     return obj
 
 
@@ -79,44 +89,35 @@ def build_pool(log: list, run_sizes: list[int], num_calls: int, max_dim: int = 1
 
 
 @torch.no_grad()
-def replay_observe(sess, pool: Pool, selected: np.ndarray, device) -> dict[int, int]:
-    """Runs the selected entries through the model with the quantizers observing; returns the
-    number of entries per step."""
-    rt = sess.runtime
+def replay_observe(call, full_steps: frozenset[int], pool: Pool, selected: np.ndarray, device,
+                   observe: Callable[[bool], None]) -> dict[int, int]:
+    """Runs the selected entries through the model with the observers on; returns the number of
+    entries per position. ``call(position, args, kwargs)`` runs the model at a position;
+    ``observe(on)`` switches the observers. An entry at a cached position first replays its
+    trajectory's latest full position for the same rows (observers off), so that the cached
+    feature it reuses is the one it would have seen."""
     groups: dict[int, list[int]] = defaultdict(list)
     for k in selected:
         c, i = pool.entries[int(k)]
         groups[c].append(i)
-    full = sorted(rt.full_steps)
+    full = sorted(full_steps)
     per_step: dict[int, int] = defaultdict(int)
-    for c in sorted(groups, key=lambda c: (pool.log[c][0], c)):
-        step, args, kwargs, _ = pool.log[c]
-        rows: list[int] = []
-        m = 0
-        for i in groups[c]:
-            r, m = pool.rows(c, i)
-            rows += r
-        if step not in rt.full_steps:
-            anchor = max(s for s in full if s <= step)
-            a_call = c - (step - anchor)
-            _, a_args, a_kwargs, _ = pool.log[a_call]
-            rt.quant_mode, rt.step = "off", anchor
-            sess.run_step(to_device(slice_rows(a_args, rows, m), device), to_device(slice_rows(a_kwargs, rows, m), device))
-        rt.quant_mode, rt.step = "observe", step
-        sess.run_step(to_device(slice_rows(args, rows, m), device), to_device(slice_rows(kwargs, rows, m), device))
-        per_step[step] += len(groups[c])
+    try:
+        for c in sorted(groups, key=lambda c: (pool.log[c][0], c)):
+            step, args, kwargs, _ = pool.log[c]
+            rows: list[int] = []
+            m = 0
+            for i in groups[c]:
+                r, m = pool.rows(c, i)
+                rows += r
+            if step not in full_steps:
+                anchor = max(s for s in full if s <= step)
+                _, a_args, a_kwargs, _ = pool.log[c - (step - anchor)]
+                observe(False)
+                call(anchor, to_device(slice_rows(a_args, rows, m), device), to_device(slice_rows(a_kwargs, rows, m), device))
+            observe(True)
+            call(step, to_device(slice_rows(args, rows, m), device), to_device(slice_rows(kwargs, rows, m), device))
+            per_step[step] += len(groups[c])
+    finally:
+        observe(True)
     return dict(per_step)
-
-
-@torch.no_grad()
-def replay_vc_stats(sess, log: list, num_calls: int, device, stats) -> None:
-    """Teacher-forced replay of full-precision, uncached runs through the accelerated model: at
-    each call, x̂ = accelerated output on the logged input, x = the logged full-precision output."""
-    rt = sess.runtime
-    for c, (step, args, kwargs, target) in enumerate(log):
-        if step == 0:
-            rt.reset()
-        rt.step = step
-        out = sess.run_step(to_device(args, device), to_device(kwargs, device))
-        pred = out[0] if isinstance(out, tuple) else out.sample
-        stats.update(step, pred, target.to(pred.device))

@@ -35,7 +35,7 @@ import numpy as np
 from scipy.linalg import eigh
 from scipy.spatial.distance import cdist, pdist
 
-METHODS = ("tap", "random", "uniform-per-step", "kmeans", "dbscan", "agglomerative")
+from ..config import SELECTION_METHODS as METHODS
 
 
 def _spectral_labels(feats: np.ndarray, steps: np.ndarray, k: int, lam: float, seed: int) -> np.ndarray:

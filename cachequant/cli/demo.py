@@ -13,16 +13,20 @@ import numpy as np
 import torch
 
 
+PROMPTS = ["a photograph of an astronaut riding a horse", "a bowl of fruit", "a red bicycle", "a lighthouse"]
+
+
+def _inputs(pipe, n: int) -> list:
+    from ..pipecall import conditioning, default_inputs
+
+    return (PROMPTS * n)[:n] if conditioning(pipe) == "prompt" else default_inputs(pipe, n)
+
+
 def _sample(pipe, n: int, steps: int, seed: int) -> np.ndarray:
-    g = torch.Generator("cpu").manual_seed(seed)
-    kind = type(pipe).__name__
-    if getattr(pipe, "text_encoder", None) is not None:
-        prompts = ["a photograph of an astronaut riding a horse", "a bowl of fruit", "a red bicycle", "a lighthouse"]
-        out = pipe((prompts * n)[:n], num_inference_steps=steps, generator=g, output_type="np")
-    elif kind.startswith("DiT"):
-        out = pipe(class_labels=[i % 10 for i in range(n)], num_inference_steps=steps, generator=g, output_type="np")
-    else:
-        out = pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type="np")
+    from ..pipecall import call_pipeline
+
+    out = call_pipeline(pipe, _inputs(pipe, n), num_inference_steps=steps,
+                        generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
     return np.asarray(out.images, dtype=np.float64)
 
 
@@ -30,12 +34,12 @@ def run_demo(args) -> int:
     import cachequant as cq
     from ..metrics import psnr
     from ..metrics.macs import count_ops
-    from ..models.adapters import denoiser_of
+    from ..pipecall import conditioning, denoiser_of
     from ..utils.io import save_grid
-    from .main import BITS, _load_pipeline
+    from .common import BITS, load_pipeline
 
     torch.manual_seed(0)
-    pipe = _load_pipeline(args.model, "cpu", None)
+    pipe = load_pipeline(args.model, "cpu", None)
     _, model = denoiser_of(pipe)
     seed = 1234
     t0 = time.time()
@@ -51,7 +55,7 @@ def run_demo(args) -> int:
                               calib_batch_size=8, num_calib_samples=16,
                               weight_rounding=rounding if wb is not None else "nearest")
     t0 = time.time()
-    calib = {"class_labels": list(range(16))} if type(pipe).__name__.startswith("DiT") else {}
+    calib = {"prompts": PROMPTS} if conditioning(pipe) == "prompt" else {}
     plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, **calib)
     t_cal = time.time() - t0
 

@@ -9,7 +9,6 @@ image, weight storage. Runs on one process, or on K under ``torchrun`` (shards s
 from __future__ import annotations
 
 import json
-import math
 import platform
 import sys
 import time
@@ -23,42 +22,23 @@ import torch
 from ..distributed import barrier, init_from_env
 
 
-def weight_storage_bits(model: torch.nn.Module) -> int:
-    """Bits needed to store the denoiser's weights at the precisions it runs at."""
-    from ..quant.layers import _QuantBase
-
-    total = 0
-    counted: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, _QuantBase):
-            shape = getattr(m, "dropped_weight_shape", None)  # float copy freed after packing
-            total += (math.prod(shape) if shape is not None else m.inner.weight.numel()) * m.weight_bits
-            counted.add(id(m.inner.weight))
-    for p in model.parameters():
-        if id(p) not in counted:
-            total += p.numel() * p.element_size() * 8
-    return total
-
-
 def run_evaluate(args) -> int:
     import cachequant as cq
     from ..metrics import psnr, ssim
-    from ..metrics.macs import count_ops
+    from ..metrics.macs import count_ops, weight_storage_bits
     from ..metrics.sampling import (ShardSpec, check_run_config, merge_shards, sample_indices, shard_path,
                                     write_shard)
-    from ..models.adapters import denoiser_of
+    from ..pipecall import denoiser_of
     from ..utils.io import atomic_path
-    from .main import _load_pipeline
+    from .common import kernel_options, load_pipeline
 
     rank, world, device = init_from_env(args.device)
-    pipe = _load_pipeline(args.model, device, args.scheduler)
+    pipe = load_pipeline(args.model, device, args.scheduler)
     plan_meta = None
     if args.plan:
         plan = cq.load_plan(args.plan)
-        cq.accelerate(pipe, plan, backend=getattr(args, "backend", "auto"),
-                      keep_float_weights=not getattr(args, "drop_float_weights", False),
-                      kernel_attention=getattr(args, "kernel_attention", "sdpa"))
-        plan_meta = {"path": str(args.plan), "config": plan.meta["config"], "schedule": plan.schedule,
+        cq.accelerate(pipe, plan, kernel_options(args))
+        plan_meta = {"path": str(args.plan), "config": plan.config.to_dict(), "schedule": plan.schedule,
                      "backend": cq.kernel_report(pipe)["backend"]}
     kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     spec = ShardSpec(args.num_samples, args.shard_size)

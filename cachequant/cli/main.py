@@ -8,28 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "fp": (None, None)}
-
-
-def _load_pipeline(spec: str, device: str, scheduler: str | None):
-    from ..models.tiny import TINY, make_scheduler
-    from ..zoo import MODELS, load_pipeline
-
-    if spec in MODELS:
-        return load_pipeline(spec, scheduler=scheduler or "ddim").to(device)
-    if spec in TINY:
-        pipe = TINY[spec]() if scheduler is None else TINY[spec](scheduler=scheduler)
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise SystemExit(f"error: --model {spec!r} is neither a built-in model "
-                             f"({', '.join(list(MODELS) + list(TINY))}) nor a local diffusers pipeline folder")
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(str(path))
-        if scheduler is not None:
-            pipe.scheduler = make_scheduler(scheduler)
-    return pipe.to(device)
+from ..backends.options import ATTENTION, BACKENDS
+from ..config import CALIBRATION_MODES, SCHEDULES, WEIGHT_ROUNDINGS
+from ..models.tiny import SCHEDULERS
+from .common import BITS, kernel_options, load_pipeline
 
 
 def _inputs(args) -> dict:
@@ -67,14 +49,14 @@ def cmd_calibrate(args) -> int:
     from ..distributed import barrier, init_from_env
 
     rank, world, device = init_from_env(args.device)
-    pipe = _load_pipeline(args.model, device, args.scheduler)
+    pipe = load_pipeline(args.model, device, args.scheduler)
     t = time.time()
     plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, progress=rank == 0, **_inputs(args))
     if rank == 0:
         plan.save(args.out)
         print(f"plan written to {args.out} in {time.time() - t:.1f} s ({world} process{'es' if world > 1 else ''}); "
               f"full steps: {plan.schedule}")
-        reuse = plan.meta.get("diagnostics", {}).get("cache_reuse")
+        reuse = plan.diagnostics.get("cache_reuse")
         if reuse:
             after = reuse.get("relative_l1_after_cache_dec")
             print(f"reused feature vs fresh one on the calibration trajectories: {100 * reuse['relative_l1']:.1f} % "
@@ -87,17 +69,20 @@ def _generate_images(pipe, args, seed: int):
     import numpy as np
     import torch
 
-    g = torch.Generator("cpu").manual_seed(seed)
-    kw = dict(num_inference_steps=args.steps, generator=g, output_type="np")
-    if getattr(pipe, "text_encoder", None) is not None:
+    from ..pipecall import call_pipeline, check_inputs, conditioning
+
+    kind = conditioning(pipe)
+    if kind == "prompt":
         if not args.prompt:
             raise SystemExit("error: this pipeline is text-conditioned: pass --prompt")
-        out = pipe([args.prompt] * args.num_images, **kw)
-    elif type(pipe).__name__.startswith("DiT"):
+        batch = [args.prompt] * args.num_images
+    elif kind == "class":
         labels = [int(c) for c in (args.class_labels or "0").split(",")]
-        out = pipe(class_labels=(labels * args.num_images)[: args.num_images], **kw)
+        batch = (labels * args.num_images)[: args.num_images]
     else:
-        out = pipe(batch_size=args.num_images, **kw)
+        batch = [None] * args.num_images
+    out = call_pipeline(pipe, check_inputs(pipe, batch), num_inference_steps=args.steps,
+                        generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
     return np.asarray(out.images)
 
 
@@ -105,10 +90,9 @@ def cmd_generate(args) -> int:
     import cachequant as cq
     from ..utils.io import save_grid
 
-    pipe = _load_pipeline(args.model, args.device, args.scheduler)
+    pipe = load_pipeline(args.model, args.device, args.scheduler)
     if args.plan:
-        cq.accelerate(pipe, cq.load_plan(args.plan), backend=args.backend,
-                      keep_float_weights=not args.drop_float_weights, kernel_attention=args.kernel_attention)
+        cq.accelerate(pipe, cq.load_plan(args.plan), kernel_options(args))
     images = _generate_images(pipe, args, args.seed)
     save_grid([images], args.out, scale=args.scale)
     print(f"{len(images)} images written to {args.out}")
@@ -119,21 +103,24 @@ def cmd_info(args) -> int:
     import cachequant as cq
 
     plan = cq.load_plan(args.plan)
-    m = plan.meta
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps(plan.to_meta(), indent=2))
         return 0
-    c = m["config"]
-    bits = "full precision" if c["weight_bits"] is None else f"W{c['weight_bits']}A{c['act_bits']}"
-    print(f"cachequant plan {args.plan} (format v{m['format_version']}, made by cachequant {m['cachequant_version']})")
-    print(f"  model      {m['model']['class']} (adapter {m['adapter']}), weights sha256 {m['model']['weights_sha256'][:16]}...")
-    print(f"  sampler    {m['sampler']['scheduler']}, {m['sampler']['num_inference_steps']} steps = {m['sampler']['num_calls']} model calls")
-    print(f"  cache      interval {c['interval']}, schedule {c['schedule']}, site {m['site']}")
-    print(f"  full steps {m['schedule']} ({len(m['schedule'])}/{m['sampler']['num_calls']})")
-    print(f"  quant      {bits}, attention matmuls {'on' if c['quant_attention'] else 'off'}")
-    print(f"  DEC        cache {'on' if c['cache_dec'] in (None, True) and c['dec'] and c['interval'] > 1 else 'off'}, "
-          f"quant layers {m['quant']['dec_layers'] if m.get('quant') else []}")
-    for k, v in m.get("diagnostics", {}).items():
+    c, s, q = plan.config, plan.sampler, plan.quant
+    bits = "full precision" if q is None else f"W{c.weight_bits}A{q.act_bits}"
+    fp = plan.fingerprint
+    print(f"cachequant plan {args.plan} (made by cachequant {plan.info.get('cachequant_version', '?')})")
+    print(f"  model      {fp.cls} ({fp.dtype}, adapter {plan.info.get('adapter', '?')}), weights sha256 "
+          f"{fp.weights_sha256[:16]}...")
+    print(f"  sampler    {s.scheduler}, {s.num_inference_steps} steps = {s.num_calls} model calls"
+          + (f", runs start at position {s.begin}" if s.begin else ""))
+    print(f"  cache      {plan.cache.kind}, interval {c.interval}, schedule {c.schedule}, site {plan.cache.site}")
+    print(f"  full steps {list(plan.cache.schedule)} ({len(plan.cache.schedule)}/{s.num_calls - s.begin})")
+    print(f"  quant      {bits}" + ("" if q is None else f", {len(q.layers)} layers, {len(q.attention)} attention modules"))
+    print(f"  DEC        cache {'on' if 'cache_dec' in plan.tensors else 'off'}, quant layers "
+          f"{[layer.name for layer in q.layers if layer.dec] if q else []}")
+    print(f"  VC         {'on' if plan.vc else 'off'}")
+    for k, v in plan.diagnostics.items():
         print(f"  {k}: {json.dumps(v)}")
     print(f"  tensors    {len(plan.tensors)}")
     return 0
@@ -152,17 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("--model", default="cifar10-unet",
                         help="cifar10-unet | cifar10-dit | tiny-ddim | tiny-sd | tiny-dit | a diffusers pipeline folder")
-        sp.add_argument("--scheduler", choices=["ddim", "ddpm", "pndm", "dpm", "euler"], default=None,
+        sp.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
                         help="replace the pipeline's scheduler (default: keep it)")
         sp.add_argument("--steps", type=int, default=50, help="num_inference_steps")
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--seed", type=int, default=0)
 
     def backend_arg(sp):
-        sp.add_argument("--backend", choices=["auto", "fake", "int8", "fp8"], default="auto",
+        sp.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="how quantized layers run: fake-quant reference, Triton INT8/FP8 kernels (CUDA), "
                              "or auto (int8 on a CUDA GPU, else fake)")
-        sp.add_argument("--kernel-attention", choices=["sdpa", "8bit"], default="sdpa",
+        sp.add_argument("--kernel-attention", choices=ATTENTION, default="sdpa",
                         help="with a kernel backend: fused float SDPA attention (fast), or the plan's 8-bit "
                              "attention matmuls (what the fake-quant reference computes)")
         sp.add_argument("--drop-float-weights", action="store_true",
@@ -172,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="calibrate a plan and save it")
     model_args(c)
     c.add_argument("--interval", type=int, default=5)
-    c.add_argument("--schedule", choices=["uniform", "quadratic", "dps"], default="dps")
+    c.add_argument("--schedule", choices=SCHEDULES, default="dps")
     c.add_argument("--bits", choices=list(BITS), default="w8a8")
     c.add_argument("--no-dec", action="store_true", help="disable decoupled error correction")
     c.add_argument("--cache-dec-shift-only", action="store_true",
@@ -183,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="UNets: up layers run on cached steps (default: 1 for SD-style UNets, DeepCache's "
                            "shallowest branch; the whole last up block for UNet2DModel)")
     site.add_argument("--cache-branch", type=int, default=None, help="UNets: whole up blocks run on cached steps")
-    c.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
+    c.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="nearest",
                    help="gptq: round weights with GPTQ (input-Hessian error feedback; needed for usable W4A8)")
     c.add_argument("--w8-layers", default="",
                    help="with --bits w4a8: comma-separated module-name globs kept at 8-bit weights "
                         "(e.g. 'time_embedding.*,*.time_emb_proj'); conv_in / conv_out always are")
     c.add_argument("--calibration", default="trajectory",
-                   choices=["trajectory", "tap", "random", "uniform-per-step", "kmeans", "dbscan", "agglomerative"],
+                   choices=CALIBRATION_MODES,
                    help="which intermediate inputs calibrate the activation ranges (Q&C: tap)")
     c.add_argument("--calib-select", type=int, default=256, help="entries selected from the pool (not 'trajectory')")
     c.add_argument("--tap-lambda", type=float, default=0.5)

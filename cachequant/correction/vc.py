@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import torch
 
+from ..pipecall import map_sample
+from ..runtime.hooks import held
+
 
 class VCStats:
     """Streaming sums per step and channel (n, Σx̂, Σx, Σx̂², Σx², Σx̂x) for s* of the docstring."""
@@ -71,3 +74,15 @@ def apply_vc(output: torch.Tensor, scale_t: torch.Tensor) -> torch.Tensor:
     shape = (1, c) + (1,) * (output.dim() - 2)
     head = output[:, :c] * scale_t.to(output.dtype).view(shape)
     return head if output.shape[1] == c else torch.cat([head, output[:, c:]], dim=1)
+
+
+VC_TABLE = "_cachequant_vc"
+
+
+def vc_output(clock):
+    """The denoiser output transform of VC: the (T, C) table held on the denoiser, read at the
+    current position on the device."""
+    def apply(module, out):
+        scale = held(module, VC_TABLE).index_select(0, clock.step_tensor())[0]
+        return map_sample(out, lambda x: apply_vc(x, scale))
+    return apply

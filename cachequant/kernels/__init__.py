@@ -1,1 +1,3 @@
-"""GPU kernel backends (Triton INT8 / FP8 GEMMs) and CUDA-graph replay for accelerated pipelines."""
+"""Triton kernels: pure functions on tensors (8-bit GEMM / implicit-GEMM convolution, activation
+quantization, one-pass fake quantization, NHWC GroupNorm) and their tile tables. Nothing here
+imports the rest of cachequant; :mod:`cachequant.backends` builds the execution on top."""

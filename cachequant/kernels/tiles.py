@@ -9,14 +9,13 @@ into ``tile_tables/<gpu>.json``; a lookup is then a dict access.
 
 A table is JSON: ``{"device": ..., "entries": {key: {"BM", "BN", "BK", "num_warps", "num_stages",
 "split_k"}}}``, where ``key`` is :func:`shape_key`. Shapes missing from the table keep the rule.
-``CACHEQUANT_TILES`` names another table file, or ``off`` for the rule alone.
+A caller may name another table file, or ``off`` for the rule alone (``KernelOptions.tiles``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from pathlib import Path
 
@@ -68,29 +67,29 @@ def load_table(path: str) -> dict[str, dict]:
     return {k: _check_entry(k, v, path) for k, v in raw["entries"].items()}
 
 
-def table_path(device: torch.device) -> str | None:
-    """The table for this device: ``CACHEQUANT_TILES``, else the GPU model's committed one, else None.
-    Resolved once per (setting, GPU model): ``gemm`` asks on every call."""
-    return _table_path(os.environ.get("CACHEQUANT_TILES"), gpu_slug(device))
+def table_path(device: torch.device, setting: str | None = None) -> str | None:
+    """The table to use: ``setting`` (a file, or ``off``), else the GPU model's committed one, else
+    None. Resolved once per (setting, GPU model): ``gemm`` asks on every call."""
+    return _table_path(setting, gpu_slug(device))
 
 
 @functools.lru_cache(maxsize=None)
-def _table_path(env: str | None, slug: str) -> str | None:
-    if env:
-        if env == "off":
+def _table_path(setting: str | None, slug: str) -> str | None:
+    if setting:
+        if setting == "off":
             return None
-        if not Path(env).is_file():
-            raise ValueError(f"CACHEQUANT_TILES={env!r}: no such file (give a table written by "
+        if not Path(setting).is_file():
+            raise ValueError(f"tile table {setting!r}: no such file (give a table written by "
                              "benchmarks/tune_tiles.py, or 'off')")
-        return env
+        return setting
     path = TILE_DIR / f"{slug}.json"
     return str(path) if path.is_file() else None
 
 
 def lookup(device: torch.device, kind: str, M: int, N: int, C: int, split: int, taps: int,
-           w4: bool) -> dict | None:
+           w4: bool, setting: str | None = None) -> dict | None:
     """The measured tiles of this shape on this GPU model, or None (then the rule applies)."""
-    path = table_path(device)
+    path = table_path(device, setting)
     if path is None:
         return None
     return load_table(path).get(shape_key(kind, M, N, C, split, taps, w4))

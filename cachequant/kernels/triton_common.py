@@ -73,8 +73,11 @@ def part_range(h: tl.constexpr, SPLIT, C, HAS_SPLIT: tl.constexpr):
 @triton.jit
 def int8_code(x, s, z_shifted):
     """``round(x / s) + z`` clamped to [0, 255], minus 128, as float. The reference's order of
-    operations: rounding ``x/s + z`` instead can flip half-way codes. ``z_shifted = z − 128``."""
-    y = tl.minimum(tl.maximum(x / s, -512.0), 512.0)
+    operations: rounding ``x/s + z`` instead can flip half-way codes. ``z_shifted = z − 128``. The
+    division is IEEE (``div_rn``): a plain ``/`` compiles to the GPU's approximate division, which
+    flips the code of an input within an ulp or two of a rounding boundary (seen on an H100: one
+    code in 864 with a scale one ulp from another calibration's)."""
+    y = tl.minimum(tl.maximum(tl.div_rn(x, s), -512.0), 512.0)
     y = (y + 12582912.0) - 12582912.0  # 1.5·2^23: round half to even, as torch.round
     return tl.minimum(tl.maximum(y + (z_shifted + 128.0), 0.0), 255.0) - 128.0
 

@@ -53,13 +53,11 @@ def supported(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) ->
 def fake_quant_fused(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """``(clamp(round(x / s) + z, qmin, qmax) − z) · s`` in one pass; bit-identical to
     :func:`cachequant.quant.quantizer.fake_quant` for fp32 inputs."""
-    from ..quant.quantizer import qrange
-
     if not supported(x, scale, zero_point):
         raise ValueError("fake_quant_fused needs fp32 x and a single fp32 scale / zero point on x's device; "
                          f"got x {x.dtype} on {x.device}, scale {tuple(scale.shape)} {scale.dtype}, "
                          f"zero point {tuple(zero_point.shape)} {zero_point.dtype}")
-    qmin, qmax = qrange(bits)
+    qmin, qmax = 0, 2**bits - 1
     xc = x.contiguous()
     y = torch.empty_like(xc)
     n = xc.numel()

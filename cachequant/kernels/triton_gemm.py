@@ -19,7 +19,6 @@ activation tile with a tile of ones, instead of a reduction on the CUDA cores in
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -184,21 +183,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def split_k(M: int, N: int, C: int, taps: int, cfg: dict, sms: int) -> tuple[int, bool]:
+def split_k(M: int, N: int, C: int, taps: int, cfg: dict, sms: int, forced: int | None = None) -> tuple[int, bool]:
     """(SPLIT_K, TAP_SPLIT). Batch-1 shapes deep in a UNet (M = 128–512 rows, K up to 1280·9) give
     only 10–40 output tiles for 132 SMs; splitting the reduction fills the GPU. A conv splits over
     its filter taps; the automatic choice leaves GEMMs whole. The kernel can split a GEMM over K
     blocks (at least 2 per split), but on an H200 that lost: SD's cross-attention k/v projection
     (154×1280×768, split 3) ran at 6 graph-replayed TOPS split against 18 unsplit (INT8; FP8 15
     against 29), while tap splits won on the deep convs (1280 ch at 8², batch 2: INT8 61 against
-    27, FP8 139 against 47); `benchmarks/results/h200.md`, run 3. ``CACHEQUANT_SPLIT_K=n`` forces
-    n for convs and GEMMs alike (capped by what the shape allows), for tests and measurements."""
+    27, FP8 139 against 47). ``forced=n`` takes n for convs and GEMMs alike (capped by what the
+    shape allows), for tests and measurements."""
     tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
     limit = taps if taps > 1 else max(1, triton.cdiv(C, cfg["BK"]) // 2)
-    forced = os.environ.get("CACHEQUANT_SPLIT_K", "auto")
-    if forced != "auto":
-        if not forced.isdigit() or int(forced) < 1:
-            raise ValueError(f"CACHEQUANT_SPLIT_K must be 'auto' or a positive integer, got {forced!r}")
+    if forced is not None:
         want = int(forced)
     elif 2 * tiles > sms or taps == 1:
         want = 1
@@ -240,15 +236,17 @@ def tuned_config(C: int, split: int, taps: int, w4: bool, entry: dict) -> tuple[
 
 def gemm(q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
          M: int, N: int, C: int, split: int, T: int, geom: tuple, kh: int, kw: int, fp8: bool,
-         w4: bool = False, tiles: dict | None = None) -> None:
-    """``tiles``: a tile-table entry to use instead of the GPU's table / the rule (the tuner's way
-    of trying a config)."""
+         w4: bool = False, tiles: dict | None = None, table: str | None = None,
+         split_k_forced: int | None = None) -> None:
+    """``tiles``: a tile-table entry to use instead of the table / the rule (the tuner's way of
+    trying a config); ``table``: the tile table setting (:func:`tiles.table_path`);
+    ``split_k_forced``: a reduction split for every shape (see :func:`split_k`)."""
     H, W, OH, OW, stride, pad, dil = geom
     if RECORD is not None:
         RECORD.append((q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
                        M, N, C, split, T, geom, kh, kw, fp8, w4))
     kind = "fp8" if fp8 else "int8"
-    entry = tiles if tiles is not None else lookup(y.device, kind, M, N, C, split, kh * kw, w4)
+    entry = tiles if tiles is not None else lookup(y.device, kind, M, N, C, split, kh * kw, w4, table)
     tuned = None if entry is None else tuned_config(C, split, kh * kw, w4, entry)
     if tuned is not None:
         cfg, sk, tap_split = tuned
@@ -257,8 +255,8 @@ def gemm(q, w, y, step_t, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b,
     if w4 and (fp8 or not cfg["EVEN_K"]):
         raise ValueError("4-bit packed weights need the INT8 kernel and input parts divisible by 32 "
                          "(pack.pack_layer only packs such layers)")
-    if tuned is None or os.environ.get("CACHEQUANT_SPLIT_K", "auto") != "auto":
-        sk, tap_split = split_k(M, N, C, kh * kw, cfg, num_sms(y.device))
+    if tuned is None or split_k_forced is not None:
+        sk, tap_split = split_k(M, N, C, kh * kw, cfg, num_sms(y.device), split_k_forced)
     out = y
     if sk > 1:  # per-part raw sums, added up by the splits: int32 (exact) for INT8, fp32 for FP8
         out = torch.zeros((2 if split else 1, M, N), device=y.device, dtype=torch.float32 if fp8 else torch.int32)

@@ -125,16 +125,3 @@ def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         x, y, part, x if weight is None else weight, x if bias is None else bias, hw, c, chunk, k, float(eps),
         G=num_groups, CG=cg, HAS_W=weight is not None, HAS_B=bias is not None, BM=bm, BC=bc, num_warps=4)
     return y
-
-
-def nhwc_group_norm_forward(module: torch.nn.GroupNorm):
-    """A forward for ``module`` that keeps channels-last inputs in NHWC and leaves any other input
-    to PyTorch's own GroupNorm."""
-    original = module.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            return group_norm_nhwc(x, module.num_groups, module.weight, module.bias, module.eps)
-        return original(x)
-
-    return forward

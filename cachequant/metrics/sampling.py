@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..pipecall import call_pipeline, conditioning, num_classes
 from ..utils.io import atomic_path, to_uint8
 
 
@@ -25,27 +26,19 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed * 1_000_003 + index)
 
 
-def is_class_conditional(pipe: Any) -> bool:
-    return type(pipe).__name__.startswith("DiT")
-
-
-def num_classes(pipe: Any) -> int:
-    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    return int(getattr(model.config, "num_embeds_ada_norm", None) or 1000)
-
-
 @torch.no_grad()
 def sample_indices(pipe: Any, indices: list[int], seed: int, num_inference_steps: int,
                    pipeline_kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images (uint8 NHWC) and labels (-1 if unconditional) for the given sample indices."""
-    kw = dict(num_inference_steps=num_inference_steps, output_type="np", **(pipeline_kwargs or {}))
     gens = [sample_generator(seed, i) for i in indices]
-    if is_class_conditional(pipe):
+    if conditioning(pipe) == "class":
         labels = np.array([i % num_classes(pipe) for i in indices], dtype=np.int64)
-        out = pipe(class_labels=labels.tolist(), generator=gens, **kw)
+        batch = labels.tolist()
     else:
         labels = np.full(len(indices), -1, dtype=np.int64)
-        out = pipe(batch_size=len(indices), generator=gens, **kw)
+        batch = [None] * len(indices)
+    out = call_pipeline(pipe, batch, num_inference_steps=num_inference_steps, generator=gens, output_type="np",
+                        **(pipeline_kwargs or {}))
     return to_uint8(np.asarray(out.images)), labels
 
 

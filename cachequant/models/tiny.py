@@ -25,14 +25,18 @@ def tiny_ddim_pipeline(seed: int = 0, scheduler: str = "ddim"):
     return pipe
 
 
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
+    "dpm": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+}
+"""Short names of the samplers the CLI and the tiny pipelines build."""
+
+
 def make_scheduler(name: str, **overrides):
     """A scheduler of the given family with the linear-β DDPM training schedule (T = 1000)."""
     import diffusers
 
-    classes = {
-        "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
-        "dpm": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-    }
+    classes = SCHEDULERS
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
     kw = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=1)
@@ -67,9 +71,18 @@ def _tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
 
 
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+
+
 def tiny_sd_pipeline(seed: int = 0, scheduler: str = "pndm"):
     """Stable-Diffusion-shaped pipeline: tiny UNet2DConditionModel, CLIP text encoder and VAE."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -85,10 +98,7 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "pndm"):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     ).eval()
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
+    vae = _tiny_vae()
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=make_scheduler(scheduler), safety_checker=None, feature_extractor=None,
@@ -98,22 +108,50 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "pndm"):
     return pipe
 
 
+def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler"):
+    """SDXL-shaped pipeline: a UNet with added text/time conditions, two CLIP text encoders (the second
+    with a projection), a tiny VAE."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_clip_tokenizer()
+    cfg = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg, projection_dim=32)).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4, 8), norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        transformer_layers_per_block=(1, 1, 2),
+    ).eval()
+    vae = _tiny_vae()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=_tiny_clip_tokenizer(), unet=unet, scheduler=make_scheduler(scheduler),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_dit_pipeline(seed: int = 0, scheduler: str = "ddim", num_layers: int = 4):
     """Class-conditional ``DiTTransformer2DModel`` (learned σ) + tiny VAE in a DiTPipeline."""
-    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=num_layers,
         sample_size=8, patch_size=2, num_embeds_ada_norm=1000,  # DiTPipeline hard-codes null class 1000
     ).eval()
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
+    vae = _tiny_vae()
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=make_scheduler(scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-TINY = {"tiny-ddim": tiny_ddim_pipeline, "tiny-sd": tiny_sd_pipeline, "tiny-dit": tiny_dit_pipeline}
+TINY = {"tiny-ddim": tiny_ddim_pipeline, "tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline,
+        "tiny-dit": tiny_dit_pipeline}

@@ -1,42 +1,32 @@
 """8-bit attention matmuls (QKᵀ and softmax·V) for diffusers ``Attention`` modules.
 
-The projections (to_q / to_k / to_v / to_out) are ordinary Linear layers and are quantized by
-:mod:`cachequant.quant.layers`; this processor additionally quantizes the four operands of the two
-batched matmuls, each with its own per-timestep range. Its float path reproduces diffusers'
-``AttnProcessor2_0`` (same reshapes, norms, residual and rescale) so that with quantization off the
-outputs agree with the stock processor.
+The projections (to_q / to_k / to_v / to_out) are ordinary Linear layers, quantized by their own
+hooks; this processor computes attention explicitly so that the four operands of its two matmuls
+pass through ``operand(name, x)``: a per-position fake quantizer when accelerated, a range
+observer during calibration. With an identity ``operand`` it reproduces diffusers'
+``AttnProcessor2_0`` (same reshapes, norms, residual and rescale). It is a plain object, not a
+module, so nothing of it enters the model's ``state_dict``.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-from torch import nn
 
-from ..runtime import Runtime
-from .layers import ActQuant
+from ..plan import ATTENTION_OPERANDS as OPERANDS
+from ..runtime.hooks import held, hold, release
+from .quantizer import fake_quant
 
-OPERANDS = ("q", "k", "p", "v")
+__all__ = ["OPERANDS", "QuantAttnProcessor", "attach_quant_attention", "set_processor"]
 
 
-class QuantAttnProcessor(nn.Module):
-    def __init__(self, act_bits: int, runtime: Runtime, per_step: bool = True):
-        super().__init__()
-        self.runtime = runtime
-        self.quant = nn.ModuleDict({k: ActQuant(act_bits, runtime.num_calls, per_step) for k in OPERANDS})
-
-    def _q(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        mode = self.runtime.quant_mode
-        if mode == "observe":
-            self.quant[name].observe(x, self.runtime.step, self.runtime.batch)
-        elif mode == "quant":
-            return self.quant[name](x, self.runtime.step)
-        return x
+class QuantAttnProcessor:
+    def __init__(self, operand: Callable[[str, torch.Tensor], torch.Tensor]):
+        self.operand = operand
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        return self.forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -72,24 +62,15 @@ class QuantAttnProcessor(nn.Module):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.runtime.quant_mode == "quant" and self.runtime.attn_sdpa:
-            # Kernel backends: fused fp16/bf16 attention (faster than any 8-bit matmul pair here).
-            hidden_states = torch.nn.functional.scaled_dot_product_attention(query, key, value, attention_mask)
-            return self._finish(attn, hidden_states, batch_size, head_dim, query.dtype, input_ndim, residual,
-                                channel, height, width)
-        # Explicit attention so that both matmul operands can be quantized.
-        scores = self._q("q", query) @ self._q("k", key).transpose(-1, -2) * (head_dim**-0.5)
+        op = self.operand
+        scores = op("q", query) @ op("k", key).transpose(-1, -2) * (head_dim**-0.5)
         if attention_mask is not None:
             scores = scores + attention_mask
         probs = scores.softmax(dim=-1)
-        hidden_states = self._q("p", probs) @ self._q("v", value)
-        return self._finish(attn, hidden_states, batch_size, head_dim, query.dtype, input_ndim, residual,
-                            channel, height, width)
+        hidden_states = op("p", probs) @ op("v", value)
 
-    @staticmethod
-    def _finish(attn, hidden_states, batch_size, head_dim, dtype, input_ndim, residual, channel, height, width):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(dtype)
+        hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -97,3 +78,43 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+ATTN = "_cachequant_attn"
+
+
+class _OperandQuant:
+    """The accelerated operand function: fake-quantize operand ``k`` with its range at the
+    current position, read from the (4, 2, T) table held on the attention module."""
+
+    def __init__(self, module, clock, bits: int):
+        self.module, self.clock, self.bits = module, clock, bits
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        sz = held(self.module, ATTN)[OPERANDS.index(name)].index_select(1, self.clock.step_tensor())[:, 0]
+        return fake_quant(x.float(), sz[0], sz[1], self.bits).to(x.dtype)
+
+
+def set_processor(module, processor) -> Callable[[], None]:
+    """Installs ``processor`` on an ``Attention`` module; the undo puts the previous one back only
+    if ours is still there (a processor the user set since is theirs to keep)."""
+    previous = module.processor
+    module.set_processor(processor)
+
+    def undo():
+        if module.processor is processor:
+            module.set_processor(previous)
+    return undo
+
+
+def attach_quant_attention(model, names, tensors: dict[str, torch.Tensor], clock, bits: int) -> tuple[dict, list]:
+    """8-bit attention on the named modules; returns {name: processor} and the undo callables."""
+    procs, undo = {}, []
+    for name in names:
+        module = model.get_submodule(name)
+        dev = next(module.parameters()).device
+        hold(module, ATTN, tensors[f"attn.{name}"].to(dev))
+        procs[name] = QuantAttnProcessor(_OperandQuant(module, clock, bits))
+        undo.append(set_processor(module, procs[name]))
+        undo.append(lambda m=module: release(m, ATTN))
+    return procs, undo

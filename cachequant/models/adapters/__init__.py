@@ -1,6 +1,6 @@
-"""Architecture adapters; importing this package registers all of them."""
+"""Architecture adapters: one description per family of denoisers."""
 
-from . import transformer, unet  # noqa: F401  (registration side effect)
-from .base import Adapter, adapter_for, denoiser_of, supported_classes
+from .base import Adapter
+from .registry import BUILTIN, adapter_for, register, supported_classes
 
-__all__ = ["Adapter", "adapter_for", "denoiser_of", "supported_classes"]
+__all__ = ["Adapter", "BUILTIN", "adapter_for", "register", "supported_classes"]

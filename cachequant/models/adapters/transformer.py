@@ -1,7 +1,7 @@
 """Transformers (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``): Δ-cache of a block span.
 
-Full step: the blocks of the span ``[start, end)`` run and the deviation they add to their input,
-``h_end − h_start``, is stored. Cached step: the span is skipped and the stored deviation (after
+Full call: the blocks of the span ``[start, end)`` run and the deviation they add to their input,
+``h_end − h_start``, is stored. Cached call: the span is skipped and the stored deviation (after
 the cache-DEC correction, per hidden channel) is added to the span's fresh input. The default span
 keeps the first and the last block live — like DeepCache's shallow branch, the cheap outer blocks
 see the current input while the deep middle is reused (Δ-DiT / CacheQuant cache "the deviation
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...runtime import Runtime
-from .base import Adapter, register
+from ...cache.hooks import CacheLayout
+from .base import Adapter
 
 
 def _resolve_site(model: nn.Module, config) -> dict:
@@ -28,36 +28,10 @@ def _resolve_site(model: nn.Module, config) -> dict:
     return {"span": [start, end], "feature": f"transformer_blocks[{start}:{end}] deviation"}
 
 
-def _install(model: nn.Module, rt: Runtime, site: dict) -> list:
+def _layout(model: nn.Module, site: dict) -> CacheLayout:
     start, end = site["span"]
-    blocks = model.transformer_blocks
-    state: dict = {}
-    undo = []
-
-    def make(i: int, block: nn.Module):
-        original = block.forward
-
-        def forward(hidden_states, *args, **kwargs):
-            if i == start:
-                state["h_in"] = hidden_states
-            if not rt.is_full:
-                # The first block of the span adds the reused deviation; the others pass through.
-                return hidden_states + rt.reuse(2).to(hidden_states.dtype) if i == start else hidden_states
-            out = original(hidden_states, *args, **kwargs)
-            if i == end - 1:
-                rt.store(out - state.pop("h_in"))
-            return out
-
-        block.forward = forward
-        undo.append(lambda: block.__dict__.pop("forward", None))
-
-    for i in range(start, end):
-        make(i, blocks[i])
-    return undo
-
-
-def _cached_forward(model, rt: Runtime, site: dict, original_forward, args, kwargs):
-    return original_forward(*args, **kwargs)
+    blocks = tuple(f"transformer_blocks.{i}" for i in range(start, end))
+    return CacheLayout("transformer", blocks, boundary=blocks[0], channel_dim=2)
 
 
 def _keep_8bit(model) -> set[str]:
@@ -65,12 +39,11 @@ def _keep_8bit(model) -> set[str]:
     return {"pos_embed.proj", last}
 
 
-def _no_splits(model, site: dict) -> dict[str, int]:
+def _none(model, site: dict) -> dict[str, int]:
     return {}
 
 
-TRANSFORMER = register(Adapter(
-    name="transformer2d", classes=("DiTTransformer2DModel", "PixArtTransformer2DModel"), channel_dim=2,
-    resolve_site=_resolve_site, install=_install, cached_forward=_cached_forward, keep_8bit=_keep_8bit,
-    concat_splits=_no_splits, cache_consumers=_no_splits,
-))
+TRANSFORMER = Adapter(
+    name="transformer2d", classes=("DiTTransformer2DModel", "PixArtTransformer2DModel"), cache_kind="transformer",
+    resolve_site=_resolve_site, layout=_layout, keep_8bit=_keep_8bit, concat_splits=_none, cache_consumers=_none,
+)

@@ -1,0 +1,89 @@
+"""How the quantized layers execute: one dataclass that ``cq.accelerate`` takes.
+
+Environment variables only supply defaults for fields left at None (for runs where code cannot
+be changed, e.g. a benchmark matrix): ``CACHEQUANT_FP8_GEMM``, ``CACHEQUANT_FAKE_QUANT_KERNEL``,
+``CACHEQUANT_TILES``, ``CACHEQUANT_SPLIT_K``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+
+BACKENDS = ("auto", "fake", "int8", "fp8")
+"""``fake``: the float reference (any device); ``int8`` / ``fp8``: Triton kernels on a CUDA GPU
+(``fp8`` from compute capability 8.9); ``auto``: ``int8`` on a CUDA GPU of capability ≥ 8.0, else
+``fake``."""
+ATTENTION = ("sdpa", "8bit")
+"""With a kernel backend: fused float SDPA for the attention matmuls (fast), or the plan's 8-bit
+attention matmuls (what the reference computes)."""
+FP8_GEMMS = ("triton", "cublaslt")
+ALGOS = ("two-pass", "fused")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    backend: str = "auto"
+    attention: str = "sdpa"
+    keep_float_weights: bool = True
+    """False (kernel backends): free the float weights of the layers the kernels run, so that the
+    model holds 8-bit weights only; the pipeline can then not be restored or saved."""
+    fp8_gemm: str | None = None
+    """FP8 GEMM-shaped layers (Linear, 1×1 conv; one input part, no DEC): ``cublaslt``
+    (``torch._scaled_mm``) or ``triton``. None: ``CACHEQUANT_FP8_GEMM``, else cuBLASLt on Hopper or
+    newer (compute capability ≥ 9.0) and Triton elsewhere."""
+    algo: str = "two-pass"
+    """``two-pass``: a quantize pass, then the 8-bit GEMM on codes; ``fused``: quantization in the
+    GEMM prologue (kept for comparison, slower on Hopper)."""
+    channels_last: bool = True
+    """Run the model NHWC so that the implicit-GEMM convolutions read and write without copies."""
+    nhwc_group_norm: bool = True
+    """With channels_last: GroupNorm through cachequant's NHWC Triton kernel (PyTorch's CUDA
+    GroupNorm copies an NHWC input to NCHW and back)."""
+    fused_fake_quant: bool | None = None
+    """Reference path, fp32 CUDA activations: quantize-dequantize in one Triton pass (bit-identical
+    to the torch ops). None: ``CACHEQUANT_FAKE_QUANT_KERNEL`` (0 / 1), default on."""
+    tiles: str | None = None
+    """8-bit GEMM tile table: a file from ``benchmarks/tune_tiles.py``, ``off`` (the shape rule), or
+    None: ``CACHEQUANT_TILES``, else the GPU model's committed table if there is one."""
+    split_k: int | None = None
+    """Force this reduction split for every 8-bit GEMM (tests, measurements). None:
+    ``CACHEQUANT_SPLIT_K`` if set to a number, else chosen per shape."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("backend", BACKENDS), ("attention", ATTENTION), ("algo", ALGOS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.fp8_gemm is not None and self.fp8_gemm not in FP8_GEMMS:
+            raise ValueError(f"fp8_gemm must be one of {', '.join(FP8_GEMMS)} (or None); got {self.fp8_gemm!r}")
+        for name in ("keep_float_weights", "channels_last", "nhwc_group_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.split_k is not None and (isinstance(self.split_k, bool) or not isinstance(self.split_k, int)
+                                         or self.split_k < 1):
+            raise ValueError(f"split_k must be a positive integer (or None), got {self.split_k!r}")
+
+    def resolved(self) -> "KernelOptions":
+        """The options with every None filled from the environment (checked here, once)."""
+        env = os.environ
+        fp8 = self.fp8_gemm if self.fp8_gemm is not None else env.get("CACHEQUANT_FP8_GEMM") or None
+        if fp8 is not None and fp8 not in FP8_GEMMS:
+            raise ValueError(f"CACHEQUANT_FP8_GEMM must be one of {', '.join(FP8_GEMMS)}; got {fp8!r}")
+        fq = self.fused_fake_quant
+        if fq is None:
+            flag = env.get("CACHEQUANT_FAKE_QUANT_KERNEL", "1")
+            if flag not in ("0", "1"):
+                raise ValueError(f"CACHEQUANT_FAKE_QUANT_KERNEL must be 0 or 1, got {flag!r}")
+            fq = flag == "1"
+        tiles = self.tiles if self.tiles is not None else env.get("CACHEQUANT_TILES") or None
+        sk = self.split_k
+        if sk is None:
+            forced = env.get("CACHEQUANT_SPLIT_K", "auto")
+            if forced != "auto":
+                if not forced.isdigit() or int(forced) < 1:
+                    raise ValueError(f"CACHEQUANT_SPLIT_K must be 'auto' or a positive integer, got {forced!r}")
+                sk = int(forced)
+        return replace(self, fp8_gemm=fp8, fused_fake_quant=fq, tiles=tiles, split_k=sk)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,108 @@
+"""The INT8 / FP8 kernel backends: quantized layers on Triton (and cuBLASLt for FP8 GEMMs).
+
+Each supported layer is packed once (:mod:`cachequant.backends.pack`) and runs as one custom op
+(:mod:`cachequant.backends.ops`): an activation-quantize pass, then an 8-bit GEMM or implicit-GEMM
+3×3 convolution on channels-last codes whose epilogue folds in dequantization, the zero-point
+corrections, bias and quantization-DEC. A layer the kernels cannot run keeps the reference path
+and is reported with the reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+
+from ..runtime.hooks import add_hook, release, remove_hook
+from .ops import qlinear as _define_ops  # noqa: F401  (torch.ops.cachequant.*; Triton loads at first run)
+from .pack import PACK, default_fp8_gemm, pack_layer, packed, unsupported_reason
+
+GROUP_NORM_HOOK = "cachequant.group_norm"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend:
+    def __init__(self, kind: str, options):
+        self.name = kind
+        self.options = options
+
+    def available(self, device: torch.device) -> str | None:
+        if not triton_available():
+            return "it needs Triton: pip install triton (or a CUDA build of torch)"
+        if device.type != "cuda":
+            if interpreting():
+                return None
+            return (f"it runs on a CUDA GPU and the model is on {device}; use backend='fake' on the CPU "
+                    "(or TRITON_INTERPRET=1 to test the kernels there, slowly)")
+        cc = torch.cuda.get_device_capability(device)
+        if cc < (8, 0):
+            return f"it needs compute capability >= 8.0 (this GPU has {cc[0]}.{cc[1]})"
+        if self.name == "fp8" and cc < (8, 9):
+            return "FP8 needs an Ada or Hopper GPU (compute capability >= 8.9); use backend='int8'"
+        return None
+
+    def unsupported(self, module: nn.Module, hook) -> str | None:
+        return unsupported_reason(module, hook)
+
+    def prepare(self, module: nn.Module, hook) -> None:
+        options = self.options
+        fp8_gemm = options.fp8_gemm or default_fp8_gemm(module.weight.device)
+        hook.pack = pack_layer(module, hook, self.name, options.algo, fp8_gemm, options.tiles, options.split_k)
+        hook._wdq = None  # the reference path's dequantized copy is not read while the kernel runs
+
+    def release(self, module: nn.Module) -> None:
+        release(module, PACK)
+
+    def forward(self, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
+        p = packed(module)
+        info = hook.pack
+        dec = hook.dec_active()
+        args = (x, p["w"], hook.clock.step_tensor(), p["act_s"], p["act_z"], p["w_s"], p["w_z"], p["w_sum"],
+                p["bias"], p["dec_a"] if dec else None, p["dec_b"] if dec else None, info.split,
+                info.kind == "fp8", info.w4, info.algo, info.gemm, info.table, info.split_k)
+        if info.conv is not None:
+            stride, pad, dil = info.conv
+            return torch.ops.cachequant.qconv2d(*args, info.kh, info.kw, stride, pad, dil)
+        return torch.ops.cachequant.qlinear(*args)
+
+    def prepare_model(self, model: nn.Module, has_conv: bool) -> list[Callable[[], None]]:
+        """NHWC activations end to end when kernel layers include convolutions: the implicit-GEMM
+        convs then read and write them without copies, and GroupNorm stays NHWC too (PyTorch's CUDA
+        GroupNorm would copy each NHWC input to NCHW and back: two copies per norm)."""
+        options = self.options
+        undo: list[Callable[[], None]] = []
+        if not (options.channels_last and has_conv):
+            return undo
+        model.to(memory_format=torch.channels_last)
+        undo.append(lambda: model.to(memory_format=torch.contiguous_format))
+        if options.nhwc_group_norm:
+            for mod in model.modules():
+                if type(mod) is nn.GroupNorm:  # subclasses may change forward: leave them alone
+                    add_hook(mod, NHWCGroupNorm(), GROUP_NORM_HOOK)
+                    undo.append(lambda m=mod: remove_hook(m, GROUP_NORM_HOOK))
+        return undo
+
+
+class NHWCGroupNorm(ModelHook):
+    """Channels-last inputs take the NHWC Triton GroupNorm; any other input PyTorch's own."""
+
+    def new_forward(self, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return torch.ops.cachequant.group_norm_nhwc(x, module.num_groups, module.weight, module.bias, module.eps)
+        return self.fn_ref.original_forward(x)

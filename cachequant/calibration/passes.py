@@ -1,0 +1,445 @@
+"""The passes of a calibration. Each is a set of ordinary pipeline runs with a session attached
+(clock, cache, quantized layers as needed) and calibration's observers installed for the pass.
+
+1. :func:`trajectories` — full precision, no cache: the sampler's timesteps and first position,
+   the cached feature at every position (DPS costs, cache-DEC fit) and, for VC, every call.
+2. :func:`schedule_and_cache_dec` — the schedule over the visited positions, and cache-DEC.
+3. :func:`activation_ranges` — the cached model (schedule + cache-DEC) in float while observers
+   record per-position activation ranges: the ranges see what the accelerated model sees, stale
+   cache included. Weight ranges (and GPTQ codes) are found here too.
+4. :func:`quant_dec` — the cached, quantized model; the first consumers of the cached feature
+   accumulate the least-squares statistics of Eq. 9.
+5. :func:`variance_compensation` — the accelerated model replays the full-precision calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..backends.options import KernelOptions
+from ..backends.registry import make_backend
+from ..cache.hooks import CacheLayout
+from ..cache.schedules import make_schedule
+from ..config import CacheQuantConfig
+from ..correction import QuantDecStats, fit_cache_dec, relative_reuse_error
+from ..correction.vc import VCStats
+from ..distributed import broadcast, gather, mine, rank_world, solve_on_rank0
+from ..models.adapters import Adapter
+from ..pipecall import call_pipeline, conditioning, sample_of
+from ..plan import LayerSpec
+from ..quant.quantizer import weight_qparams
+from ..quant.specs import attention_modules, layer_specs
+from ..session import Session
+from .inputs import batches
+from .observe import (ObserveState, attach_attention_observers, attach_hessians, attach_quant_dec_stats,
+                      attach_range_observers)
+from .pool import to_cpu, to_device
+
+_GPTQ_MAX_BYTES = 8 << 30
+_RANGE_SEED = 10_000  # the quantization passes draw other noise than the feature pass
+
+
+@dataclass
+class Calibration:
+    """What the passes share."""
+    pipe: Any
+    model: nn.Module
+    adapter: Adapter
+    config: CacheQuantConfig
+    num_inference_steps: int
+    items: list
+    pipeline_kwargs: dict
+    layout: CacheLayout | None
+    site: dict
+    """The cache site ({} without cache)."""
+    bar: Any
+    timesteps: list[float] | None = None
+    begin: int = 0
+    diagnostics: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.timesteps)
+
+    def batches(self, limit: int | None = None) -> list[list]:
+        return batches(self.items, self.config.calib_batch_size, limit)
+
+    def session(self, full_steps, cache_dec: torch.Tensor | None = None) -> Session:
+        """A session with the clock on the pipeline's scheduler and, if caching, the cache hooks."""
+        sess = Session.open(self.model, self.timesteps, full_steps, self.begin, type(self.pipe.scheduler).__name__,
+                            self.num_inference_steps, guard=False)
+        try:
+            if self.layout is not None:
+                sess.add_cache(self.layout, cache_dec)
+            sess.attach_scheduler(self.pipe.scheduler)
+        except BaseException:
+            sess.close()
+            raise
+        return sess
+
+    def run(self, batch_list: list[list], seed: int, state: ObserveState | None = None,
+            on_end: Callable[[int], None] | None = None) -> None:
+        """Runs this process's share of ``batch_list``; global batch b draws seed ``seed + b``."""
+        kind = conditioning(self.pipe)
+        for i, batch in mine(batch_list):
+            if state is not None:
+                state.batch = i
+            call_pipeline(self.pipe, batch, num_inference_steps=self.num_inference_steps,
+                          generator=torch.Generator("cpu").manual_seed(seed + i),
+                          output_type="latent" if kind == "prompt" else "np", **self.pipeline_kwargs)
+            if on_end is not None:
+                on_end(i)
+            self.bar.update(1)
+
+
+# -- 1. trajectories ------------------------------------------------------------------------------
+
+
+def trajectories(cal: Calibration, batch_list: list[list], log_calls: bool) -> tuple[list | None, dict[int, list]]:
+    """Runs ``batch_list`` in full precision without cache. Sets the sampler on ``cal`` (timesteps,
+    first position) and returns (per position, the cached feature over all batches in batch order —
+    on rank 0, None elsewhere; {batch: logged calls} of this process when ``log_calls``)."""
+    sess = cal.session(full_steps=None)
+    key = None if cal.layout is None else cal.layout.feature_key
+    calls: list = []
+    feats: dict[int, dict[int, torch.Tensor]] = {}
+    logs: dict[int, list] = {}
+    positions: dict[int, list[int]] = {}
+
+    def record(module, args, kwargs, out):
+        pos = sess.clock.position
+        calls.append((pos, None if key is None else sess.store.feature(key).detach().float().cpu(),
+                      (to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))) if log_calls else None))
+
+    def take(i):
+        positions[i] = [c[0] for c in calls]
+        if key is not None:
+            feats[i] = {pos: f for pos, f, _ in calls}
+        if log_calls:
+            logs[i] = [(pos, *c) for pos, _, c in calls]
+        calls.clear()
+
+    handle = cal.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        cal.run(batch_list, cal.config.seed, on_end=take)
+        planned = sess.attachments[0].planned
+    finally:
+        handle.remove()
+        sess.close()
+    # rank 0 runs batch 0, so it has seen the sampler; a process with no batch of this pass has not
+    mine_ok = _check_positions(positions, len(planned)) if positions else None
+    cal.timesteps, cal.begin = broadcast((planned, mine_ok) if rank_world()[0] == 0 else None)
+    if mine_ok is not None and mine_ok != cal.begin:
+        raise RuntimeError(f"calibration runs started at position {mine_ok} here and {cal.begin} on rank 0")
+    parts = gather(feats)
+    features = None
+    if key is not None and rank_world()[0] == 0:
+        ordered = [d for _, d in sorted(((i, d) for p in parts for i, d in p.items()), key=lambda x: x[0])]
+        features = [torch.cat([d[t] for d in ordered], dim=0) for t in range(cal.begin, cal.num_positions)]
+    return features, logs
+
+
+def _check_positions(positions: dict[int, list[int]], T: int) -> int:
+    """The first position of the runs, after checking every run visited the same positions, one
+    call each, up to the last (what the clock and the plan assume)."""
+    runs = list(positions.values())
+    if not runs or not runs[0]:
+        raise RuntimeError("the calibration runs made no model call")
+    begin = runs[0][0]
+    want = list(range(begin, T))
+    for r in runs:
+        if r != want:
+            raise RuntimeError(
+                f"a calibration run called the model at positions {r[:6]}... of {T}; cachequant calibrates runs "
+                f"that call the model once per position from {begin} to the end ({want[:6]}...): does the "
+                "pipeline call the model more than once per scheduler step, or stop early?")
+    return begin
+
+
+# -- 2. schedule and cache-DEC ------------------------------------------------------------------
+
+
+def schedule_and_cache_dec(cal: Calibration, features: list | None) -> tuple[list[int], torch.Tensor | None]:
+    """(full positions, cache-DEC (2, T, C) or None), computed on rank 0 and shared."""
+    result = _schedule_and_cache_dec(cal, features) if rank_world()[0] == 0 else None
+    schedule, dec, diag = broadcast(result)
+    cal.diagnostics.update(diag)
+    return schedule, dec
+
+
+def _schedule_and_cache_dec(cal: Calibration, features: list | None) -> tuple[list[int], torch.Tensor | None, dict]:
+    cfg = cal.config
+    T, begin = cal.num_positions, cal.begin
+    cached = cfg.interval > 1 and cal.layout is not None
+    kind = cfg.schedule if cached else "uniform"
+    rel = make_schedule(kind, T - begin, cfg.interval if cached else 1, features if kind == "dps" else None)
+    diag: dict = {}
+    dec = None
+    if cached and features is not None:
+        dim = cal.layout.channel_dim
+        # in-sample, on the calibration trajectories: how stale the reused feature is (a large value
+        # that DEC does not shrink, e.g. DDPM's fresh noise per step, predicts a quality loss)
+        before = relative_reuse_error(features, rel, channel_dim=dim)
+        diag["cache_reuse"] = {"relative_l1": before["relative_l1"]}
+        if cfg.use_cache_dec:
+            a, b = fit_cache_dec(features, rel, dim, slope=cfg.cache_dec_slope)
+            after = relative_reuse_error(features, rel, (a, b), dim)
+            diag["cache_reuse"]["relative_l1_after_cache_dec"] = after["relative_l1"]
+            diag["cache_dec_fit"] = {"l1_before": before["mean_l1"], "l1_after": after["mean_l1"],
+                                     "cached_steps": before["cached_steps"]}
+            dec = torch.stack([torch.ones(T, a.shape[1]), torch.zeros(T, a.shape[1])])
+            dec[0, begin:], dec[1, begin:] = a, b
+    return [begin + s for s in rel], dec, diag
+
+
+# -- 3. activation ranges (and weight ranges, GPTQ) --------------------------------------------
+
+
+def quant_specs(cal: Calibration) -> tuple[list[LayerSpec], list[str], dict[str, int]]:
+    """(layers, attention modules, cache consumers) the plan quantizes."""
+    cfg, model, adapter = cal.config, cal.model, cal.adapter
+    consumers = adapter.cache_consumers(model, cal.site) if cfg.use_quant_dec and cal.layout is not None else {}
+    specs = layer_specs(model, cfg.weight_bits, adapter.keep_8bit(model), adapter.concat_splits(model, cal.site),
+                        cfg.w8_layers, frozenset(consumers))
+    attn, other = attention_modules(model) if cfg.quant_attention else ([], {})
+    if other:
+        cal.diagnostics["attention_kept_float"] = other
+    return specs, attn, consumers
+
+
+def activation_ranges(cal: Calibration, schedule: list[int], cache_dec, specs: list[LayerSpec], attn: list[str],
+                      tensors: dict[str, torch.Tensor]) -> list[LayerSpec]:
+    """Fills ``tensors`` with weight ranges (GPTQ codes) and per-position activation ranges; returns
+    the specs of the layers that ran (a layer that never ran, such as one bypassed by fused
+    projections, is left unquantized and named in the diagnostics)."""
+    cfg, model = cal.config, cal.model
+    for spec in specs:
+        s, z = weight_qparams(model.get_submodule(spec.name).weight.detach(), spec.weight_bits)
+        tensors[f"w.{spec.name}"] = torch.stack([s.reshape(-1), z.reshape(-1)]).float().cpu()
+    state = ObserveState()
+    sess = cal.session(schedule, cache_dec)
+    undo: list = []
+    try:
+        layer_obs, u = attach_range_observers(model, specs, cfg.act_bits, sess.clock, state)
+        undo += u
+        attn_obs, u = attach_attention_observers(model, attn, cfg.act_bits, sess.clock, state)
+        undo += u
+        hessians = None
+        if cfg.weight_rounding == "gptq":
+            hessians, u = attach_hessians(model, specs, cfg.seed, _GPTQ_MAX_BYTES)
+            undo += u
+        if cfg.calibration == "trajectory":
+            cal.run(cal.batches(), cfg.seed + _RANGE_SEED, state=state)
+        else:
+            cal.diagnostics["calibration_selection"] = _select_and_observe(cal, sess, state, schedule)
+    finally:
+        for fn in reversed(undo):
+            fn()
+        sess.close()
+    if hessians is not None:
+        cal.diagnostics["gptq"] = _apply_gptq(model, specs, hessians, tensors)
+
+    histories = {f"act.{n}": [o.history for o in obs] for n, obs in layer_obs.items()}
+    histories.update({f"attn.{n}": [obs[k].history for k in obs] for n, obs in attn_obs.items()})
+
+    def tables(per_rank: list[dict]) -> dict[str, torch.Tensor | None]:
+        from ..quant.observers import RangeObserver
+
+        out = {}
+        for key in per_rank[0]:
+            parts = []
+            for j in range(len(per_rank[0][key])):
+                o = RangeObserver(cfg.act_bits, [h for p in per_rank for h in p[key][j]])
+                parts.append(o.table(cal.num_positions, cal.begin, cfg.per_step_act) if o.history else None)
+            out[key] = None if any(p is None for p in parts) else torch.stack(parts)
+        return out
+
+    result = solve_on_rank0({rank_world()[0]: histories}, tables)
+    ran = []
+    for spec in specs:
+        t = result[f"act.{spec.name}"]
+        if t is None:
+            cal.diagnostics.setdefault("layers_not_run", []).append(spec.name)
+            tensors.pop(f"w.{spec.name}", None)
+            tensors.pop(f"w.{spec.name}.codes", None)
+            continue
+        tensors[f"act.{spec.name}"] = t
+        ran.append(spec)
+    for name in attn:
+        t = result[f"attn.{name}"]
+        if t is None:
+            raise RuntimeError(f"the attention module {name} never ran during calibration")
+        tensors[f"attn.{name}"] = t
+    return ran
+
+
+def _apply_gptq(model: nn.Module, specs: list[LayerSpec], acc: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """GPTQ codes for every layer, on the grid its range search chose (rank 0 sums the ranks'
+    Hessians, then shares the codes). Returns a diagnostic: the mean relative output error
+    ‖(W − Ŵ)X‖ / ‖WX‖ estimated through H, nearest vs GPTQ, over the layers."""
+    from ..quant.gptq import gptq_codes, hessian_from
+    from ..quant.quantizer import fake_quant
+
+    def solve(per_rank: list[dict]):
+        codes, before, after = {}, [], []
+        for spec in specs:
+            name = spec.name
+            n = sum(p[name][1] for p in per_rank)
+            if n == 0:
+                continue  # never ran: keeps nearest rounding
+            h = hessian_from(sum(p[name][0] for p in per_rank), n)
+            w = model.get_submodule(name).weight.detach()
+            h = h.to(w.device)
+            wt = tensors[f"w.{name}"]
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            s, z = wt[0].view(shape).to(w.device), wt[1].view(shape).to(w.device)
+            codes[name] = gptq_codes(w, h, s, z, spec.weight_bits).to(torch.uint8).cpu()
+            q = (codes[name].to(w.device).double() - z.double()) * s.double()
+            w2 = w.reshape(w.shape[0], -1).double()
+            ref = torch.einsum("ok,kl,ol->", w2, h.double(), w2).clamp_min(1e-30)
+            for d, out in ((fake_quant(w.float(), s, z, spec.weight_bits), before), (q, after)):
+                e = (w.double() - d.double()).reshape(w.shape[0], -1)
+                out.append(float(torch.sqrt(torch.einsum("ok,kl,ol->", e, h.double(), e) / ref)))
+        diag = {"layers": len(codes), "rel_output_error_nearest": sum(before) / max(len(before), 1),
+                "rel_output_error_gptq": sum(after) / max(len(after), 1)}
+        return codes, diag
+
+    codes, diag = solve_on_rank0({rank_world()[0]: {name: (a.h.cpu(), a.n) for name, a in acc.items()}}, solve)
+    for name, c in codes.items():
+        tensors[f"w.{name}.codes"] = c
+    return diag
+
+
+def _select_and_observe(cal: Calibration, sess: Session, state: ObserveState, schedule: list[int]) -> dict:
+    """Logs the cached trajectories (float), selects ``calib_select`` entries by the configured
+    method, and replays only those with the observers on."""
+    import time
+
+    from .pool import build_pool, replay_observe
+    from .select import select
+
+    cfg = cal.config
+    if rank_world()[1] > 1:
+        raise ValueError(f"calibration={cfg.calibration!r} selects from a pool on one process; run it without "
+                         "torchrun (the 'trajectory' calibration is the one that spreads over processes)")
+    log: list = []
+    state.enabled = False
+    handle = cal.model.register_forward_hook(
+        lambda m, a, k, o: log.append((sess.clock.position, to_cpu(a), to_cpu(k), None)), with_kwargs=True)
+    try:
+        batch_list = cal.batches()
+        cal.run(batch_list, cfg.seed + _RANGE_SEED)
+    finally:
+        handle.remove()
+    pool = build_pool(log, [len(b) for b in batch_list], cal.num_positions - cal.begin)
+    t = time.time()
+    info: dict = {}
+    chosen = select(cfg.calibration, pool.features, pool.steps, cfg.calib_select, lam=cfg.tap_lambda,
+                    seed=cfg.seed, clusters=cfg.tap_clusters, info=info)
+    t_sel = time.time() - t
+
+    def call(position, args, kwargs):
+        sess.clock.set(position)
+        with torch.no_grad():
+            cal.model(*args, **kwargs)
+
+    def observe(on: bool):
+        state.enabled = on
+
+    per_step = replay_observe(call, frozenset(schedule), pool, chosen, cal.device, observe)
+    return {"method": cfg.calibration, "pool": len(pool.entries), "selected": int(len(chosen)),
+            "selection_seconds": t_sel, **info, "per_step": {str(k): v for k, v in sorted(per_step.items())},
+            "selected_entries": [int(i) for i in chosen]}
+
+
+# -- 4. quantization DEC --------------------------------------------------------------------------
+
+
+def accelerated_session(cal: Calibration, schedule: list[int], cache_dec, specs: list[LayerSpec], attn: list[str],
+                        tensors: dict[str, torch.Tensor]) -> Session:
+    """The cached, quantized model on the float reference (what the plan so far describes)."""
+    sess = cal.session(schedule, cache_dec)
+    try:
+        sess.add_quant(specs, cal.config.act_bits, tensors, make_backend("fake", KernelOptions()))
+        sess.add_attention(attn, tensors, cal.config.act_bits)
+    except BaseException:
+        sess.close()
+        raise
+    return sess
+
+
+def quant_dec(cal: Calibration, schedule: list[int], cache_dec, specs: list[LayerSpec], attn: list[str],
+              consumers: dict[str, int], tensors: dict[str, torch.Tensor]) -> None:
+    """Fits the quantization-DEC coefficients of the cache's first consumers into ``tensors``."""
+    plain = [LayerSpec(s.name, s.weight_bits, s.split, False) for s in specs]
+    state = ObserveState()
+    sess = accelerated_session(cal, schedule, cache_dec, plain, attn, tensors)
+    try:
+        stats, undo = attach_quant_dec_stats(cal.model, consumers, sess.layers, sess.clock, state)
+        try:
+            cal.run(cal.batches(), cal.config.seed + _RANGE_SEED, state=state)
+        finally:
+            for fn in undo:
+                fn()
+    finally:
+        sess.close()
+
+    def solve(per_rank: list[dict]):
+        coeffs, fits = {}, {}
+        for name in consumers:
+            st = _sum_in_order([p[name] for p in per_rank])
+            a, b = st.solve()
+            coeffs[name] = torch.stack([a, b])
+            before, after = st.residual(a, b)
+            fits[name] = {"mse_before": before, "mse_after": after}
+        return coeffs, fits
+
+    coeffs, fits = solve_on_rank0({rank_world()[0]: stats}, solve)
+    cal.diagnostics["quant_dec_fit"] = fits
+    for name, t in coeffs.items():
+        tensors[f"qdec.{name}"] = t
+
+
+def _sum_in_order(per_rank: list[dict]) -> QuantDecStats | VCStats:
+    """Per-batch statistics objects from all ranks, accumulated in global batch order."""
+    items = sorted(((i, st) for d in per_rank for i, st in d.items()), key=lambda x: x[0])
+    total = items[0][1]
+    for _, st in items[1:]:
+        total.add(st)
+    return total
+
+
+# -- 5. variance compensation --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def variance_compensation(cal: Calibration, sess: Session, logs: dict[int, list]) -> torch.Tensor:
+    """Teacher-forced replay of the full-precision runs through the accelerated model: at each call,
+    x̂ = accelerated output on the logged input, x = the logged full-precision output."""
+    channels = int(cal.model.config.in_channels)
+    stats = {}
+    for i, log in logs.items():
+        stats[i] = st = VCStats(cal.num_positions, channels, gamma=cal.config.vc_gamma)
+        for pos, args, kwargs, target in log:
+            if pos == cal.begin:
+                sess.clock.start_run()
+            sess.clock.set(pos)
+            out = cal.model(*to_device(args, cal.device), **to_device(kwargs, cal.device))
+            pred = sample_of(out)
+            st.update(pos, pred, target.to(pred.device))
+
+    def solve(per_rank: list[dict]):
+        scale = _sum_in_order(per_rank).solve()
+        return scale, {"min": float(scale.min()), "max": float(scale.max()), "batches": sum(len(p) for p in per_rank)}
+
+    scale, diag = solve_on_rank0({rank_world()[0]: stats}, solve)
+    cal.diagnostics["vc"] = diag
+    return scale
