@@ -12,7 +12,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-CONDITIONINGS = ("prompt", "class", "uncond")
 DENOISER_ATTRS = ("unet", "transformer")
 
 
@@ -92,10 +91,6 @@ def call_pipeline(pipe: Any, batch: Sequence, *, num_inference_steps: int, gener
     if kind == "class":
         return pipe(class_labels=list(batch), **kw)
     return pipe(batch_size=len(batch), **kw)
-
-
-def images_of(out: Any) -> Any:
-    return out.images if hasattr(out, "images") else out[0]
 
 
 # -- denoiser outputs ---------------------------------------------------------------------------

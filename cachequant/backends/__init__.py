@@ -2,7 +2,6 @@
 their options, and CUDA-graph replay."""
 
 from .options import ATTENTION, BACKENDS, KernelOptions
-from .registry import Backend, backend_names, make_backend, register_backend, select_backend
+from .registry import Backend, make_backend, register_backend, select_backend
 
-__all__ = ["ATTENTION", "BACKENDS", "Backend", "KernelOptions", "backend_names", "make_backend",
-           "register_backend", "select_backend"]
+__all__ = ["ATTENTION", "BACKENDS", "Backend", "KernelOptions", "make_backend", "register_backend", "select_backend"]

@@ -56,11 +56,6 @@ def _builtins() -> None:
     register_backend("fp8", lambda options: TritonBackend("fp8", options))
 
 
-def backend_names() -> list[str]:
-    _builtins()
-    return list(_FACTORIES)
-
-
 def _probe(name: str) -> Backend:
     """An instance with default options, to ask ``available``."""
     if name not in _PROBES:

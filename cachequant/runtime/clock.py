@@ -62,10 +62,6 @@ class StepClock:
     def num_positions(self) -> int:
         return len(self.timesteps)
 
-    @property
-    def cached(self) -> bool:
-        return self.mode == "cached"
-
     def adopt(self, timesteps: list[float]) -> None:
         """Takes the timesteps of the sampler's first run as the positions (calibration)."""
         self.timesteps = list(timesteps)
