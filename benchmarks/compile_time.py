@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import speed  # noqa: E402
 
+from cachequant.pipecall import call_pipeline  # noqa: E402
 from cachequant.utils.io import atomic_path  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def first_call_inputs(pipe, model: str, batch: int, tiny: bool) -> tuple[tuple, 
     h = speed.denoiser(pipe).register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            pipe(**{**speed.call_kwargs(model, batch, 1, tiny), "output_type": "latent"})
+            call_pipeline(pipe, **{**speed.call_kwargs(model, batch, 1, tiny), "output_type": "latent"})
     finally:
         h.remove()
     return seen[0]

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cachequant as cq  # noqa: E402
 from cachequant.models.tiny import tiny_sd_pipeline  # noqa: E402
+from cachequant.pipecall import call_pipeline  # noqa: E402
 from cachequant.utils.io import atomic_path  # noqa: E402
 
 PROMPTS = ["a red cat", "a small boat"]
@@ -34,9 +35,8 @@ def first_call(pipe) -> tuple[tuple, dict]:
     seen = []
     h = pipe.unet.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)) if not seen else None,
                                             with_kwargs=True)
-    with torch.no_grad():
-        pipe(PROMPTS[:1], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent",
-             height=16, width=16)
+    call_pipeline(pipe, PROMPTS[:1], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                  output_type="latent", height=16, width=16)
     h.remove()
     return seen[0]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cachequant as cq  # noqa: E402
 from cachequant.models.adapters import adapter_for  # noqa: E402
-from cachequant.pipecall import denoiser_of  # noqa: E402
+from cachequant.pipecall import call_pipeline, denoiser_of  # noqa: E402
 from cachequant.utils.io import atomic_path  # noqa: E402
 
 SD15_UNET = dict(
@@ -106,11 +107,12 @@ def build(model: str, sampler: str, device: str, tiny: bool = False):
 
 
 def call_kwargs(model: str, batch: int, steps: int, tiny: bool = False) -> dict:
+    """The arguments of ``cachequant.pipecall.call_pipeline`` for one timed pipeline run."""
     if model == "sd15":
         side = 16 if tiny else 512
-        return dict(prompt=["a photo"] * batch, num_inference_steps=steps, guidance_scale=7.5, height=side,
+        return dict(batch=["a photo"] * batch, num_inference_steps=steps, guidance_scale=7.5, height=side,
                     width=side, output_type="np")
-    return dict(class_labels=list(range(batch)), num_inference_steps=steps, guidance_scale=4.0, output_type="np")
+    return dict(batch=list(range(batch)), num_inference_steps=steps, guidance_scale=4.0, output_type="np")
 
 
 class WarmupTimeout(BaseException):
@@ -125,7 +127,8 @@ def _warmup_alarm(signum, frame):
 
 def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float | None = None,
               warmup_profile: dict | None = None) -> dict:
-    """``warmup_limit_s``: give up on a row whose warm-up run (graph capture, compilation) takes
+    """Times ``pipe(generator=..., **kw)`` (the pipeline through ``call_pipeline``, or any callable).
+    ``warmup_limit_s``: give up on a row whose warm-up run (graph capture, compilation) takes
     longer, so that one slow compilation does not take the rest of a device call with it. The
     alarm interrupts Python code only: a single long C call ends first. ``warmup_profile``: a dict
     that receives where the warm-up's time went (``StackSampler``), also when it is cut."""
@@ -427,7 +430,7 @@ def linear_rows(pipe, model: str, batch: int, tiny: bool) -> dict[str, int]:
              for n, m in denoiser(pipe).named_modules() if isinstance(m, torch.nn.Linear)]
     try:
         with torch.no_grad():
-            pipe(**{**call_kwargs(model, batch, 2, tiny), "output_type": "latent"})
+            call_pipeline(pipe, **{**call_kwargs(model, batch, 2, tiny), "output_type": "latent"})
     finally:
         for h in hooks:
             h.remove()
@@ -811,7 +814,7 @@ def main() -> int:
     calls = []
     h = denoiser(pipe).register_forward_pre_hook(lambda m, a: calls.append(1))
     with torch.no_grad(), count_ops(denoiser(pipe)) as c:
-        pipe(**{**call_kwargs(args.model, 1, 2, args.tiny), "output_type": "latent"})
+        call_pipeline(pipe, **{**call_kwargs(args.model, 1, 2, args.tiny), "output_type": "latent"})
     h.remove()
     # Linear + conv MACs of one full model call per image (CFG doubles the batch); attention
     # matmuls are not counted.
@@ -837,11 +840,12 @@ def main() -> int:
                 dynamo_counters.clear()
                 compilation_time_metrics.clear()
                 with torch.no_grad():
-                    row.update(time_runs(pipe, call_kwargs(args.model, batch, steps, args.tiny), args.repeats, device,
+                    run = functools.partial(call_pipeline, pipe)  # called with call_kwargs and a generator
+                    row.update(time_runs(run, call_kwargs(args.model, batch, steps, args.tiny), args.repeats, device,
                                          warmup_limit(args, time.perf_counter() - t_start),
                                          row if args.profile_warmup else None))
                     if args.profile:
-                        row["profile"] = profile_run(pipe, call_kwargs(args.model, batch, steps, args.tiny), device)
+                        row["profile"] = profile_run(run, call_kwargs(args.model, batch, steps, args.tiny), device)
                 if dynamo_counters["stats"]["unique_graphs"]:  # compiled rows: how many graphs, graph breaks
                     row["dynamo_graphs"] = dynamo_counters["stats"]["unique_graphs"]
                     row["dynamo_graph_breaks"] = sum(dynamo_counters["graph_break"].values())

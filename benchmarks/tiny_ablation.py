@@ -22,6 +22,7 @@ import torch
 import cachequant as cq
 from cachequant.metrics import psnr
 from cachequant.metrics.macs import count_ops
+from cachequant.pipecall import call_pipeline
 from cachequant.pipecall import denoiser_of
 from cachequant.models.tiny import tiny_ddim_pipeline, tiny_dit_pipeline
 from cachequant.utils.io import atomic_path
@@ -38,10 +39,8 @@ VARIANTS = [
 
 def sample(pipe, kind, n, steps, seed):
     g = torch.Generator("cpu").manual_seed(seed)
-    if kind == "dit":
-        out = pipe(class_labels=[i % 10 for i in range(n)], num_inference_steps=steps, generator=g, output_type="np")
-    else:
-        out = pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type="np")
+    out = call_pipeline(pipe, [i % 10 for i in range(n)] if kind == "dit" else [None] * n, num_inference_steps=steps,
+                        generator=g, output_type="np")
     return np.asarray(out.images, dtype=np.float64)
 
 

@@ -125,6 +125,8 @@ def record_shapes(model: str, batches: list[int], kind: str, device: str, tiny: 
     from cachequant.kernels import triton_gemm
     from speed import PlanCache, build, call_kwargs
 
+    from cachequant.pipecall import call_pipeline
+
     pipe = build(model, "pndm" if model == "sd15" else "ddim", device, tiny)
     plan = PlanCache().get(pipe, model, 2, 1, 8)
     cq.accelerate(pipe, plan, replace(options, backend=kind))
@@ -133,7 +135,7 @@ def record_shapes(model: str, batches: list[int], kind: str, device: str, tiny: 
         for b in batches:
             triton_gemm.RECORD = rec
             with torch.no_grad():
-                pipe(**{**call_kwargs(model, b, 2, tiny), "output_type": "latent"})
+                call_pipeline(pipe, **{**call_kwargs(model, b, 2, tiny), "output_type": "latent"})
     finally:
         triton_gemm.RECORD = None
     return rec

@@ -500,8 +500,7 @@ def test_dropping_float_weights_keeps_images_and_frees_memory(make_pipe):
     assert after["packed_weight_bytes"] * 4 == after["float_weight_bytes_dropped"]  # fp32 weights → 8-bit codes
     with pytest.raises(RuntimeError, match="reload the pipeline"):
         cq.restore(pipe)
-    assert cq.is_accelerated(pipe)  # still usable after the refused restore
-    assert np.array_equal(run(pipe, "ddim", 2, n=1), kept)
+    assert cq.is_accelerated(pipe) and cq.kernel_report(pipe) == after  # the refused restore changed nothing
     with pytest.raises(cq.WorkflowError, match="cannot save"):
         pipe.unet.state_dict()  # save_pretrained would write empty weights: refused
 

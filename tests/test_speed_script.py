@@ -207,6 +207,8 @@ def test_regional_compile_shares_one_graph_across_identical_blocks():
     output equals the eager model's, and the original denoiser comes back afterwards."""
     import torch
     from conftest import load_benchmark
+
+    from cachequant.pipecall import call_pipeline
     from torch._dynamo.utils import counters
 
     speed = load_benchmark("speed")
@@ -214,11 +216,11 @@ def test_regional_compile_shares_one_graph_across_identical_blocks():
     kw = {**speed.call_kwargs("dit-xl2", 1, 2, True), "output_type": "latent"}
     orig = speed.denoiser(pipe)
     with torch.no_grad():
-        ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        ref = call_pipeline(pipe, generator=torch.Generator().manual_seed(0), **kw).images
         torch._dynamo.reset()
         counters.clear()
         info, undo = speed.row_compile(pipe, "dit-xl2", scope="regional")
-        out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        out = call_pipeline(pipe, generator=torch.Generator().manual_seed(0), **kw).images
     n_blocks = len(speed.denoiser(pipe).transformer_blocks)
     assert info["compile_scope"].startswith(f"each BasicTransformerBlock ({n_blocks})")
     assert all(b._compiled_call_impl is not None for b in speed.denoiser(pipe).transformer_blocks)
