@@ -846,7 +846,7 @@ def _bootstrap_cells(boot: list | None, fp_boot: list | None, is_fp: bool) -> di
 
 def _calibration_coverage(info: dict | None) -> dict:
     """Calibration entries per denoising step: activation ranges are per step, so the step with the
-    fewest entries is where a range is least representative (see results/qandc.md)."""
+    fewest entries is where a range is least representative (see results/qandc/README.md)."""
     cal = (info or {}).get("calibration") or {}
     sel = (cal.get("diagnostics") or {}).get("calibration_selection")
     if sel and sel.get("per_step"):
@@ -1250,7 +1250,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--work", help="the sampling work folder (as given to sample / metrics)")
     r.add_argument("--from-json", nargs="+", metavar="TABLE_JSON",
                    help="instead of --work: <table>.json files of one or more runs (e.g. the committed "
-                        "results/ablation-*.json), merged per table; refused when the runs' full-precision "
+                        "results/quality/*.json), merged per table; refused when the runs' full-precision "
                         "samples or reference statistics differ")
     r.add_argument("--out", default="results")
     r.set_defaults(fn=run_report)

@@ -1,8 +1,8 @@
 """How stale is the cached feature under each sampler, and how much of that can DPS and cache-DEC
-remove? A CPU-sized follow-up to `results/ablation.md`.
+remove? A CPU-sized follow-up to `results/quality/README.md`.
 
 On the shipped DiT, caching at N = 2 costs ~1 FID with DDIM 50 but ~14 FID with DDPM 250
-(`results/ablation.md`). This script records the cached feature (the Δ-DiT deviation of the cached
+(`results/quality/README.md`). This script records the cached feature (the Δ-DiT deviation of the cached
 blocks, or the UNet's deep feature) at every model call of uncached full-precision trajectories
 and reports, for reuse at interval N, the relative L1 error of the reused feature
 
@@ -25,7 +25,7 @@ cache-DEC's mean slope; "dps+shift-dec" is DPS with a shift-only cache-DEC (slop
 ratio), so a slope below 1 means cache-DEC pulls every cached step's feature towards its mean.
 
     python benchmarks/cache_drift.py --model cifar10-dit --runs ddpm:250,ddim:250,ddpm:50,ddim:50 \
-        --num-samples 8 --out results/cache-drift-dit.json
+        --num-samples 8 --out results/cache-drift/dit.json
 
 Sample i has class label i mod 10; the fitting run uses seed SEED + 1, the evaluated one SEED.
 """

@@ -1,7 +1,7 @@
 """Where torch.compile's warm-up goes for a torchao-quantized denoiser: tracing or code generation.
 
 Compiling the torchao int8 / float8 DiT-XL/2 took 242 s / 183 s on the H200, and the SD 1.5 UNet's
-did not finish in a 560 s device call (benchmarks/results/h200.md), against 9 s and 73 s for the
+did not finish in a 560 s device call (results/speed/README.md), against 9 s and 73 s for the
 same models in fp16. This script times one denoiser call of the full-size architecture (random
 weights, the inputs its pipeline passes at the first step):
 
@@ -14,7 +14,7 @@ run, without inductor's code generation: on any machine, it tells how much of th
 tracing alone takes. ``torch._dynamo.utils.compile_times()`` is saved too.
 
     python benchmarks/compile_time.py --model sd15 --quant none int8 --backend aot_eager \\
-        --out benchmarks/results/cpu-compile-time-sd15.json
+        --out results/compile/compile-time-sd15-cpu.json
 """
 
 from __future__ import annotations

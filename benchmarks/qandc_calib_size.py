@@ -1,5 +1,5 @@
 """Does the Q&C table's ranking come from *which* entries a selection picks, or from *how many* it
-keeps per denoising step? A follow-up to `results/qandc.md`, small enough for a CPU.
+keeps per denoising step? A follow-up to `results/qandc/README.md`, small enough for a CPU.
 
 In that table every selection of 256 entries (TAP, random, k-means, …) calibrated worse than the
 baseline, which keeps the whole pool (32 trajectories × 50 steps = 1,600 entries). Activation
@@ -9,9 +9,9 @@ and reports, against the same seeds in full precision, PSNR / SSIM (a proxy: FID
 samples, this runs on a CPU) next to how the selection covered the steps:
 
     python benchmarks/qandc_calib_size.py --device cpu --num-samples 16 --work /tmp/qandc-size \
-        --out results/qandc-calib-size.json
+        --out results/qandc/calib-size-cpu.json
 
-With ``--table-json results/qandc-2026-12-01.json`` it instead reads the GPU table and prints, for
+With ``--table-json results/qandc/dit-ddim50-n3.json`` it instead reads the GPU table and prints, for
 its 256-entry selections without VC / DEC, the per-step coverage next to FID and their Spearman
 rank correlation (no sampling).
 

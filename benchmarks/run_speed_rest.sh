@@ -15,7 +15,7 @@
 #   torchao-sd15-b1, torchao-sd15-b8, torchao-dit-ddim50-b1, torchao-dit-ddim50-b8,
 #   torchao-dit-ddpm250-b1, torchao-dit-ddpm250-b8   the torchao rows, one configuration per call:
 #             compiling the torchao model took 242 s (int8) and 183 s (float8) for DiT-XL/2 at batch 1
-#             and did not finish within a 560 s call for SD 1.5 (2026-12-02), so a row's warm-up may
+#             and did not finish within a 560 s call for SD 1.5, so a row's warm-up may
 #             take no longer than the call's time budget has left, and says so when it overruns
 #             (limits: 545 s of budget, then the five timed runs, under a 585 s kill). Run the
 #             DDIM 50 part before the DDPM 250 part of the same batch on one warm machine: the model and
@@ -23,10 +23,10 @@
 #             compilation. (Regional compilation, each transformer block on its own, compiled faster
 #             but ran 1.6-2.9x slower: the "regional compile" rows of speed.py, not run here.)
 #   torchao-sd15-rest   SD 1.5's torchao float8 at batch 1, int8 and float8 at batch 8, without a
-#             time limit: SD's int8 warm-up took 535 s + 362 s over two calls (2026-12-03), so run it
+#             time limit: SD's int8 warm-up took 535 s + 362 s over two calls, so run it
 #             as a detached job: benchmarks/device/detached.sh start sd15 bash benchmarks/run_speed_rest.sh
 #             /tmp/cq-detached/sd15 torchao-sd15-rest; detached.sh wait sd15 560 in that call, then
-#             detached.sh wait sd15 590 in each later one (benchmarks/results/h200.md, "Still to run")
+#             detached.sh wait sd15 590 in each later one (results/speed/README.md)
 #   torchao-sd15-b8-rest   SD 1.5's torchao int8 and float8 at batch 8, as a detached job too: both
 #             warm-ups at once, then the timed rows (the comment at the part says why)
 #   torchao-sd15-b8-float8   SD 1.5's torchao float8 at batch 8 alone, detached, seeded with the tuned
@@ -53,10 +53,10 @@ s="benchmarks/speed.py --plan-dir /tmp/cq-plans"
 # Kernels compile in the calling process (TORCHINDUCTOR_COMPILE_THREADS=1, unless set): a kernel
 # compiled in inductor's worker pool comes back pickled, and triton.Config's __setstate__ keeps only
 # its own fields, so the mark that its config was found by coordinate descent is lost and the tuning
-# runs again although the tuned config is on disk. On 2026-12-03 (torch 2.11, Triton 3.6) SD 1.5's
+# runs again although the tuned config is on disk. With torch 2.11 and Triton 3.6, SD 1.5's
 # float8 row at batch 8 with the 281 seeded configs timed 3,252 candidates in a 1,207 s warm-up with
-# 16 compile threads, and 16 candidates in a 92 s warm-up with one (benchmarks/results/h200.md,
-# fourteenth session); compiling its 154 kernels in one process cost about 4 s.
+# 16 compile threads, and 16 candidates in a 92 s warm-up with one (results/speed/README.md);
+# compiling its 154 kernels in one process cost about 4 s.
 tuned_cache() {
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/cq-inductor}
   export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
@@ -72,7 +72,7 @@ for part in "$@"; do
     profile) timeout 200 python3 $s --model sd15 --batch 1 --repeats 3 --time-budget-s 160 --profile \
         --rows "fp16 + CUDA,INT8 quant-only,FP8 quant-only,W4A8,N=5 INT8 + graph,N=5 FP8 + graph,DeepCache N=5" \
         --out "$out/sd15-profile.json" ;;
-    # the target rows first: on 2026-12-02 the 200 s budget ran out before them (rows run in --rows order)
+    # the target rows first: a 200 s budget once ran out before them (rows run in --rows order)
     ddpm250) timeout 420 python3 $s --model dit-xl2 --sampler ddpm --batch 1 --repeats 5 --time-budget-s 360 \
         --rows "fp16 eager,N=2 INT8 + graph,N=2 FP8 + graph,fp16 + CUDA,cache-only N=2,N=3 FP8 + graph,INT8 quant-only,FP8 quant-only" \
         --out "$out/dit-ddpm250.json" ;;
@@ -105,7 +105,7 @@ for part in "$@"; do
     torchao-dit-*) cfg=${part#torchao-dit-}; sampler=${cfg%%[0-9]*}; timeout 585 python3 $s --model dit-xl2 \
         --sampler $sampler --batch ${cfg#*-b} --repeats 5 --time-budget-s 545 \
         --rows "fp16 eager,torchao int8 dynamic + compile,torchao float8 dynamic + compile" --out "$out/$part.json" ;;
-    # the three SD 1.5 torchao rows not measured by 2026-12-03, with no time limit: for a job that
+    # the three SD 1.5 torchao rows not measured yet, with no time limit: for a job that
     # outlives one call (benchmarks/device/detached.sh). Each warm-up's Python stack is sampled
     # (--profile-warmup): the part of it outside compilation was not yet attributed.
     torchao-sd15-rest) python3 $s --model sd15 --batch 1 --repeats 5 --profile-warmup \
@@ -113,12 +113,12 @@ for part in "$@"; do
       python3 $s --model sd15 --batch 8 --repeats 5 --profile-warmup \
         --rows "fp16 eager,torchao int8 dynamic + compile,torchao float8 dynamic + compile" \
         --out "$out/torchao-sd15-b8.json" ;;
-    # SD 1.5's two torchao rows at batch 8. A cold warm-up took 876 s (float8, batch 1, 2026-12-03), 777 s
+    # SD 1.5's two torchao rows at batch 8. A cold warm-up took 876 s (float8, batch 1), 777 s
     # of it inductor's coordinate-descent tuning of each Triton kernel at its first run, which torchao's
     # quantize_ switches on; two in a row do not fit one session's device time. So both warm-ups run at
     # once (--repeats 0), in two processes that share inductor's on-disk caches, then the timed rows run
     # one after another in one process and find the compiled graphs and the tuned configs there
-    # (with torch 2.11 the graph-cache hit re-ran the tuning anyway, 224 s for int8 on 2026-12-03: see
+    # (with torch 2.11 the graph-cache hit re-ran the tuning anyway, 224 s for int8: see
     # torchao-sd15-b8-float8 below; that run also compiled in a worker pool, see tuned_cache). The
     # timed runs have the GPU to themselves; the tuning runs did not (the two processes' candidate
     # timings overlapped). The tuned configs are packed into $out/autotune-cache.tgz every 30 s
@@ -133,9 +133,9 @@ for part in "$@"; do
       python3 $s --model sd15 --batch 8 --repeats 5 --profile-warmup \
         --rows "fp16 eager,torchao int8 dynamic + compile,torchao float8 dynamic + compile" \
         --out "$out/torchao-sd15-b8.json"; $pack ;;
-    # SD 1.5's torchao float8 at batch 8, the one row torchao-sd15-b8-rest left (measured 2026-12-03,
-    # run 14, unseeded in effect: see tuned_cache), from a seed of tuned configs: CQ_AUTOTUNE_SEED=
-    # benchmarks/results/h200-2026-12-03-run14-autotune-cache.tgz (torch 2.11.0+cu130, Triton 3.6.0,
+    # SD 1.5's torchao float8 at batch 8, the one row torchao-sd15-b8-rest left (measured
+    # once, unseeded in effect: see tuned_cache), from a seed of tuned configs: CQ_AUTOTUNE_SEED=
+    # results/speed/autotune-cache-torchao-sd15-b8.tgz (torch 2.11.0+cu130, Triton 3.6.0,
     # torchao 0.18.0 on an H200: other versions or GPUs name their kernels differently and tune afresh).
     # Inductor's FX graph and AOTAutograd caches are off: with torch < 2.12 a graph loaded from them
     # re-runs the coordinate-descent tuning of each single-config kernel although its tuned config is

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU speed suite behind benchmarks/results/<device>.md, in one device call (≤ 10 min on an H200):
+# The GPU speed suite behind results/speed/README.md, in one device call (≤ 10 min on an H200):
 # kernel tests on the GPU, kernel TOPS against measured ceilings, then end-to-end rows for SD 1.5
 # (PNDM 50, batch 1) and DiT-XL/2 (DDIM 50, batch 1). Each step has a time limit so the call ends
 # inside the device's 10-minute command limit; rows cut by a budget say so in the JSON.

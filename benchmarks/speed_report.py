@@ -1,7 +1,7 @@
-"""Renders the JSON files of ``benchmarks/speed.py`` into the tables of ``benchmarks/results/<device>.md``.
+"""Renders the JSON files of ``benchmarks/speed.py`` into the tables of ``results/speed/README.md``.
 
-    python benchmarks/speed_report.py benchmarks/results/h200-*.json > /tmp/tables.md
-    python benchmarks/speed_report.py --coverage benchmarks/results/h200-*.json
+    python benchmarks/speed_report.py results/speed/*.json > /tmp/tables.md
+    python benchmarks/speed_report.py --coverage results/speed/sd15-*.json results/speed/dit-*.json results/speed/torchao-*.json
 
 ``--coverage`` checks the files against the rows the speed issue asks for (``REQUIRED``): for each
 configuration and row, the newest file that measured it, else the newest error (a row that could

@@ -1,6 +1,6 @@
 """Error of each acceleration variant against full precision on the tiny (random-weight) models.
 
-    python benchmarks/tiny_ablation.py --out results/tiny-ablation.md
+    python benchmarks/tiny_ablation.py --out results/tiny/README.md
 
 For every variant: the denoiser's output error along the full-precision trajectory (each model call
 gets exactly the inputs the full-precision run gave it; relative L2 error, averaged over calls),
@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--interval", type=int, default=5)
     ap.add_argument("--num-images", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--out", default="results/tiny-ablation.md")
+    ap.add_argument("--out", default="results/tiny/README.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []

@@ -1,7 +1,7 @@
 """Measures tile configs of the 8-bit GEMM on a pipeline's real layer shapes; writes the GPU's tile table.
 
 The kernels' fixed tile rule (``triton_gemm.block_config``) is what left them at 25–46 % of fp16
-cuBLAS on SD's batch-1 shapes (``benchmarks/results/h200.md``). This script, run once per GPU model
+cuBLAS on SD's batch-1 shapes (``results/speed/README.md``). This script, run once per GPU model
 on the device:
 
 1. builds each model (``speed.build``: full-size architecture, random fp16 weights), calibrates a

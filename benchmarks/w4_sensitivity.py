@@ -1,6 +1,6 @@
 """Why does W4A8 break the shipped CIFAR UNet, and which layers does it need at 8 bits?
 
-`results/ablation.md` measured quant-only W4A8 on `cifar10-unet` at FID 242 (W8A8: 48, full
+`results/quality/README.md` measured quant-only W4A8 on `cifar10-unet` at FID 242 (W8A8: 48, full
 precision: 42.5). This script finds where that error comes from, small enough for a CPU:
 
 1. every Linear / Conv2d layer's weight error at 4 bits (the plan's quantizer: per output channel,
@@ -11,7 +11,7 @@ precision: 42.5). This script finds where that error comes from, small enough fo
    shortcut convs at 8 bits; with ``--joint N``: the whole method (cache N, DPS + DEC) at W8A8, W4A8
    and W4A8 with GPTQ; with ``--bias-correction``: a script-level bias-correction experiment.
 
-    python benchmarks/w4_sensitivity.py --num-samples 16 --steps 100 --out results/w4-sensitivity-unet.json
+    python benchmarks/w4_sensitivity.py --num-samples 16 --steps 100 --out results/w4/sensitivity-unet.json
 
 On 2 CPU cores: ~1 minute per variant with the defaults (16 samples, DDIM 100, 16 calibration
 trajectories). PSNR on 16 images is a proxy, not FID: it ranks the groups, it does not replace the table.

@@ -1,4 +1,4 @@
-"""benchmarks/qandc_calib_size.py: the helpers behind the follow-up figures in results/qandc.md."""
+"""benchmarks/qandc_calib_size.py: the helpers behind the follow-up figures in results/qandc/README.md."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def test_ranges_are_compared_only_where_both_plans_observed(study, tmp_path):
 
 
 def test_coverage_vs_fid_of_the_committed_table(study, capsys):
-    """The correlation results/qandc.md quotes comes from the committed table JSON."""
-    assert study.main(["--table-json", str(ROOT / "results" / "qandc-2026-12-01.json")]) == 0
+    """The correlation results/qandc/README.md quotes comes from the committed table JSON."""
+    assert study.main(["--table-json", str(ROOT / "results" / "qandc" / "dit-ddim50-n3.json")]) == 0
     out = capsys.readouterr().out
     assert "over 9 selections: 0.78 (p = 0.014)" in out
     assert "| `tap` | 1 | 6 | 68.01 |" in out and "`baseline`" not in out  # selections only

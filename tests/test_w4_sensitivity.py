@@ -1,5 +1,5 @@
 """benchmarks/w4_sensitivity.py on the shipped CIFAR UNet, shortened (10 steps, 2 images): the W4A8
-finding of results/ablation.md in small — GPTQ rounding recovers what nearest rounding loses."""
+finding of results/w4/README.md in small — GPTQ rounding recovers what nearest rounding loses."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
 # FX graph cache (with torch 2.11 that re-runs the tuning too, pytorch/pytorch#172819). tuned_cache in
 # benchmarks/run_speed_rest.sh sets the first, the part torchao-sd15-b8-float8 the second. With
 # torchao's recommended inductor settings (coordinate-descent tuning) that tuning was 777 of the 876 s
-# warm-up of SD 1.5's float8 row (benchmarks/results/h200.md, twelfth session).
+# warm-up of SD 1.5's float8 row (results/speed/README.md).
 #
 # usage:
 #   bash benchmarks/device/autotune_cache.sh pack CACHE_DIR TGZ     every *.best_config under CACHE_DIR

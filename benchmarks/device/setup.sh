@@ -1,4 +1,4 @@
-# Sourced at the start of every device call (see benchmarks/README.md, "Running on the lent device").
+# Sourced at the start of every device call (see benchmarks/device/README.md).
 # A warm machine keeps /root/cqp between calls; this script
 #  - keeps a copy of the DiT / UNet weights there, and puts them back when a call came without them
 #    (calls that carry the Inception parts leave the zoo weights behind to stay under 64 MiB),

@@ -20,7 +20,7 @@ Why "at least twice": the paper's pool is large next to its selection (800 from 
 so P subsamples of 1/20 hold far more than the selection. Ours is often small (32 trajectories ×
 50 steps = 1,600 entries, 256 to select). There, 3 × 80 subsampled entries are fewer than the
 selection: every one of them was chosen and the rest drawn at random, so neither the clustering
-nor λ decided anything. A first run of the Q&C table on 2026-12-01 had exactly this.
+nor λ decided anything.
 
 Alternatives for comparison: ``random``, ``uniform-per-step`` (the same number from every step:
 the reference default), and scikit-learn's ``kmeans``, ``dbscan``, ``agglomerative`` on the

@@ -2,7 +2,7 @@
 
 Why: :func:`triton_gemm.block_config` picks tiles by a fixed rule (128 × 128, 4 stages). On the
 H200 that rule left the 8-bit kernels at 25–46 % of fp16 cuBLAS on SD's batch-1 shapes and ~40 %
-on its 64² convolutions (``benchmarks/results/h200.md``). Autotuning at start-up would compile
+on its 64² convolutions (``results/speed/README.md``). Autotuning at start-up would compile
 every config for SD's ~40 shapes each time a fresh machine starts. ``benchmarks/tune_tiles.py``
 measures the configs once per GPU model on the real layer shapes of a pipeline and writes a table
 into ``tile_tables/<gpu>.json``; a lookup is then a dict access.

@@ -13,7 +13,7 @@ the reference's table. NaN inputs stay NaN, as in torch.
 The division must be ``tl.div_rn``: Triton compiles a plain fp32 ``/`` to the GPU's approximate
 division (up to 2 ulp off; the interpreter divides exactly, so CPU tests cannot see it). With it,
 on an H200 about 6 elements in 10 million came out one quantization step off
-(`benchmarks/results/h200-2026-12-01-fake-quant.md`).
+(`results/fake-quant/README.md`).
 
 The scale and zero point are 0-d device tensors (this call's entries of the per-step tables), read
 in the kernel: no host synchronisation.

@@ -1,6 +1,6 @@
 """The single-kernel variant (``algo="fused"``): activation quantization in the GEMM prologue.
 
-Measured on an H200 (benchmarks/results): this kernel ran SD 1.5's UNet ~2.8× *slower* than cuBLAS
+Measured on an H200: this kernel ran SD 1.5's UNet ~2.8× *slower* than cuBLAS
 fp16 — the A operand quantized in registers keeps Triton from staging it through shared memory
 for the pipelined tensor-core loop, and the quantization is redone for every N-tile. The default
 backend is therefore the two-pass kernel pair (:mod:`triton_quantize` + :mod:`triton_gemm`); this

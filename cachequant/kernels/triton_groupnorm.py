@@ -3,14 +3,14 @@
 Why: the kernel backends run the UNet in channels-last so that the implicit-GEMM convolutions read
 and write NHWC without copies. PyTorch's CUDA GroupNorm (torch ≤ 2.11) accepts only NCHW: it copies
 a channels-last input to NCHW and returns NCHW, which the next 8-bit conv copies back. The SD 1.5
-profile on the H200 (``benchmarks/results/h200-2026-12-01-run5-sd15-profile.json``) shows the cost:
+profile on the H200 (``speed.py --profile``) showed the cost:
 9,338 copy kernels (114.5 ms) per image on the 8-bit paths against 1,637 (18.8 ms) in fp16, with
 ~61 GroupNorms per UNet call, each good for two copies.
 
 Two kernels, nothing else between them (a first version merged per-chunk statistics with a dozen
 small torch ops per call and lost to PyTorch's own GroupNorm; a second, one statistics program per
-(n, g), ran 64 programs at SD's batch 2 and took 45 ms of an SD image's GPU time, 14.5 µs a call,
-fifth-session profile in ``benchmarks/results/h200.md``):
+(n, g), ran 64 programs at SD's batch 2 and took 45 ms of an SD image's GPU time, 14.5 µs a call;
+``results/speed/README.md`` has the current kernel's timings):
 
 1. ``_stats_kernel``: grid (N·G, K chunks of HW), enough programs to fill the GPU. Each reduces its
    chunk of one group's ``(HW, C/G)`` slab to (mean, M2), M2 = Σ(x − mean)² computed around the

@@ -3,7 +3,7 @@ generative pre-trained transformers", Alg. 1): round a layer's weights one input
 and push each column's rounding error onto the columns not yet rounded, weighted by the inverse
 Hessian of the layer's reconstruction loss ‖W X − Ŵ X‖², H = 2 X Xᵀ.
 
-Why here: round-to-nearest 4-bit weights collapse the CIFAR UNet (`results/ablation.md`: FID 242),
+Why here: round-to-nearest 4-bit weights collapse the CIFAR UNet (`results/w4/README.md`),
 and the error is spread over every layer (`benchmarks/w4_sensitivity.py`). The reference work uses
 block reconstruction (BRECQ / AdaRound), which trains rounding variables for thousands of
 iterations per block. GPTQ needs only the input second moments and one Cholesky factorisation per
