@@ -9,8 +9,8 @@ warm-up run, then the median of ``--repeats`` timed end-to-end runs (denoising l
 a numpy image), and the peak allocated memory. cachequant plans are calibrated on the spot with
 one trajectory and a uniform schedule (calibration quality does not change speed).
 
-    python benchmarks/speed.py --model sd15 --batch 1 --out benchmarks/results/h200-sd15.json
-    python benchmarks/speed.py --kernels-only --out benchmarks/results/h200-kernels.json
+    python benchmarks/speed.py --model sd15 --batch 1 --out results/speed/sd15-pndm50-b1.json
+    python benchmarks/speed.py --kernels-only --out results/speed/kernels-gemm-tops.json
 
 The table is printed last; rows that cannot run say why.
 """
@@ -262,7 +262,7 @@ def profile_run(pipe, kw: dict, device: str) -> dict:
 
 def top_kernels(kernels: list[tuple[str, float]], category: str, n: int = 12) -> list[dict]:
     """The ``n`` kernels of one category with the most GPU time (name, ms, launches): the breakdown
-    of, e.g., the elementwise time the 8-bit path adds around its GEMMs (results/h200.md)."""
+    of, e.g., the elementwise time the 8-bit path adds around its GEMMs (results/speed/README.md)."""
     agg: dict[str, list[float]] = {}
     for name, us in kernels:
         if kernel_category(name) == category:
@@ -326,25 +326,57 @@ def set_denoiser(pipe, m) -> None:
     setattr(pipe, denoiser_of(pipe)[0], m)
 
 
-def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, fp8_gemm=None, **_):
+def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, fp8_gemm=None, compile=False, batch=1,
+           tiny=False, channels_last=False, **_):
     plan = plans.get(pipe, model, steps, interval, wbits if kind is not None else None)
     # fp8_gemm None: CACHEQUANT_FP8_GEMM if set, else the per-GPU default
     cq.accelerate(pipe, plan, backend=kind or "fake", fp8_gemm=fp8_gemm)
+    m = denoiser(pipe)
     info = {"full_steps": len(plan.schedule), "calls": plan.num_calls, "calib_s": plan.info["bench_calib_s"],
             "cache_site": plan.cache.site, **({"plan_loaded": True} if "bench_plan_loaded" in plan.info else {})}
-    if kind:
-        rep = cq.kernel_report(pipe)
-        info.update(kernel_layers=rep["kernel_layers"], fake_layers=len(rep["fake_layers"]),
-                    cublaslt_layers=rep["cublaslt_layers"])
-    if graphs and next(denoiser(pipe).parameters()).device.type == "cuda":
-        try:
+
+    def undo():
+        cq.restore(pipe)
+        m.__dict__.pop("forward", None)  # the compiled forward of a compile row
+        if channels_last:
+            m.to(memory_format=torch.contiguous_format)
+
+    try:
+        if channels_last:  # what the kernel backends do to a model with quantized convolutions
+            m.to(memory_format=torch.channels_last)
+        if kind == "auto" and not tiny:
+            # per-layer tuning happens on each layer's first eager call at its input shape: one eager
+            # run measures every layer of both the full and the cached steps (compiled code and graph
+            # capture then read the decisions)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                call_pipeline(pipe, generator=torch.Generator("cuda").manual_seed(0),
+                              **call_kwargs(model, batch, steps, tiny))
+            info["tune_s"] = time.perf_counter() - t0
+        if kind:
+            rep = cq.kernel_report(pipe)
+            info.update(backend=rep["backend"], kernel_layers=rep["kernel_layers"], fake_layers=len(rep["fake_layers"]),
+                        cublaslt_layers=rep.get("cublaslt_layers", 0))
+            if "float_layers" in rep:
+                info.update(tuned_layers=rep["tuned_layers"], float_layers=len(rep["float_layers"]),
+                            float_layer_names=sorted(rep["float_layers"]))
+        if compile:
+            # compile the model's own forward, under cachequant's hooks on its submodules and inside
+            # the CUDA-graph hook, which then captures the compiled kernels
+            m.forward = torch.compile(m.forward, backend=COMPILE_BACKEND)
+            info["compile_backend"] = COMPILE_BACKEND
+        if graphs and next(m.parameters()).device.type == "cuda":
             cq.enable_cuda_graphs(pipe)
-        except Exception:
-            cq.restore(pipe)
-            raise
-    elif graphs:
-        info["graphs"] = "skipped (CPU smoke test)"
-    return info, lambda: cq.restore(pipe)
+        elif graphs:
+            info["graphs"] = "skipped (CPU smoke test)"
+    except Exception:
+        undo()
+        raise
+    return info, undo
+
+
+COMPILE_BACKEND = os.environ.get("CQ_COMPILE_BACKEND", "inductor")
+"""torch.compile backend of the compile rows (``aot_eager`` for a quick CPU smoke test)."""
 
 
 def row_cq_lean(pipe, model, steps, interval, kind, plans, wbits=8, **_):
@@ -397,8 +429,8 @@ def compile_blocks(m: torch.nn.Module) -> dict:
     the model stays eager (what diffusers' ``compile_repeated_blocks`` does for models that list
     their repeated blocks; DiT and SD 1.5's UNet do not). Identical blocks share one compiled
     graph, so dynamo's tracing no longer grows with depth. Every Linear that the torchao rows
-    quantize sits in these blocks. Measured on the H200 for the torchao DiT-XL/2 (2026-12-02,
-    h200.md): compilation 143 / 172 s (int8 / float8) instead of 242 / 183 s for the whole model,
+    quantize sits in these blocks. Measured on an H200 for the torchao DiT-XL/2
+    (results/speed/README.md): compilation 143 / 172 s (int8 / float8) instead of 242 / 183 s for the whole model,
     but 1.6–2.9× slower runs, so the torchao rows of the tables compile the whole model. SD 1.5's
     blocks come in four widths, hence the higher recompile limit (past the limit dynamo would fall
     back to eager without an error; here it raises instead, for the rest of the process)."""
@@ -481,7 +513,7 @@ def config_changes(before: dict, after: dict) -> dict:
     (torchao 0.18: ``coordinate_descent_tuning``, ``coordinate_descent_check_all_directions``,
     ``force_fuse_int_mm_with_mul``, ...). Coordinate-descent tuning tunes each Triton kernel the
     first time it runs, compiling and timing neighbouring tile configs: 777 of the 876 s warm-up of
-    SD 1.5's torchao float8 row on the H200 (benchmarks/results/h200.md, twelfth session). The row
+    SD 1.5's torchao float8 row on the H200 (results/speed/README.md). The row
     records the changes so that a results file says why its warm-up took so long; restoring them
     keeps later rows in the same process unaffected."""
     plain = (bool, int, float, str, type(None))
@@ -566,6 +598,18 @@ def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
         rows.append((f"CacheQuant N={n} FP8 + graph", row_cq, dict(interval=n, kind="fp8", graphs=True,
                                                                     fp8_gemm="triton")))
         rows.append((f"CacheQuant N={n} FP8, cuBLASLt GEMMs + graph", row_cq, dict(interval=n, **lt)))
+    # the protocol's rows: the strongest fp16 (compile + graph), cache-only at the same capture, and
+    # backend="auto" (FP8 on Hopper, each layer tuned against its float op)
+    rows.append(("fp16 channels-last + graph", row_cq, dict(interval=1, kind=None, graphs=True, channels_last=True)))
+    rows.append(("fp16 + compile + graph", row_cq, dict(interval=1, kind=None, graphs=True, compile=True)))
+    rows.append(("quant-only auto + graph", row_cq, dict(interval=1, kind="auto", graphs=True)))
+    rows.append(("quant-only auto + compile + graph", row_cq, dict(interval=1, kind="auto", graphs=True, compile=True)))
+    for n in n_list:
+        rows.append((f"cache-only N={n} + compile + graph", row_cq, dict(interval=n, kind=None, graphs=True,
+                                                                           compile=True)))
+        rows.append((f"CacheQuant N={n} auto + graph", row_cq, dict(interval=n, kind="auto", graphs=True)))
+        rows.append((f"CacheQuant N={n} auto + compile + graph", row_cq, dict(interval=n, kind="auto", graphs=True,
+                                                                                compile=True)))
     for kind in ("int8", "fp8"):
         rows.append((f"CacheQuant N={n_list[0]} {kind.upper()} + graph, 8-bit weights only", row_cq_lean,
                      dict(interval=n_list[0], kind=kind)))
@@ -586,6 +630,34 @@ def rows_for(model: str, n_list: list[int]) -> list[tuple[str, callable, dict]]:
     rows.append(("torchao int8 dynamic (eager)", row_torchao, dict(kind="int8", compile=None)))
     rows.append(("torchao float8 dynamic (eager)", row_torchao, dict(kind="fp8", compile=None)))
     return rows
+
+
+def capture_of(name: str) -> str:
+    return "compile + graph" if "compile + graph" in name else "graph" if name.endswith("+ graph") else "eager"
+
+
+def protocol_ratios(rows: list[dict]) -> None:
+    """``x_best_fp16``: the strongest fp16 row measured in the same call (eager, graph or compile +
+    graph: the fastest) over this row; ``x_cache_only``: for a CacheQuant row, cache-only at the same
+    N and the same capture over this row; ``x_same_fp16``: for a quant-only row, fp16 at the same
+    capture over this row (the never-slower check)."""
+    timed = [r for r in rows if "median_s" in r]
+    for r in timed:
+        fp16 = [q["median_s"] for q in timed if q["batch"] == r["batch"] and q["row"].startswith("fp16")]
+        if fp16:
+            r["x_best_fp16"] = min(fp16) / r["median_s"]
+        name, cap = r["row"], capture_of(r["row"])
+        if name.startswith("CacheQuant N="):
+            n = name.split()[1]  # "N=5"
+            same = [q for q in timed if q["batch"] == r["batch"] and f"cache-only {n} " in q["row"]
+                    and capture_of(q["row"]) == cap]
+            if same:
+                r["x_cache_only"] = same[0]["median_s"] / r["median_s"]
+        if "quant-only" in name:
+            base_names = {"graph": "fp16 + CUDA graph", "compile + graph": "fp16 + compile + graph", "eager": "fp16 eager"}
+            same = [q for q in timed if q["batch"] == r["batch"] and q["row"].startswith(base_names[cap])]
+            if same:
+                r["x_same_fp16"] = same[0]["median_s"] / r["median_s"]
 
 
 def select_rows(rows: list, patterns: str | None) -> list:
@@ -776,7 +848,7 @@ def main() -> int:
     env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (--tiny smoke test)", "torch": torch.__version__, "python": platform.python_version(),
            "command": " ".join(sys.argv),
            # the environment settings that change what a row measures: inductor's caches and compile
-           # threads (whether a seeded tuning applies, h200.md fourteenth session), cachequant's
+           # threads (whether a seeded tuning applies: results/speed/README.md), cachequant's
            # kernel choices (CACHEQUANT_FP8_GEMM, CACHEQUANT_TILES) and the device scripts' seed
            "settings": {k: v for k, v in sorted(os.environ.items())
                         if k.startswith(("TORCHINDUCTOR_", "CACHEQUANT_", "CQ_"))}}
@@ -873,14 +945,18 @@ def main() -> int:
                     b = base.get((k, r["batch"]))
                     if b and "median_s" in r:
                         r[f"speedup_vs_{k}"] = b / r["median_s"]
+            protocol_ratios(result["rows"])
             print(json.dumps(row), flush=True)
             save()
     print(f"\n{args.model} {sampler} {steps} steps on {env['gpu']} (torch {env['torch']}, triton {env['triton']})")
-    print(f"{'row':52s} {'batch':>5s} {'s/img':>8s} {'x eager':>8s} {'x compile':>9s} {'peak GiB':>8s}")
+    print(f"{'row':52s} {'batch':>5s} {'s/img':>8s} {'x eager':>8s} {'x best fp16':>11s} {'x cache-only':>12s} "
+          f"{'x same fp16':>11s} {'peak GiB':>8s}")
+    nan = float("nan")
     for r in result["rows"]:
         if "median_s" in r:
-            print(f"{r['row']:52s} {r['batch']:5d} {r['s_per_image']:8.3f} {r.get('speedup_vs_eager', float('nan')):8.2f} "
-                  f"{r.get('speedup_vs_compile', float('nan')):9.2f} {r['peak_mem_gib']:8.2f}")
+            print(f"{r['row']:52s} {r['batch']:5d} {r['s_per_image']:8.3f} {r.get('speedup_vs_eager', nan):8.2f} "
+                  f"{r.get('x_best_fp16', nan):11.2f} {r.get('x_cache_only', nan):12.2f} {r.get('x_same_fp16', nan):11.2f} "
+                  f"{r['peak_mem_gib']:8.2f}")
         else:
             why = r.get("error") or f"warm-up run only: {r['warmup_s']:.1f} s"
             print(f"{r['row']:52s} {r['batch']:5d}  {why}")

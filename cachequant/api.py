@@ -22,9 +22,10 @@ def accelerate(pipe: Any, plan: Plan, options: KernelOptions | None = None, **op
     ``options`` (:class:`~cachequant.backends.KernelOptions`, or its fields as keywords, e.g.
     ``backend="int8"``) say how the quantized layers execute: ``backend`` ``fake`` (the float
     reference, any device), ``int8`` / ``fp8`` (Triton kernels on a CUDA GPU; attention matmuls then
-    run in fused SDPA unless ``attention="8bit"``), or ``auto`` (``int8`` on a CUDA GPU of compute
-    capability ≥ 8.0, else ``fake``). Layers a kernel cannot run keep the reference path;
-    ``kernel_report(pipe)`` lists them. ``keep_float_weights=False`` frees the float weights of the
+    run in fused SDPA unless ``attention="8bit"``), or ``auto`` (``fp8`` on a CUDA GPU of compute
+    capability ≥ 8.9, ``int8`` from 8.0, with each layer timed against its float op at its first
+    eager call and the faster kept; else ``fake``). Layers a kernel cannot run keep the reference
+    path; ``kernel_report(pipe)`` lists them, and the layers tuning left in float. ``keep_float_weights=False`` frees the float weights of the
     kernel layers (8-bit weights only in memory); the pipeline then cannot be restored or saved.
 
     Raises :class:`~cachequant.errors.PlanMismatchError` if the denoiser (class, architecture, dtype,
@@ -60,7 +61,7 @@ def accelerate(pipe: Any, plan: Plan, options: KernelOptions | None = None, **op
                          f"{options.backend!r} runs the float reference here (device {device}), which computes "
                          "from the float weights")
     sess = Session.open(model, list(plan.sampler.timesteps), plan.cache.schedule, plan.sampler.begin,
-                        plan.sampler.scheduler, plan.sampler.num_inference_steps)
+                        plan.sampler.scheduler, plan.sampler.num_inference_steps, sigmas=plan.sampler.sigmas)
     try:
         if plan.cache.kind != "none":
             sess.add_cache(adapter.layout(model, plan.cache.site), plan.tensors.get("cache_dec"))
@@ -168,8 +169,10 @@ def is_accelerated(pipe: Any) -> bool:
 
 
 def kernel_report(pipe: Any) -> dict:
-    """Which backend runs the quantized layers, the layers left on the reference path (why), and
-    the weight bytes held (packed 8-bit copies and float originals)."""
+    """Which backend runs the quantized layers, the layers left on the reference path (why), the
+    weight bytes held (packed 8-bit copies and float originals), and with per-layer tuning, the
+    layers measured so far (``tuned_layers``) and those that run their float op (``float_layers``,
+    with both timings: tuning happens on each layer's first eager call at a new input shape)."""
     from .backends.pack import PACK
 
     sess = _session(pipe)
@@ -181,6 +184,12 @@ def kernel_report(pipe: Any) -> dict:
         packed += 0 if w8 is None else w8.numel() * w8.element_size()
         floats += m.weight.numel() * m.weight.element_size()
     rep.update(packed_weight_bytes=packed, float_weight_bytes=floats)
+    tuners = {name: getattr(hook.backend, "tuner", None) for name, hook in sess.layers.items()}
+    if any(t is not None for t in tuners.values()):
+        measured = {name: t.layers[name] for name, t in tuners.items() if t is not None and name in t.layers}
+        rep["tuned_layers"] = len(measured)
+        rep["float_layers"] = {name: f"its float op is faster: {r['float_us']} µs vs {r['kernel_us']} µs 8-bit "
+                                     f"({r['key']})" for name, r in measured.items() if r["choice"] == "float"}
     return rep
 
 

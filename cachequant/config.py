@@ -26,7 +26,7 @@ class CacheQuantConfig:
     """How weights round onto their grid: 'nearest', or 'gptq' (each layer's rounding error pushed
     onto its not-yet-rounded input columns, weighted by the inverse input Hessian; Frantar et al.
     2022). The codes are stored in the plan. 'gptq' is what makes W4A8 usable on the CIFAR UNet
-    (`results/ablation.md`). The input Hessians (K × K float64 per layer, K = input channels ×
+    (`results/w4/README.md`). The input Hessians (K × K float64 per layer, K = input channels ×
     kernel taps) are held for all layers at once during calibration. Above 8 GiB in total the
     calibration refuses with an error. That is the case for SD 1.5's UNet, where each 3×3 conv at
     1,280 channels alone needs 1 GiB; its layers would need one-at-a-time accumulation, which is not
@@ -43,8 +43,8 @@ class CacheQuantConfig:
     """Cache-DEC fits X_full ≈ a·X_cached + b per step and channel (Eq. 8). False fixes a = 1 and fits
     only the shift b. Why: when the reused feature predicts the fresh one poorly, the least-squares
     slope a = ρ·σ_full/σ_cached shrinks the reused feature towards its mean on every cached step. On
-    the shipped DiT under DDPM 250 the slope was 0.96–0.97 and DEC cost 2.6–4.2 FID
-    (`results/ablation.md`); a shift cannot shrink the feature."""
+    the shipped DiT under DDPM 250 the slope was 0.96–0.97 and DEC made the images worse
+    (`results/quality/README.md`); a shift cannot shrink the feature."""
     quant_dec: bool | None = None
     """Quantization half of DEC; None follows `dec`."""
     cache_branch: int | None = None
@@ -55,7 +55,14 @@ class CacheQuantConfig:
     shallowest branch, the reference's SD site), the whole last up block for UNet2DModel (the
     reference's CIFAR site)."""
     dit_span: tuple[int, int] | None = None
-    """Transformers: blocks [start, end) whose deviation is cached; None = all but the first and last."""
+    """Transformers: blocks [start, end) whose deviation is cached; None = all but the first and last.
+    Blocks are counted over the model's block lists in order (Flux: the dual-stream blocks, then the
+    single-stream ones)."""
+    quant_modulation: bool = False
+    """Transformers: also quantize the layers the model's description keeps in float — the adaLN
+    modulation (``norm1.linear``, ``norm1_context.linear``, the timestep / pooled-text embedders).
+    They are a sliver of the compute, and each of their outputs scales or shifts every token of a
+    block, so their error is amplified; False (the default) keeps them in float."""
     quant_attention: bool = True
     """Also quantize the attention matmuls (QKᵀ and softmax·V) to act_bits."""
     per_step_act: bool = True
@@ -100,6 +107,8 @@ class CacheQuantConfig:
         self.w8_layers = tuple(self.w8_layers)
         if self.w8_layers and self.weight_bits != 4:
             raise ValueError("w8_layers only applies to 4-bit weights (weight_bits=4): every layer is already 8-bit")
+        if not isinstance(self.quant_modulation, bool):
+            raise ValueError(f"quant_modulation must be True or False, got {self.quant_modulation!r}")
         if not isinstance(self.cache_dec_slope, bool):
             raise ValueError(f"cache_dec_slope must be True (fit a·X + b) or False (shift only), got {self.cache_dec_slope!r}")
         for name in ("cache_branch", "cache_layers"):

@@ -3,8 +3,9 @@
 A plan says, for one model and one sampler configuration:
 
 * ``sampler`` — the scheduler class, the step count, the exact timesteps (one per model call, the
-  *positions* every per-step quantity is indexed by) and the first position a run visits
-  (``begin``: 0 for text-to-image, later for image-to-image at strength < 1);
+  *positions* every per-step quantity is indexed by), the exact sigmas where the sampler has them
+  (flow matching after its shift) and the first position a run visits (``begin``: 0 for
+  text-to-image, later for image-to-image at strength < 1);
 * ``cache`` — the cache site and the schedule (the positions that run the whole model);
 * ``quant`` — the quantized layers (weight bits, input split, whether they carry quantization-DEC)
   and attention modules, or None;
@@ -31,8 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,9 @@ class SamplerSpec:
     """One entry per model call of a whole run: the positions of the plan."""
     begin: int = 0
     """The first position calibrated runs visited (image-to-image starts later than 0)."""
+    sigmas: tuple[float, ...] | None = None
+    """The sampler's exact noise levels (``scheduler.sigmas``; flow matching: after shift or
+    dynamic shifting), or None for samplers without them. Runs with other sigmas are refused."""
 
     @property
     def num_calls(self) -> int:
@@ -178,7 +182,8 @@ class Plan:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
-            "sampler": {**asdict(self.sampler), "timesteps": list(self.sampler.timesteps)},
+            "sampler": {**asdict(self.sampler), "timesteps": list(self.sampler.timesteps),
+                        "sigmas": None if self.sampler.sigmas is None else list(self.sampler.sigmas)},
             "cache": {"kind": self.cache.kind, "site": self.cache.site, "schedule": list(self.cache.schedule)},
             "quant": None if self.quant is None else {
                 "act_bits": self.quant.act_bits, "per_step_act": self.quant.per_step_act,
@@ -206,21 +211,16 @@ class Plan:
         """Writes atomically: a temporary file in the same folder, then a rename."""
         from safetensors.torch import save_file
 
-        if path is None:
-            raise TypeError("plan.save needs a file path, got None")
+        from .utils.io import atomic_path
+
+        if path is None or not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"plan.save needs a file path, got {path!r}")
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a directory; give a file name such as {path / 'plan.cqplan'}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(self.to_meta(), sort_keys=True)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(self.to_meta(), sort_keys=True)})
         return path
 
 
@@ -285,7 +285,12 @@ def _parse(meta: Any, tensors: dict[str, torch.Tensor]) -> Plan:
     begin = _int(s.get("begin", 0), "sampler.begin", 0, T - 1)
     if not isinstance(s["scheduler"], str) or not s["scheduler"]:
         raise PlanError("sampler.scheduler must name a scheduler class")
-    sampler = SamplerSpec(s["scheduler"], steps, tuple(float(t) for t in ts), begin)
+    sig = s.get("sigmas")
+    if sig is not None and (not isinstance(sig, list) or not sig or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) for x in sig)):
+        raise PlanError("sampler.sigmas must be null or a non-empty list of numbers")
+    sampler = SamplerSpec(s["scheduler"], steps, tuple(float(t) for t in ts), begin,
+                          None if sig is None else tuple(float(x) for x in sig))
 
     c = meta["cache"]
     if c["kind"] not in CACHE_KINDS:

@@ -104,17 +104,21 @@ class Session:
     """Check the model's state at every run start (off during calibration's own passes)."""
     pipe: Any = None
     """A weak reference to the accelerated pipeline (its scheduler may be swapped later)."""
+    planned_sigmas: list[float] | None = None
+    """The plan's sigmas, checked at every run start (None: not checked)."""
     _probe: tuple | None = None
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
     def open(cls, model: nn.Module, timesteps: list[float] | None, full_steps, begin: int, scheduler_name: str,
-             num_inference_steps: int, guard: bool = True) -> "Session":
-        """A session with a clock and the denoiser hook; ``timesteps=None`` adopts the first run's."""
+             num_inference_steps: int, guard: bool = True, sigmas: list[float] | None = None) -> "Session":
+        """A session with a clock and the denoiser hook; ``timesteps=None`` adopts the first run's
+        (and its sigmas)."""
         check_attachable(model)
         clock = StepClock(model, timesteps or [], full_steps, begin)
         hooks = DenoiserHooks(model, clock)
-        sess = cls(model, clock, FeatureCache(), hooks, timesteps, scheduler_name, num_inference_steps, guard=guard)
+        sess = cls(model, clock, FeatureCache(), hooks, timesteps, scheduler_name, num_inference_steps, guard=guard,
+                   planned_sigmas=None if sigmas is None else list(sigmas))
         hooks.on_call = sess._on_call
         sess.undo += [clock.detach, hooks.remove]
         model.__dict__[SESSION_ATTR] = sess
@@ -150,7 +154,8 @@ class Session:
                 f"this plan was calibrated with {self.scheduler_name} ({self.num_inference_steps} steps), but the "
                 f"pipeline uses {name}; set that scheduler back or calibrate a plan for {name}")
         att = SchedulerAttachment(scheduler, self.clock, self.planned, self.scheduler_name, self.num_inference_steps,
-                                  on_run_start=self.check_state if self.guard else None)
+                                  on_run_start=self.check_state if self.guard else None,
+                                  planned_sigmas=self.planned_sigmas)
         self.attachments.append(att)
         return att
 

@@ -748,3 +748,72 @@ def test_tune_tiles_smoke(tmp_path):
     assert len(res["shapes"]) >= 5 and all(s["tried"] >= 2 and s["rejected"] == [] for s in res["shapes"])
     assert any("|t4|" in s["key"] for s in res["shapes"])  # the 2×2 patch-embedding conv: taps split too
     assert set(load_table(str(out))) == set(res["entries"])
+
+
+def test_tuned_layer_runs_the_faster_candidate_and_remembers_it(tmp_path):
+    """backend='auto' tunes each layer: the first eager call at an input shape times the 8-bit kernel
+    and the float op (here an injected timer), runs the faster, and persists the decision, so a
+    second tuner (another process) measures nothing. A layer left in float computes the float layer
+    exactly; one on the kernel computes what the untuned kernel does."""
+    from cachequant.backends.autotune import LayerTuner
+
+    layer = Layer(nn.Linear(64, 48), (2, 5, 64))
+    want_float = nn.functional.linear(layer.xs[0], layer.module.weight, layer.module.bias)
+    untuned = layer.use_kernel("int8")
+    want_kernel = layer.out(0)
+    layer.hook.backend = None
+    untuned.release(layer.module)
+
+    timings = {"t.json": iter([5.0, 3.0]), "u.json": iter([2.0, 3.0])}  # (kernel, float) µs
+    for file, want in (("t.json", want_float), ("u.json", want_kernel)):
+        calls = []
+        backend = TritonBackend("int8", KernelOptions().resolved(), tune=True)
+        backend.tuner = LayerTuner(tmp_path / file, lambda fn, it=timings[file]: (calls.append(fn()), next(it))[1])
+        backend.prepare(layer.module, layer.hook)
+        layer.hook.backend = backend
+        assert torch.equal(layer.out(0), want)
+        assert len(calls) == 2 and torch.equal(calls[1], want_float)  # the kernel, then the float op, were timed
+        assert torch.equal(layer.out(0), want) and len(calls) == 2    # decided once per input signature
+        saved = json.loads((tmp_path / file).read_text())
+        assert [r["choice"] for r in saved.values()] == ["float" if want is want_float else "kernel"]
+        backend.tuner = LayerTuner(tmp_path / file, lambda fn: pytest.fail("a persisted decision was measured again"))
+        assert torch.equal(layer.out(0), want)
+        backend.release(layer.module)
+
+
+def test_tuning_needs_a_kernel_and_the_float_weights():
+    with pytest.raises(ValueError, match="backend='fake' has no kernel"):
+        KernelOptions(backend="fake", tune=True)
+    with pytest.raises(ValueError, match="needs its float weights"):
+        KernelOptions(backend="int8", tune=True, keep_float_weights=False)
+    with pytest.raises(ValueError, match="tune must be True, False or None"):
+        KernelOptions(tune="yes")
+
+
+@pytest.mark.parametrize("make,xshape", [(lambda: nn.Linear(64, 48), (2, 5, 64)), (lambda: nn.Conv2d(32, 48, 1), (2, 32, 5, 6))],
+                         ids=["linear", "conv1x1"])
+def test_cublaslt_layer_traced_for_compile_matches_eager(make, xshape):
+    """Under torch.compile a cuBLASLt FP8 layer is plain torch ops (so that inductor can fuse the
+    quantize into its producer); it computes what the eager custom op computes."""
+    torch.manual_seed(0)
+    layer = Layer(make(), xshape)
+    layer.use_kernel("fp8", fp8_gemm="cublaslt")
+    assert layer.pack.gemm == "cublaslt"
+    compiled = torch.compile(layer.container, backend="aot_eager", fullgraph=True)
+    pk = packed(layer.module)
+    w8 = pk["w"].view(torch.float8_e4m3fn).float()
+    for t in range(T):
+        x = layer.xs[t]
+        rows = (x.permute(0, 2, 3, 1) if x.dim() == 4 else x).reshape(-1, w8.shape[1])
+        s = pk["act_s"][0, t]
+        codes = torch.clamp(rows.float() / s, -448, 448).to(torch.float8_e4m3fn).float()
+        want = codes @ w8.t() * s * pk["w_s"][0] + pk["bias"]
+        with torch.no_grad():
+            traced = compiled(layer.at(t).xs[t])
+        eager = layer.out(t)
+        assert traced.shape == eager.shape
+        got = (traced.permute(0, 2, 3, 1) if traced.dim() == 4 else traced).reshape(want.shape)
+        torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=(1e-3 if CUDA else 1e-5) * float(want.abs().max()))
+        if CUDA:  # the interpreter's e4m3 conversion halves values that round up to a power of two
+            torch.testing.assert_close(traced.float(), eager.float(), rtol=0, atol=1e-3 * float(eager.abs().max()))
+    torch._dynamo.reset()

@@ -7,7 +7,7 @@ import torch
 import cachequant as cq
 from cachequant.quant.layer import quant_hooks
 from cachequant.quant.observers import RangeObserver
-from cachequant.quant.quantizer import fake_quant, params_from_range, weight_qparams
+from cachequant.quant.quantizer import activation_range, fake_quant, params_from_range, weight_qparams
 from conftest import calib_kwargs, run
 
 
@@ -45,6 +45,36 @@ def test_per_step_ranges_beat_one_global_range_when_scale_drifts():
             err += float(((q - xs[t]) ** 2).mean() / scales[t] ** 2)  # relative error per step
         errors[per_step] = err / T
     assert errors[True] < 0.1 * errors[False]
+
+
+def _outlier_tokens(entries: int) -> torch.Tensor:
+    """DiT-like (B, 256 tokens, 240 channels) activations, three channels carrying large values."""
+    x = torch.randn(entries, 256, 240, generator=torch.Generator().manual_seed(1))
+    x[..., [7, 100, 201]] *= 40.0
+    return x
+
+
+def _range_error(x: torch.Tensor, lo: float, hi: float) -> float:
+    s, z = params_from_range(torch.tensor(lo), torch.tensor(hi), 8)
+    return float((x - fake_quant(x, s, z, 8)).abs().pow(2.4).mean())
+
+
+def test_activation_range_sees_every_channel_whatever_the_entry_count():
+    """The error of each candidate range is measured on a subsample; a strided one aliases with the
+    channel axis (with 17 entries, stride 64 visits 15 of 240 channels and misses the outliers), so
+    the range would depend on the entry count. For both counts the chosen range must be as good on
+    the whole tensor as the whole-tensor search's, and the two counts must agree."""
+    his = {}
+    for entries in (16, 17):
+        x = _outlier_tokens(entries)
+        lo, hi = activation_range(x, 8)
+        lo_full, hi_full = activation_range(x, 8, max_elems=x.numel())
+        assert _range_error(x, lo, hi) < 1.05 * _range_error(x, lo_full, hi_full), (entries, hi, hi_full)
+        his[entries] = hi
+    assert his[16] == pytest.approx(his[17], rel=0.05)
+    # a strided subsample of the 17-entry tensor indeed misses the outlier channels
+    stride = 17 * 256 * 240 // (1 << 14) + 1
+    assert not {(k * stride) % 240 for k in range(17 * 256 * 240 // stride)} & {7, 100, 201}
 
 
 def test_range_table_fills_unobserved_positions_from_the_nearest():

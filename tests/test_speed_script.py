@@ -369,7 +369,7 @@ def test_warmup_only_run_records_the_warmup_and_measures_nothing(tmp_path):
     relies on that, which only the device shows): the rows say so and carry no timings."""
     out = tmp_path / "warm.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", "dit-xl2", "--sampler", "ddim",
-           "--steps", "2", "--intervals", "2", "--rows", "fp16 eager,cache-only"]
+           "--steps", "2", "--intervals", "2", "--rows", "fp16 eager,cachequant cache-only"]
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1", "CQ_AUTOTUNE_SEED": "seed.tgz"}
     r = subprocess.run(cmd + ["--repeats", "0", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -34,21 +34,27 @@ def _run(x2d: Tensor, y2d: Tensor, w: Tensor, step: Tensor, act_s: Tensor, act_z
     m_in = x2d.shape[0] if rows is None else x2d.shape[0] * rows[0]
     q = torch.empty((m_in, c), device=x2d.device, dtype=torch.uint8 if fp8 else torch.int8)
     if gemm == "cublaslt":
-        # y = (codes · W8ᵀ) · s_t · w_s + bias in one cuBLASLt call; s_t comes per row from the quantize pass
-        row_s = torch.empty((m_in, 1), device=x2d.device, dtype=torch.float32)
-        quantize(x2d, q, step, act_s, act_z, 0, T, True, rows, row_s=row_s)
-        b = None if bias is None else bias.to(y2d.dtype)
-        # cuBLASLt adds a bias in its epilogue for 16-bit outputs only ("Bias is not supported when
-        # out_dtype is set to Float32"): a float32 model adds it after
-        late = b is not None and y2d.dtype == torch.float32
-        torch._scaled_mm(q.view(torch.float8_e4m3fn), w.view(torch.float8_e4m3fn).t(), row_s, w_s.view(1, n),
-                         bias=None if late else b, out_dtype=y2d.dtype, out=y2d)
-        if late:
-            y2d.add_(b)
+        # y = (codes · W8ᵀ) · s_t · s_w + bias in one tensor-wise cuBLASLt call (one weight scale per
+        # layer, see pack.py); s_t is gathered on the device at the clock's position
+        quantize(x2d, q, step, act_s, act_z, 0, T, True, rows)
+        cublaslt_fp8(q.view(torch.float8_e4m3fn), w, act_s[0].index_select(0, step), w_s, bias, y2d)
         return
     quantize(x2d, q, step, act_s, act_z, split, T, fp8, rows)
     triton_gemm(q, w, y2d, step, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b, m_out, n, c, split, T, geom, kh,
                 kw, fp8, w4=w4, table=table, split_k_forced=split_k)
+
+
+def cublaslt_fp8(q: Tensor, w: Tensor, s_act: Tensor, w_s: Tensor, bias: Optional[Tensor], y2d: Tensor) -> None:
+    """``y2d = (q · w8ᵀ) · s_act · s_w + bias``: q (M, C) e4m3 codes, w (N, C) e4m3 weights (as
+    uint8), s_act (1,), w_s (N,) holding one value."""
+    b = None if bias is None else bias.to(y2d.dtype)
+    # cuBLASLt adds a bias in its epilogue for 16-bit outputs only ("Bias is not supported when
+    # out_dtype is set to Float32"): a float32 model adds it after
+    late = b is not None and y2d.dtype == torch.float32
+    torch._scaled_mm(q, w.view(torch.float8_e4m3fn).t(), s_act, w_s[:1], bias=None if late else b,
+                     out_dtype=y2d.dtype, out=y2d)
+    if late:
+        y2d.add_(b)
 
 
 def pixel_strides(x: Tensor) -> tuple[int, int, int, int] | None:

@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, fields, replace
 
 BACKENDS = ("auto", "fake", "int8", "fp8")
-"""``fake``: the float reference (any device); ``int8`` / ``fp8``: Triton kernels on a CUDA GPU
-(``fp8`` from compute capability 8.9); ``auto``: ``int8`` on a CUDA GPU of capability ≥ 8.0, else
-``fake``."""
+"""``fake``: the float reference (any device); ``int8`` / ``fp8``: Triton kernels (and cuBLASLt for
+FP8 GEMMs on Hopper) on a CUDA GPU (``fp8`` from compute capability 8.9); ``auto``: ``fp8`` on a GPU
+of capability ≥ 8.9, ``int8`` from 8.0, each layer tuned (see ``tune``), else ``fake``."""
 ATTENTION = ("sdpa", "8bit")
 """With a kernel backend: fused float SDPA for the attention matmuls (fast), or the plan's 8-bit
 attention matmuls (what the reference computes)."""
@@ -49,6 +49,11 @@ class KernelOptions:
     split_k: int | None = None
     """Force this reduction split for every 8-bit GEMM (tests, measurements). None:
     ``CACHEQUANT_SPLIT_K`` if set to a number, else chosen per shape."""
+    tune: bool | None = None
+    """Kernel backends: the first time a layer runs on an input shape, time its 8-bit kernel and its
+    own float op on this GPU and keep the faster (decisions cached per GPU model in
+    ``~/.cache/cachequant``, or ``$CACHEQUANT_CACHE_DIR``); ``cq.kernel_report`` lists the layers
+    left in float with both timings. None: on for ``backend='auto'``, off for a named backend."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("backend", BACKENDS), ("attention", ATTENTION), ("algo", ALGOS)):
@@ -59,6 +64,14 @@ class KernelOptions:
         for name in ("keep_float_weights", "channels_last", "nhwc_group_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.tune is not None and not isinstance(self.tune, bool):
+            raise ValueError(f"tune must be True, False or None, got {self.tune!r}")
+        if self.tune and self.backend == "fake":
+            raise ValueError("tune=True compares each layer's 8-bit kernel with its float op; backend='fake' has "
+                             "no kernel: use backend='auto', 'int8' or 'fp8'")
+        if self.tune and not self.keep_float_weights:
+            raise ValueError("tune=True may keep a layer in float, which needs its float weights: "
+                             "drop keep_float_weights=False or tune=True")
         if self.split_k is not None and (isinstance(self.split_k, bool) or not isinstance(self.split_k, int)
                                          or self.split_k < 1):
             raise ValueError(f"split_k must be a positive integer (or None), got {self.split_k!r}")

@@ -31,17 +31,16 @@ class PackInfo:
     conv: tuple[int, int, int] | None  # (stride, padding, dilation) of a Conv2d
     algo: str = "two-pass"  # "two-pass" (quantize, then GEMM) | "fused" (quantize in the GEMM prologue)
     w4: bool = False        # 4-bit weight codes packed two per byte (W4A8, two-pass INT8 only)
-    gemm: str = "triton"    # "triton" | "cublaslt" (FP8 GEMM-shaped layers: torch._scaled_mm)
+    gemm: str = "triton"    # "triton" | "cublaslt" (FP8 GEMM-shaped layers: tensor-wise torch._scaled_mm)
     table: str | None = None  # tile table setting (KernelOptions.tiles)
     split_k: int | None = None  # forced reduction split (KernelOptions.split_k)
 
 
 def default_fp8_gemm(device: torch.device) -> str:
-    """cuBLASLt on Hopper or newer (compute capability ≥ 9.0, where row-wise scaled FP8 GEMMs are
-    cuBLASLt's), Triton elsewhere (older GPUs, and the CPU interpreter, whose tests check the Triton
-    GEMM). Why: at the small K / N of batch-1 SD and DiT layers the Triton FP8 GEMM reached 16–85
-    TFLOP/s where fp16 cuBLAS reached 133–303; on an H200 cuBLASLt made FP8 quant-only 5 % (SD 1.5)
-    and 19 % (DiT-XL/2) faster end to end (``benchmarks/results/h200.md``)."""
+    """cuBLASLt on Hopper or newer (compute capability ≥ 9.0), Triton elsewhere (older GPUs, and the
+    CPU interpreter, whose tests check the Triton GEMM). Why: at the small K / N of batch-1 SD and
+    DiT layers the Triton FP8 GEMM reached 16–85 TFLOP/s where fp16 cuBLAS reached 133–303, and
+    cuBLASLt's tensor-wise FP8 GEMM is the fastest 8-bit GEMM there (1.1–1.6× fp16)."""
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
     return "cublaslt" if hopper else "triton"
 
@@ -96,7 +95,7 @@ def pack_layer(module: nn.Module, hook, kind: str, algo: str = "two-pass", fp8_g
     s_z = hook._w_scale_zero(module)
     ws, wz = s_z[0].reshape(n).float(), s_z[1].reshape(n).float()
     ops: dict[str, torch.Tensor | None] = {}
-    w4 = False
+    w4 = lt = False
     if kind == "int8":
         codes = hook.weight_codes(module)  # nearest rounding of the weight, or the plan's GPTQ codes
         codes = codes.permute(0, 2, 3, 1) if codes.dim() == 4 else codes[:, None, None, :]
@@ -121,6 +120,13 @@ def pack_layer(module: nn.Module, hook, kind: str, algo: str = "two-pass", fp8_g
         wd = wd.permute(0, 2, 3, 1) if wd.dim() == 4 else wd[:, None, None, :]
         c = wd.shape[-1]
         w_s = torch.clamp(wd.abs().amax(dim=(1, 2, 3)) / FP8_MAX, min=1e-12)
+        lt = fp8_gemm == "cublaslt" and cublaslt_fits(algo, kh, kw, conv, split, hook.has_dec, c, n)
+        if lt:
+            # One weight scale for the whole layer: cuBLASLt's tensor-wise scaled GEMM then needs no
+            # per-row or per-column scale (it was the faster mode at batch-1 shapes) and the bias
+            # goes into its epilogue. e4m3 is a float format, so a channel 1000× below the largest
+            # still keeps 3 mantissa bits; the value is repeated per channel for the Triton GEMM.
+            w_s = torch.full_like(w_s, float(w_s.max()))
         ops["w"] = (wd / w_s.view(n, 1, 1, 1)).to(torch.float8_e4m3fn).reshape(n, -1).contiguous().view(torch.uint8)
         ops["w_s"], ops["w_z"], ops["w_sum"] = w_s, None, None
         # The symmetric e4m3 scale covering the calibrated asymmetric range [(0 − z)s, (2^b − 1 − z)s].
@@ -133,9 +139,7 @@ def pack_layer(module: nn.Module, hook, kind: str, algo: str = "two-pass", fp8_g
         ops["dec_a"], ops["dec_b"] = dec[0].float(), dec[1].float()
     else:
         ops["dec_a"] = ops["dec_b"] = None
-    gemm = "triton"
-    if kind == "fp8" and fp8_gemm == "cublaslt" and cublaslt_fits(algo, kh, kw, conv, split, hook.has_dec, c, n):
-        gemm = "cublaslt"
+    gemm = "cublaslt" if kind == "fp8" and lt else "triton"
     release(module, PACK)
     for name in FIELDS:
         if ops.get(name) is not None:

@@ -73,16 +73,25 @@ def make_backend(name: str, options: Any) -> Backend:
 
 
 def select_backend(options: Any, device: torch.device) -> Backend:
-    """``auto``: ``int8`` where it can run (a CUDA GPU of compute capability ≥ 8.0 with Triton),
-    else the reference; a named backend that cannot run on ``device`` is an error saying why."""
+    """``auto``: ``fp8`` on a CUDA GPU that runs it (compute capability ≥ 8.9), else ``int8`` where
+    it can run (≥ 8.0, with Triton), each with per-layer tuning against the float op; else the
+    reference. A named backend that cannot run on ``device`` is an error saying why."""
     _builtins()
     requested = options.backend
     if requested == "auto":
-        name = "int8" if device.type == "cuda" and _probe("int8").available(device) is None else "fake"
-        return make_backend(name, options)
-    if requested not in _FACTORIES:
+        name = next((k for k in ("fp8", "int8") if device.type == "cuda" and _probe(k).available(device) is None),
+                    "fake")
+    elif requested not in _FACTORIES:
         raise ValueError(f"unknown backend {requested!r}; known: auto, {', '.join(_FACTORIES)}")
-    why = _probe(requested).available(device)
-    if why is not None:
-        raise RuntimeError(f"backend {requested!r} cannot run here: {why}")
-    return make_backend(requested, options)
+    else:
+        name = requested
+        why = _probe(requested).available(device)
+        if why is not None:
+            raise ValueError(f"backend {requested!r} cannot run here: {why}")
+    backend = make_backend(name, options)
+    tune = options.tune if options.tune is not None else (requested == "auto" and options.keep_float_weights)
+    if tune and name != "fake":
+        if not hasattr(backend, "tune"):
+            raise ValueError(f"backend {name!r} does not support tune=True (it has no float fallback)")
+        backend.tune = True
+    return backend

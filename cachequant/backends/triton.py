@@ -17,9 +17,11 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
+from ..runtime.clock import compiling
 from ..runtime.hooks import add_hook, release, remove_hook
+from .autotune import LayerTuner, cache_file, layer_key
 from .ops import qlinear as _define_ops  # noqa: F401  (torch.ops.cachequant.*; Triton loads at first run)
-from .pack import PACK, default_fp8_gemm, pack_layer, packed, unsupported_reason
+from .pack import FP8_MAX, PACK, default_fp8_gemm, pack_layer, packed, unsupported_reason
 
 GROUP_NORM_HOOK = "cachequant.group_norm"
 
@@ -38,9 +40,13 @@ def interpreting() -> bool:
 
 
 class TritonBackend:
-    def __init__(self, kind: str, options):
+    def __init__(self, kind: str, options, tune: bool = False):
         self.name = kind
         self.options = options
+        self.tune = tune
+        """Measure each layer's kernel against its float op at its real input, keep the faster
+        (:mod:`cachequant.backends.autotune`); the tuner is made once the device is known."""
+        self.tuner: LayerTuner | None = None
 
     def available(self, device: torch.device) -> str | None:
         if not triton_available():
@@ -62,6 +68,9 @@ class TritonBackend:
 
     def prepare(self, module: nn.Module, hook) -> None:
         options = self.options
+        if self.tune and self.tuner is None and options.keep_float_weights:
+            dev = module.weight.device
+            self.tuner = LayerTuner(cache_file(dev) if dev.type == "cuda" else None)
         fp8_gemm = options.fp8_gemm or default_fp8_gemm(module.weight.device)
         hook.pack = pack_layer(module, hook, self.name, options.algo, fp8_gemm, options.tiles, options.split_k)
         hook._wdq = None  # the reference path's dequantized copy is not read while the kernel runs
@@ -70,9 +79,25 @@ class TritonBackend:
         release(module, PACK)
 
     def forward(self, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
+        tuner = self.tuner
+        if tuner is not None and module.weight.numel():
+            key = layer_key(self.name, hook.pack.gemm, module, hook.pack.split, hook.dec_active(), x)
+            if not tuner.can_measure(x):
+                choice = tuner.lookup(key, compiled=compiling())  # an earlier eager call's, or the kernel
+            else:
+                gemm_only = _gemm_only(module, hook, x) if hook.pack.gemm == "cublaslt" else None
+                choice = tuner.choose(hook.name, key, lambda: self.kernel(module, hook, x),
+                                      lambda: hook.fn_ref.original_forward(x), gemm_only)
+            if choice == "float":
+                return hook.fn_ref.original_forward(x)
+        return self.kernel(module, hook, x)
+
+    def kernel(self, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
         p = packed(module)
         info = hook.pack
         dec = hook.dec_active()
+        if info.gemm == "cublaslt" and compiling():
+            return _cublaslt_traced(module, hook, x, p)
         args = (x, p["w"], hook.clock.step_tensor(), p["act_s"], p["act_z"], p["w_s"], p["w_z"], p["w_sum"],
                 p["bias"], p["dec_a"] if dec else None, p["dec_b"] if dec else None, info.split,
                 info.kind == "fp8", info.w4, info.algo, info.gemm, info.table, info.split_k)
@@ -97,6 +122,43 @@ class TritonBackend:
                     add_hook(mod, NHWCGroupNorm(), GROUP_NORM_HOOK)
                     undo.append(lambda m=mod: remove_hook(m, GROUP_NORM_HOOK))
         return undo
+
+
+def _gemm_only(module: nn.Module, hook, x: torch.Tensor) -> Callable[[], object]:
+    """The cuBLASLt GEMM of this layer on codes quantized once beforehand: what the layer costs
+    when compiled code fuses the quantize into the op that produced ``x``."""
+    from .ops import cublaslt_fp8
+
+    p = packed(module)
+    c = p["w"].shape[1]
+    rows = (x.permute(0, 2, 3, 1) if x.dim() == 4 else x).reshape(-1, c)
+    s_act = p["act_s"][0].index_select(0, hook.clock.step_tensor())
+    q = torch.clamp(rows.float() / s_act, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    y = torch.empty((rows.shape[0], p["w"].shape[0]), device=x.device, dtype=x.dtype)
+    return lambda: cublaslt_fp8(q, p["w"], s_act, p["w_s"], p["bias"], y)
+
+
+def _cublaslt_traced(module: nn.Module, hook, x: torch.Tensor, p: dict) -> torch.Tensor:
+    """The tensor-wise cuBLASLt layer as plain torch ops, for torch.compile: the quantize is an
+    elementwise op with a static per-step scale (gathered on the device), so inductor fuses it into
+    the op that produced ``x`` — a LayerNorm, GELU, GroupNorm+SiLU — and no separate pass reads the
+    activation. Same arithmetic as the eager path: e4m3 code of ``x / s_t`` saturated at ±448."""
+    conv = x.dim() == 4
+    c = x.shape[1] if conv else x.shape[-1]
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c) if conv else x.reshape(-1, c)
+    s_act = p["act_s"][0].index_select(0, hook.clock.step_tensor())
+    q = torch.clamp(rows.float() / s_act, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    w = p["w"]
+    bias = p["bias"]
+    late = bias is not None and x.dtype == torch.float32
+    y = torch._scaled_mm(q, w.view(torch.float8_e4m3fn).t(), s_act, p["w_s"][:1],
+                         bias=None if bias is None or late else bias.to(x.dtype), out_dtype=x.dtype)
+    if late:
+        y = y + bias
+    if conv:
+        nb, _, h, wd = x.shape
+        return y.view(nb, h, wd, -1).permute(0, 3, 1, 2)
+    return y.view(*x.shape[:-1], -1)
 
 
 class NHWCGroupNorm(ModelHook):

@@ -9,7 +9,9 @@ feature X, and on cached calls it returns the cache-DEC correction a_t·X + b_t 
 
 Transformers: the blocks of a span get a :class:`SpanHook`. A full call stores the deviation
 Δ = h_end − h_start the span adds; on a cached call the first block returns h_start + a_t·Δ + b_t
-and the other blocks of the span return their input.
+and the other blocks of the span return their input. A block may carry several token streams
+(Flux's and SD3's joint blocks update image and text tokens): each stream gets its own deviation,
+and cache-DEC's channels are the streams' hidden channels one after the other.
 
 Hooks read the clock's ``mode`` (a host attribute) and the position buffer (on the device); they
 never read a tensor on the host, so a compiled model has one graph per mode and no breaks.
@@ -17,6 +19,7 @@ never read a tensor on the host, so a compiled model has one graph per mode and 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,18 +48,35 @@ class CacheLayout:
     span's first block."""
     channel_dim: int
     """Channel axis of the cached feature (cache-DEC is per channel)."""
+    streams: tuple[str, ...] = ("hidden_states",)
+    """Transformer: the block arguments that carry token streams through the span (by name)."""
+    returns: tuple[tuple[str, ...] | None, ...] = ()
+    """Transformer, per block of ``modules``: the streams in the order the block returns them as a
+    tuple, or None where the block returns its one stream as a tensor (empty: every block does)."""
 
     @property
     def feature_key(self) -> str:
         """Store key of the cached feature (what DPS and cache-DEC are fitted on)."""
         return self.boundary if self.kind == "unet" else SPAN_DELTA
 
+    def feature_parts(self, store: FeatureCache) -> tuple[torch.Tensor, ...]:
+        """The cached feature as it was last stored, one tensor per part: the UNet's boundary
+        output, or the span's deviation per stream (a stream the span drops, such as the text
+        stream of SD3's last block, has none). Cache-DEC's channels follow this order."""
+        if self.kind == "unet":
+            return (store.feature(self.boundary),)
+        return tuple(d for d in store.get(SPAN_DELTA) if d is not None)
 
-def _apply_dec(module: nn.Module, x: torch.Tensor, step: torch.Tensor, channel_dim: int) -> torch.Tensor:
+
+def _apply_dec(module: nn.Module, x: torch.Tensor, step: torch.Tensor, channel_dim: int,
+               offset: int = 0) -> torch.Tensor:
+    """a_t·x + b_t per channel; ``offset``: where x's channels start in the table (later streams)."""
     table = held(module, CACHE_DEC)
     if table is None:
         return x
     ab = table.index_select(1, step)  # (2, 1, C): this position's slope and shift
+    if offset or ab.shape[2] != x.shape[channel_dim]:
+        ab = ab[:, :, offset: offset + x.shape[channel_dim]]
     shape = [1] * x.dim()
     shape[channel_dim] = -1
     return x * ab[0].view(shape).to(x.dtype) + ab[1].view(shape).to(x.dtype)
@@ -88,26 +108,67 @@ class SkipHook(ModelHook):
 
 
 class SpanHook(ModelHook):
-    """A block of the cached transformer span."""
+    """A block of the cached transformer span.
 
-    def __init__(self, clock: StepClock, store: FeatureCache, first: bool, last: bool, channel_dim: int):
+    The streams are read from the block's arguments by name (keyword, or the position of that
+    parameter in the block's ``forward``) and returned the way the block returns them, so the
+    model's own forward keeps driving the blocks."""
+
+    def __init__(self, clock: StepClock, store: FeatureCache, first: bool, last: bool, channel_dim: int,
+                 streams: tuple[str, ...] = ("hidden_states",), returns: tuple[str, ...] | None = None,
+                 params: tuple[str, ...] = ("hidden_states",)):
         super().__init__()
         self.clock, self.store = clock, store
         self.first, self.last, self.channel_dim = first, last, channel_dim
+        self.streams, self.returns = streams, returns
+        self.where = tuple(params.index(s) if s in params else None for s in streams)
+        """Positional index of each stream's parameter in the block's forward."""
+
+    def _inputs(self, args: tuple, kwargs: dict) -> tuple:
+        return tuple(kwargs[s] if s in kwargs else (args[i] if i is not None and i < len(args) else None)
+                     for s, i in zip(self.streams, self.where))
+
+    def _outputs(self, out: Any) -> tuple:
+        """The block's output as one value per stream, in ``streams`` order."""
+        if self.returns is None:
+            return (out[0] if isinstance(out, tuple) else out,)
+        by_name = dict(zip(self.returns, out))
+        return tuple(by_name[s] for s in self.streams)
+
+    def _pack(self, values: tuple) -> Any:
+        if self.returns is None:
+            return values[0]
+        by_name = dict(zip(self.streams, values))
+        return tuple(by_name[s] for s in self.returns)
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
+        hs = self._inputs(args, kwargs)
         if self.clock.mode == "cached":
             if not self.first:
-                return h
-            delta = _apply_dec(module, self.store.get(SPAN_DELTA), self.clock.step_tensor(), self.channel_dim)
-            return h + delta.to(h.dtype)
+                return self._pack(hs)
+            step = self.clock.step_tensor()
+            out, offset = [], 0
+            for h, delta in zip(hs, self.store.get(SPAN_DELTA)):
+                if delta is None or h is None:
+                    out.append(None)
+                    continue
+                out.append(h + _apply_dec(module, delta, step, self.channel_dim, offset).to(h.dtype))
+                offset += delta.shape[self.channel_dim]
+            return self._pack(tuple(out))
         if self.first:
-            self.store.put("span.input", h)
+            self.store.put("span.input", hs)
         out = self.fn_ref.original_forward(*args, **kwargs)
         if self.last:
-            self.store.put(SPAN_DELTA, out - self.store.get("span.input"))
+            deltas = tuple(None if o is None or h is None else o - h
+                           for o, h in zip(self._outputs(out), self.store.get("span.input")))
+            self.store.put(SPAN_DELTA, deltas)
         return out
+
+
+def block_params(module: nn.Module) -> tuple[str, ...]:
+    """The parameter names of a block's ``forward``, in positional order (where a stream passed
+    positionally is found)."""
+    return tuple(p for p in inspect.signature(type(module).forward).parameters if p != "self")
 
 
 def attach_cache(model: nn.Module, layout: CacheLayout, clock: StepClock, store: FeatureCache,
@@ -120,7 +181,9 @@ def attach_cache(model: nn.Module, layout: CacheLayout, clock: StepClock, store:
         if layout.kind == "unet":
             hook = SkipHook(clock, store, name, layout.channel_dim if name == layout.boundary else None)
         else:
-            hook = SpanHook(clock, store, first=i == 0, last=i == len(mods) - 1, channel_dim=layout.channel_dim)
+            returns = layout.returns[i] if layout.returns else None
+            hook = SpanHook(clock, store, first=i == 0, last=i == len(mods) - 1, channel_dim=layout.channel_dim,
+                            streams=layout.streams, returns=returns, params=block_params(mod))
         add_hook(mod, hook, CACHE_HOOK)
         undo.append(lambda m=mod: remove_hook(m, CACHE_HOOK))
     if cache_dec is not None:

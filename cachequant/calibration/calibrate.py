@@ -50,7 +50,9 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     with quiet(pipe), tqdm(total=total, desc="cachequant calibrate", disable=not progress) as bar:
         cal = passes.Calibration(pipe, model, adapter, config, num_inference_steps, items, dict(pipeline_kwargs or {}),
                                  adapter.layout(model, site) if cached else None, site, bar)
+        bar.set_description("cachequant calibrate: full-precision trajectories")
         features, logs = passes.trajectories(cal, feature_batches, log_calls=config.vc)
+        bar.set_description("cachequant calibrate: schedule")
         schedule, cache_dec = passes.schedule_and_cache_dec(cal, features)
         del features
         tensors: dict[str, torch.Tensor] = {}
@@ -60,20 +62,24 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
         specs, attn = [], []
         if config.quantize:
             specs, attn, consumers = passes.quant_specs(cal)
+            bar.set_description("cachequant calibrate: activation ranges")
             specs = passes.activation_ranges(cal, schedule, cache_dec, specs, attn, tensors)
             consumers = {k: v for k, v in consumers.items() if any(s.name == k for s in specs)}
             if consumers:
+                bar.set_description("cachequant calibrate: quantization DEC")
                 passes.quant_dec(cal, schedule, cache_dec, specs, attn, consumers, tensors)
             specs = [s if s.name in consumers else type(s)(s.name, s.weight_bits, s.split, False) for s in specs]
             quant = QuantSpec(config.act_bits, config.per_step_act, config.weight_rounding, tuple(specs), tuple(attn))
         if config.vc:
+            bar.set_description("cachequant calibrate: variance compensation")
             sess = passes.accelerated_session(cal, schedule, cache_dec, specs, attn, tensors) if config.quantize \
                 else cal.session(schedule, cache_dec)
             try:
                 tensors["vc"] = passes.variance_compensation(cal, sess, logs)
             finally:
                 sess.close()
-    sampler = SamplerSpec(type(pipe.scheduler).__name__, num_inference_steps, tuple(cal.timesteps), cal.begin)
+    sampler = SamplerSpec(type(pipe.scheduler).__name__, num_inference_steps, tuple(cal.timesteps), cal.begin,
+                          None if cal.sigmas is None else tuple(cal.sigmas))
     cache = CacheSpec(adapter.cache_kind if cached else "none", site, tuple(schedule))
     info = {"pipeline": type(pipe).__name__, "denoiser_attr": attr, "adapter": adapter.name,
             "cachequant_version": __version__, "torch_version": torch.__version__,

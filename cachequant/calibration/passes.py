@@ -58,6 +58,7 @@ class Calibration:
     """The cache site ({} without cache)."""
     bar: Any
     timesteps: list[float] | None = None
+    sigmas: list[float] | None = None
     begin: int = 0
     diagnostics: dict = field(default_factory=dict)
 
@@ -75,7 +76,7 @@ class Calibration:
     def session(self, full_steps, cache_dec: torch.Tensor | None = None) -> Session:
         """A session with the clock on the pipeline's scheduler and, if caching, the cache hooks."""
         sess = Session.open(self.model, self.timesteps, full_steps, self.begin, type(self.pipe.scheduler).__name__,
-                            self.num_inference_steps, guard=False)
+                            self.num_inference_steps, guard=False, sigmas=self.sigmas)
         try:
             if self.layout is not None:
                 sess.add_cache(self.layout, cache_dec)
@@ -116,8 +117,8 @@ def trajectories(cal: Calibration, batch_list: list[list], log_calls: bool) -> t
 
     def record(module, args, kwargs, out):
         pos = sess.clock.position
-        calls.append((pos, None if key is None else sess.store.feature(key).detach().float().cpu(),
-                      (to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))) if log_calls else None))
+        feat = None if key is None else tuple(p.detach().float().cpu() for p in cal.layout.feature_parts(sess.store))
+        calls.append((pos, feat, (to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))) if log_calls else None))
 
     def take(i):
         positions[i] = [c[0] for c in calls]
@@ -130,21 +131,27 @@ def trajectories(cal: Calibration, batch_list: list[list], log_calls: bool) -> t
     handle = cal.model.register_forward_hook(record, with_kwargs=True)
     try:
         cal.run(batch_list, cal.config.seed, on_end=take)
-        planned = sess.attachments[0].planned
+        planned, sigmas = sess.attachments[0].planned, sess.attachments[0].planned_sigmas
     finally:
         handle.remove()
         sess.close()
     # rank 0 runs batch 0, so it has seen the sampler; a process with no batch of this pass has not
     mine_ok = _check_positions(positions, len(planned)) if positions else None
-    cal.timesteps, cal.begin = broadcast((planned, mine_ok) if rank_world()[0] == 0 else None)
+    cal.timesteps, cal.sigmas, cal.begin = broadcast((planned, sigmas, mine_ok) if rank_world()[0] == 0 else None)
     if mine_ok is not None and mine_ok != cal.begin:
         raise RuntimeError(f"calibration runs started at position {mine_ok} here and {cal.begin} on rank 0")
     parts = gather(feats)
     features = None
     if key is not None and rank_world()[0] == 0:
         ordered = [d for _, d in sorted(((i, d) for p in parts for i, d in p.items()), key=lambda x: x[0])]
-        features = [torch.cat([d[t] for d in ordered], dim=0) for t in range(cal.begin, cal.num_positions)]
+        features = [_cat_parts([d[t] for d in ordered]) for t in range(cal.begin, cal.num_positions)]
     return features, logs
+
+
+def _cat_parts(per_batch: list[tuple[torch.Tensor, ...]]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """One position's feature over all batches: a tensor, or a tuple of parts (token streams)."""
+    parts = tuple(torch.cat([f[k] for f in per_batch], dim=0) for k in range(len(per_batch[0])))
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _check_positions(positions: dict[int, list[int]], T: int) -> int:
@@ -180,7 +187,8 @@ def _schedule_and_cache_dec(cal: Calibration, features: list | None) -> tuple[li
     T, begin = cal.num_positions, cal.begin
     cached = cfg.interval > 1 and cal.layout is not None
     kind = cfg.schedule if cached else "uniform"
-    rel = make_schedule(kind, T - begin, cfg.interval if cached else 1, features if kind == "dps" else None)
+    rel = make_schedule(kind, T - begin, cfg.interval if cached else 1,
+                        _dps_view(features) if kind == "dps" else None)
     diag: dict = {}
     dec = None
     if cached and features is not None:
@@ -200,6 +208,14 @@ def _schedule_and_cache_dec(cal: Calibration, features: list | None) -> tuple[li
     return [begin + s for s in rel], dec, diag
 
 
+def _dps_view(features: list | None) -> list | None:
+    """DPS costs are L1 distances over the whole feature: a feature in parts (token streams with
+    different token counts) is flattened per sample and concatenated."""
+    if not features or not isinstance(features[0], tuple):
+        return features
+    return [torch.cat([p.flatten(1) for p in f], dim=1) for f in features]
+
+
 # -- 3. activation ranges (and weight ranges, GPTQ) --------------------------------------------
 
 
@@ -209,6 +225,10 @@ def quant_specs(cal: Calibration) -> tuple[list[LayerSpec], list[str], dict[str,
     consumers = adapter.cache_consumers(model, cal.site) if cfg.use_quant_dec and cal.layout is not None else {}
     specs = layer_specs(model, cfg.weight_bits, adapter.keep_8bit(model), adapter.concat_splits(model, cal.site),
                         cfg.w8_layers, frozenset(consumers))
+    floats = set() if cfg.quant_modulation else adapter.keep_float(model)
+    if floats:
+        specs = [s for s in specs if s.name not in floats]
+        cal.diagnostics["layers_kept_float"] = sorted(floats)
     attn, other = attention_modules(model) if cfg.quant_attention else ([], {})
     if other:
         cal.diagnostics["attention_kept_float"] = other

@@ -30,14 +30,27 @@ def run_evaluate(args) -> int:
                                     write_shard)
     from ..pipecall import denoiser_of
     from ..utils.io import atomic_path
-    from .common import kernel_options, load_pipeline
+    from .common import (UsageError, check_device, check_input_file, check_model, check_output_folder,
+                         kernel_options, load_pipeline)
 
+    # everything that can be wrong is checked before the first image is sampled
+    check_model(args.model)
+    check_device(args.device)
+    check_output_folder(args.out_dir, "--out-dir")
+    plan = cq.load_plan(check_input_file(args.plan, "--plan")) if args.plan else None
+    if args.ref_stats:
+        from ..metrics.fid import load_reference
+
+        load_reference(check_input_file(args.ref_stats, "--ref-stats"))  # readable, with the statistics FID needs
+    if args.fp_dir and not (Path(args.fp_dir) / "samples.npz").is_file():
+        raise UsageError(f"--fp-dir: {args.fp_dir} holds no samples.npz (the --out-dir of a finished full-precision "
+                         "evaluate run)")
+    options = kernel_options(args)
     rank, world, device = init_from_env(args.device)
     pipe = load_pipeline(args.model, device, args.scheduler)
     plan_meta = None
-    if args.plan:
-        plan = cq.load_plan(args.plan)
-        cq.accelerate(pipe, plan, kernel_options(args))
+    if plan is not None:
+        cq.accelerate(pipe, plan, options)
         plan_meta = {"path": str(args.plan), "config": plan.config.to_dict(), "schedule": plan.schedule,
                      "backend": cq.kernel_report(pipe)["backend"]}
     kw = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
@@ -144,9 +157,15 @@ def read_images(path: str, limit: int | None = None) -> np.ndarray:
 
 def run_ref_stats(args) -> int:
     from ..metrics.fid import inception_features, save_reference
+    from .common import UsageError, check_device, check_output_file
 
+    data = Path(args.data)
+    if not data.exists():
+        raise UsageError(f"--data: {data} does not exist")
+    out = check_output_file(args.out, "--out", (".npz",))
+    check_device(args.device)
     images = read_images(args.data, args.limit)
-    feats = inception_features(images, device=args.device, batch_size=200, progress=True)
-    save_reference(args.out, feats, source=f"{Path(args.data).name} ({len(images)} images)")
+    feats = inception_features(images, device=args.device, batch_size=200, progress=not args.quiet)
+    save_reference(out, feats, source=f"{Path(args.data).name} ({len(images)} images)")
     print(f"reference statistics of {len(images)} images written to {args.out}")
     return 0

@@ -1,60 +1,84 @@
-"""``cachequant`` command line: calibrate, generate, info, demo."""
+"""cachequant: training-free acceleration of diffusers pipelines by caching + 8-bit quantization.
+
+commands:
+  calibrate   calibrate a plan for a pipeline and save it (.cqplan)
+  info        describe a plan file
+  generate    generate an image grid, with a plan or in full precision
+  demo        the main job: calibrate the shipped CIFAR-10 UNet, compare with full precision
+  evaluate    sample N images in seeded, resumable shards and compute FID, precision/recall, PSNR
+  ref-stats   Inception reference statistics of a dataset, for evaluate's FID
+
+Run "cachequant COMMAND --help" for a command's options. Errors print one line and exit with 2;
+Ctrl-C exits with 130 and leaves no half-written file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from pathlib import Path
 
 from ..backends.options import ATTENTION, BACKENDS
 from ..config import CALIBRATION_MODES, SCHEDULES, WEIGHT_ROUNDINGS
-from ..models.tiny import SCHEDULERS
-from .common import BITS, kernel_options, load_pipeline
+from .common import (BITS, IMAGE_SUFFIXES, UsageError, check_device, check_input_file, check_model,
+                     check_output_file, int_list, kernel_options, load_pipeline, non_negative_int, positive_float,
+                     positive_int, quiet_libraries, unit_interval)
+
+MODELS_HELP = ("cifar10-unet, cifar10-dit (shipped, trained on CIFAR-10), tiny-ddim, tiny-sd, tiny-sdxl, tiny-dit "
+               "(random weights, for trying things), or the folder of a saved diffusers pipeline")
 
 
-def _inputs(args) -> dict:
-    if args.prompts and args.class_labels:
-        raise SystemExit("error: give --prompts or --class-labels, not both")
-    if args.prompts:
-        p = Path(args.prompts)
-        if not p.is_file():
-            raise SystemExit(f"error: prompts file not found: {p}")
-        lines = [l.split("\t")[0].strip() for l in p.read_text().splitlines()]
-        lines = [l for l in lines if l and l != "Prompt"]  # PartiPrompts.tsv has a header row
-        if not lines:
-            raise SystemExit(f"error: no prompts in {p}")
-        return {"prompts": lines[: args.num_samples] if args.num_samples else lines}
-    if args.class_labels:
-        try:
-            return {"class_labels": [int(c) for c in args.class_labels.split(",")]}
-        except ValueError:
-            raise SystemExit(f"error: --class-labels must be comma-separated integers, got {args.class_labels!r}")
-    return {"num_samples": args.num_samples} if args.num_samples else {}
+def _read_prompts(path, limit: int | None) -> list[str]:
+    p = check_input_file(path, "--prompts")
+    lines = [line.split("\t")[0].strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line and line != "Prompt"]  # PartiPrompts.tsv has a header row
+    if not lines:
+        raise UsageError(f"--prompts: no prompts in {p} (one per line, or PartiPrompts' TSV)")
+    return lines[:limit] if limit else lines
+
+
+def _calibration_config(args):
+    import cachequant as cq
+
+    wb, ab = BITS[args.bits]
+    try:
+        return cq.CacheQuantConfig(
+            interval=args.interval, schedule=args.schedule, weight_bits=wb, act_bits=ab, dec=not args.no_dec,
+            cache_dec_slope=not args.cache_dec_shift_only, calib_batch_size=args.batch_size, seed=args.seed,
+            calibration=args.calibration, calib_select=args.calib_select, tap_lambda=args.tap_lambda, vc=args.vc,
+            w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
+            weight_rounding=args.weight_rounding, cache_branch=args.cache_branch, cache_layers=args.cache_layers)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_calibrate(args) -> int:
     import cachequant as cq
 
-    wb, ab = BITS[args.bits]
-    cfg = cq.CacheQuantConfig(interval=args.interval, schedule=args.schedule, weight_bits=wb, act_bits=ab,
-                              dec=not args.no_dec, cache_dec_slope=not args.cache_dec_shift_only,
-                              calib_batch_size=args.batch_size, seed=args.seed,
-                              calibration=args.calibration, calib_select=args.calib_select,
-                              tap_lambda=args.tap_lambda, vc=args.vc,
-                              w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
-                              weight_rounding=args.weight_rounding, cache_branch=args.cache_branch,
-                              cache_layers=args.cache_layers)
     from ..distributed import barrier, init_from_env
 
+    if args.prompts and args.class_labels:
+        raise UsageError("give --prompts or --class-labels, not both")
+    cfg = _calibration_config(args)
+    check_model(args.model)
+    check_device(args.device)
+    out = check_output_file(args.out, "--out", (".cqplan",))
+    inputs = {}
+    if args.prompts:
+        inputs["prompts"] = _read_prompts(args.prompts, args.num_samples)
+    elif args.class_labels:
+        inputs["class_labels"] = args.class_labels
+    elif args.num_samples:
+        inputs["num_samples"] = args.num_samples
     rank, world, device = init_from_env(args.device)
     pipe = load_pipeline(args.model, device, args.scheduler)
     t = time.time()
-    plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, progress=rank == 0, **_inputs(args))
+    plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, progress=rank == 0 and not args.quiet, **inputs)
     if rank == 0:
-        plan.save(args.out)
-        print(f"plan written to {args.out} in {time.time() - t:.1f} s ({world} process{'es' if world > 1 else ''}); "
+        plan.save(out)
+        print(f"plan written to {out} in {time.time() - t:.1f} s ({world} process{'es' if world > 1 else ''}); "
               f"full steps: {plan.schedule}")
         reuse = plan.diagnostics.get("cache_reuse")
         if reuse:
@@ -65,44 +89,69 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _generate_images(pipe, args, seed: int):
-    import numpy as np
-    import torch
-
-    from ..pipecall import call_pipeline, check_inputs, conditioning
+def _generation_batch(pipe, args) -> list:
+    """What the pipeline is conditioned on, checked against what was given."""
+    from ..pipecall import check_inputs, conditioning, num_classes
 
     kind = conditioning(pipe)
     if kind == "prompt":
+        if args.class_labels:
+            raise UsageError(f"--class-labels: {type(pipe).__name__} is text-conditioned; give --prompt")
         if not args.prompt:
-            raise SystemExit("error: this pipeline is text-conditioned: pass --prompt")
+            raise UsageError(f"{type(pipe).__name__} is text-conditioned: give --prompt")
         batch = [args.prompt] * args.num_images
     elif kind == "class":
-        labels = [int(c) for c in (args.class_labels or "0").split(",")]
+        if args.prompt:
+            raise UsageError(f"--prompt: {type(pipe).__name__} is class-conditional; give --class-labels")
+        labels = args.class_labels or [0]
+        bad = [c for c in labels if not 0 <= c < num_classes(pipe)]
+        if bad:
+            raise UsageError(f"--class-labels: {bad[0]} is not a class of this model (0 to {num_classes(pipe) - 1})")
         batch = (labels * args.num_images)[: args.num_images]
     else:
+        if args.prompt or args.class_labels:
+            raise UsageError(f"{type(pipe).__name__} is unconditional: it takes no --prompt or --class-labels")
         batch = [None] * args.num_images
-    out = call_pipeline(pipe, check_inputs(pipe, batch), num_inference_steps=args.steps,
-                        generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-    return np.asarray(out.images)
+    return check_inputs(pipe, batch)
 
 
 def cmd_generate(args) -> int:
+    import numpy as np
+    import torch
+
     import cachequant as cq
+
+    from ..pipecall import call_pipeline
     from ..utils.io import save_grid
 
+    check_model(args.model)
+    check_device(args.device)
+    out = check_output_file(args.out, "--out", IMAGE_SUFFIXES)
+    plan = cq.load_plan(check_input_file(args.plan, "--plan")) if args.plan else None
+    if plan is None:
+        given = [flag for flag, value, default in (("--backend", args.backend, "auto"),
+                                                   ("--kernel-attention", args.kernel_attention, "sdpa"),
+                                                   ("--drop-float-weights", args.drop_float_weights, False))
+                 if value != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} set how a plan's quantized layers run: give --plan too")
+    options = kernel_options(args)
     pipe = load_pipeline(args.model, args.device, args.scheduler)
-    if args.plan:
-        cq.accelerate(pipe, cq.load_plan(args.plan), kernel_options(args))
-    images = _generate_images(pipe, args, args.seed)
-    save_grid([images], args.out, scale=args.scale)
-    print(f"{len(images)} images written to {args.out}")
+    batch = _generation_batch(pipe, args)
+    if plan is not None:
+        cq.accelerate(pipe, plan, options)
+    pipe.set_progress_bar_config(disable=args.quiet, desc="generate")
+    images = call_pipeline(pipe, batch, num_inference_steps=args.steps,
+                           generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np").images
+    save_grid([np.asarray(images)], out, scale=args.scale)
+    print(f"{len(images)} images written to {out}")
     return 0
 
 
 def cmd_info(args) -> int:
     import cachequant as cq
 
-    plan = cq.load_plan(args.plan)
+    plan = cq.load_plan(check_input_file(args.plan, "plan"))
     if args.json:
         print(json.dumps(plan.to_meta(), indent=2))
         return 0
@@ -132,122 +181,162 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import run_evaluate
+
+    return run_evaluate(args)
+
+
+def cmd_ref_stats(args) -> int:
+    from .evaluate import run_ref_stats
+
+    return run_ref_stats(args)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows every option's default."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (and a pointer to --help) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cachequant", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    from ..models.tiny import SCHEDULERS
 
-    def model_args(sp):
-        sp.add_argument("--model", default="cifar10-unet",
-                        help="cifar10-unet | cifar10-dit | tiny-ddim | tiny-sd | tiny-dit | a diffusers pipeline folder")
+    p = _Parser(prog="cachequant", description=__doc__, formatter_class=_Formatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+
+    def model_args(sp, steps: int = 50):
+        sp.add_argument("--model", default="cifar10-unet", help=MODELS_HELP)
         sp.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
-                        help="replace the pipeline's scheduler (default: keep it)")
-        sp.add_argument("--steps", type=int, default=50, help="num_inference_steps")
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("--seed", type=int, default=0)
+                        help="replace the pipeline's sampler (default: keep the pipeline's own)")
+        sp.add_argument("--steps", type=positive_int, default=steps, help="num_inference_steps of a pipeline run")
+        sp.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+        sp.add_argument("--seed", type=non_negative_int, default=0, help="seed of the noise (and of calibration)")
 
-    def backend_arg(sp):
+    def quiet_arg(sp):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def backend_args(sp):
         sp.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="how quantized layers run: fake-quant reference, Triton INT8/FP8 kernels (CUDA), "
-                             "or auto (int8 on a CUDA GPU, else fake)")
+                        help="how quantized layers run: the float reference (fake), Triton INT8 / FP8 kernels on a "
+                             "CUDA GPU, or auto (FP8 on Ada / Hopper, else INT8, on a CUDA GPU, each layer timed against "
+                             "its float op and the faster kept; else fake)")
         sp.add_argument("--kernel-attention", choices=ATTENTION, default="sdpa",
-                        help="with a kernel backend: fused float SDPA attention (fast), or the plan's 8-bit "
-                             "attention matmuls (what the fake-quant reference computes)")
+                        help="with a kernel backend: fused float attention (fast), or the plan's 8-bit attention "
+                             "matmuls (what the reference computes)")
         sp.add_argument("--drop-float-weights", action="store_true",
-                        help="with a kernel backend: free the float weights of the layers the kernels run "
-                             "(8-bit weights only in memory)")
+                        help="with a kernel backend: keep only the 8-bit weights of the kernel layers in memory")
 
-    c = sub.add_parser("calibrate", help="calibrate a plan and save it")
+    c = command("calibrate", "calibrate a plan for a pipeline and save it")
     model_args(c)
-    c.add_argument("--interval", type=int, default=5)
-    c.add_argument("--schedule", choices=SCHEDULES, default="dps")
-    c.add_argument("--bits", choices=list(BITS), default="w8a8")
-    c.add_argument("--no-dec", action="store_true", help="disable decoupled error correction")
+    c.add_argument("--interval", type=positive_int, default=5, help="N: one full step every N on average (1: no cache)")
+    c.add_argument("--schedule", choices=SCHEDULES, default="dps", help="where the full steps go")
+    c.add_argument("--bits", choices=list(BITS), default="w8a8", help="weight and activation bits (fp: cache only)")
+    c.add_argument("--no-dec", action="store_true", help="no decoupled error correction")
     c.add_argument("--cache-dec-shift-only", action="store_true",
-                   help="cache-DEC fits a per-channel shift only (slope fixed to 1): for stochastic samplers "
-                        "such as DDPM, where the fitted slope shrinks the reused feature (results/ablation.md)")
+                   help="cache-DEC fits a per-channel shift only (slope 1): for stochastic samplers such as DDPM")
     site = c.add_mutually_exclusive_group()
-    site.add_argument("--cache-layers", type=int, default=None,
+    site.add_argument("--cache-layers", type=positive_int, default=None,
                       help="UNets: up layers run on cached steps (default: 1 for SD-style UNets, DeepCache's "
                            "shallowest branch; the whole last up block for UNet2DModel)")
-    site.add_argument("--cache-branch", type=int, default=None, help="UNets: whole up blocks run on cached steps")
+    site.add_argument("--cache-branch", type=positive_int, default=None,
+                      help="UNets: whole up blocks run on cached steps")
     c.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="nearest",
-                   help="gptq: round weights with GPTQ (input-Hessian error feedback; needed for usable W4A8)")
+                   help="gptq: GPTQ rounding with input-Hessian error feedback (what usable W4A8 needs)")
     c.add_argument("--w8-layers", default="",
                    help="with --bits w4a8: comma-separated module-name globs kept at 8-bit weights "
-                        "(e.g. 'time_embedding.*,*.time_emb_proj'); conv_in / conv_out always are")
-    c.add_argument("--calibration", default="trajectory",
-                   choices=CALIBRATION_MODES,
+                        "(e.g. 'time_embedding.*,*.time_emb_proj'); the first and last layer always are")
+    c.add_argument("--calibration", default="trajectory", choices=CALIBRATION_MODES,
                    help="which intermediate inputs calibrate the activation ranges (Q&C: tap)")
-    c.add_argument("--calib-select", type=int, default=256, help="entries selected from the pool (not 'trajectory')")
-    c.add_argument("--tap-lambda", type=float, default=0.5)
+    c.add_argument("--calib-select", type=positive_int, default=256,
+                   help="entries selected from the pool (a --calibration other than trajectory)")
+    c.add_argument("--tap-lambda", type=unit_interval, default=0.5, help="TAP: weight of data against time similarity")
     c.add_argument("--vc", action="store_true", help="variance compensation (Q&C)")
-    c.add_argument("--prompts", help="text file (one prompt per line) or PartiPrompts.tsv")
-    c.add_argument("--class-labels", help="comma-separated class ids")
-    c.add_argument("--num-samples", type=int, default=None, help="calibration trajectories")
-    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--prompts", help="text-conditioned models: a text file, one prompt per line (or PartiPrompts.tsv)")
+    c.add_argument("--class-labels", type=int_list, help="class-conditional models: comma-separated class ids")
+    c.add_argument("--num-samples", type=positive_int, default=None,
+                   help="calibration trajectories (default: 32, or every prompt / label given)")
+    c.add_argument("--batch-size", type=positive_int, default=8, help="trajectories per pipeline call")
     c.add_argument("--out", required=True, help="plan file to write (.cqplan)")
+    quiet_arg(c)
     c.set_defaults(fn=cmd_calibrate)
 
-    g = sub.add_parser("generate", help="generate images (with a plan, or full precision without)")
+    g = command("generate", "generate an image grid, with a plan or in full precision")
     model_args(g)
-    g.add_argument("--plan")
-    backend_arg(g)
-    g.add_argument("--prompt")
-    g.add_argument("--class-labels")
-    g.add_argument("--num-images", type=int, default=4)
-    g.add_argument("--scale", type=int, default=1, help="upscale factor of the saved grid")
-    g.add_argument("--out", required=True, help="PNG grid to write")
+    g.add_argument("--plan", help="plan file (.cqplan); without it, full precision")
+    backend_args(g)
+    g.add_argument("--prompt", help="text-conditioned models: the prompt")
+    g.add_argument("--class-labels", type=int_list, help="class-conditional models: comma-separated class ids (0)")
+    g.add_argument("--num-images", type=positive_int, default=4, help="images in the grid")
+    g.add_argument("--scale", type=positive_int, default=1, help="upscale factor of the saved grid")
+    g.add_argument("--out", required=True, help="image file of the grid (.png, .jpg or .webp)")
+    quiet_arg(g)
     g.set_defaults(fn=cmd_generate)
 
-    i = sub.add_parser("info", help="describe a plan file")
-    i.add_argument("plan")
-    i.add_argument("--json", action="store_true")
+    i = command("info", "describe a plan file")
+    i.add_argument("plan", help="plan file (.cqplan)")
+    i.add_argument("--json", action="store_true", help="print the plan's metadata as JSON")
     i.set_defaults(fn=cmd_info)
 
-    e = sub.add_parser("evaluate", help="sample N images (seeded shards, resumable, torchrun-aware) and compute metrics")
-    model_args(e)
-    e.add_argument("--plan", help="plan file; without it, full precision")
-    backend_arg(e)
-    e.add_argument("--num-samples", type=int, required=True)
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--shard-size", type=int, default=500)
-    e.add_argument("--guidance-scale", type=float, default=None)
-    e.add_argument("--ref-stats", help=".npz from `cachequant ref-stats` (FID, precision, recall)")
-    e.add_argument("--fp-dir", help="out-dir of a full-precision evaluate run with the same seeds (PSNR, SSIM)")
-    e.add_argument("--out-dir", required=True)
-    e.add_argument("--quiet", action="store_true")
-    e.set_defaults(fn=lambda a: __import__("cachequant.cli.evaluate", fromlist=["x"]).run_evaluate(a))
-
-    r = sub.add_parser("ref-stats", help="Inception reference statistics of a dataset (zip, folder or .npz)")
-    r.add_argument("--data", required=True)
-    r.add_argument("--out", required=True)
-    r.add_argument("--limit", type=int, default=None)
-    r.add_argument("--device", default="cpu")
-    r.set_defaults(fn=lambda a: __import__("cachequant.cli.evaluate", fromlist=["x"]).run_ref_stats(a))
-
-    d = sub.add_parser("demo", help="the README's main job: calibrate, compare with full precision, save a grid")
-    d.add_argument("--model", default="cifar10-unet")
-    d.add_argument("--steps", type=int, default=100)
-    d.add_argument("--interval", type=int, default=10)
-    d.add_argument("--bits", choices=list(BITS), default="w8a8")
-    d.add_argument("--weight-rounding", choices=["auto", "nearest", "gptq"], default="auto",
+    d = command("demo", "the main job: calibrate the shipped CIFAR-10 UNet, compare with full precision, save a grid")
+    d.add_argument("--model", default="cifar10-unet", help=MODELS_HELP)
+    d.add_argument("--steps", type=positive_int, default=100, help="num_inference_steps")
+    d.add_argument("--interval", type=positive_int, default=10, help="N: one full step every N on average")
+    d.add_argument("--bits", choices=list(BITS), default="w8a8", help="weight and activation bits")
+    d.add_argument("--weight-rounding", choices=("auto",) + WEIGHT_ROUNDINGS, default="auto",
                    help="auto: gptq for 4-bit weights (nearest-rounded W4A8 collapses the CIFAR UNet), else nearest")
-    d.add_argument("--num-images", type=int, default=8)
-    d.add_argument("--out", default="cachequant-demo.png")
+    d.add_argument("--num-images", type=positive_int, default=8, help="images compared")
+    d.add_argument("--out", default="cachequant-demo.png", help="comparison grid to write (.png, .jpg or .webp)")
+    quiet_arg(d)
     d.set_defaults(fn=cmd_demo)
+
+    e = command("evaluate", "sample N images (seeded shards, resumable, torchrun-aware) and compute metrics")
+    model_args(e)
+    e.add_argument("--plan", help="plan file (.cqplan); without it, full precision")
+    backend_args(e)
+    e.add_argument("--num-samples", type=positive_int, required=True, help="images to sample")
+    e.add_argument("--batch-size", type=positive_int, default=64, help="images per pipeline call")
+    e.add_argument("--shard-size", type=positive_int, default=500, help="images per shard file")
+    e.add_argument("--guidance-scale", type=positive_float, default=None,
+                   help="classifier-free guidance scale (default: the pipeline's)")
+    e.add_argument("--ref-stats", help=".npz from `cachequant ref-stats` (FID, precision, recall)")
+    e.add_argument("--fp-dir", help="--out-dir of a full-precision evaluate run with the same seeds (PSNR, SSIM)")
+    e.add_argument("--out-dir", required=True, help="folder for the shards, samples.npz and metrics.json")
+    quiet_arg(e)
+    e.set_defaults(fn=cmd_evaluate)
+
+    r = command("ref-stats", "Inception reference statistics of a dataset (zip, folder or .npz), for FID")
+    r.add_argument("--data", required=True, help="a zip or folder of images, or an .npz with an 'images' array")
+    r.add_argument("--out", required=True, help="statistics file to write (.npz)")
+    r.add_argument("--limit", type=positive_int, default=None, help="use only the first N images")
+    r.add_argument("--device", default="cpu", help="torch device for the Inception network")
+    quiet_arg(r)
+    r.set_defaults(fn=cmd_ref_stats)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
-    from ..errors import PlanError, PlanMismatchError
+    from ..errors import PlanError, PlanMismatchError, WorkflowError
 
     try:
         return args.fn(args)
-    except (PlanError, PlanMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+    except KeyboardInterrupt:
+        print("interrupted (nothing half-written was left behind)", file=sys.stderr)
+        return 130
+    except (UsageError, PlanError, PlanMismatchError, WorkflowError, ValueError, FileNotFoundError,
+            PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if os.environ.get("CACHEQUANT_TRACEBACK") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -6,11 +6,15 @@ Fitted by least squares over batch × spatial positions on the full-precision, u
 Correcting the *input* channels of the re-entering feature removes the part of the cache error
 that a later output-channel correction cannot (supplement §8: direct output correction is the
 special case a1 = 1, b1 = 0).
+
+A feature may come in parts — the image and text token streams of a joint transformer block,
+whose token counts differ: each step's feature is then a tuple, each part is fitted on its own,
+and the coefficients of the parts are concatenated along the channels in part order.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,12 +24,25 @@ def _channels_first(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1).double()
 
 
-def fit_cache_dec(features: Sequence[torch.Tensor], full_steps: Sequence[int], channel_dim: int,
+def split_parts(features: Sequence[Any]) -> list[list[torch.Tensor]]:
+    """Per part, the per-step tensors (a feature of plain tensors is one part)."""
+    if features and isinstance(features[0], (tuple, list)):
+        return [[f[k] for f in features] for k in range(len(features[0]))]
+    return [list(features)]
+
+
+def fit_cache_dec(features: Sequence[Any], full_steps: Sequence[int], channel_dim: int,
                   eps: float = 1e-12, slope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (a, b), each ``(T, C)`` float32, for the recorded per-step ``features``.
+    """Returns (a, b), each ``(T, C)`` float32, for the recorded per-step ``features`` (tensors,
+    or tuples of parts: C is then the parts' channels one after the other).
 
     ``slope=False`` keeps a = 1 and fits only b = mean(X_t) − mean(X_s), the least-squares shift
     (``CacheQuantConfig.cache_dec_slope`` says when that matters)."""
+    parts = split_parts(features)
+    if len(parts) > 1:
+        fits = [fit_cache_dec(p, full_steps, channel_dim, eps, slope) for p in parts]
+        return torch.cat([a for a, _ in fits], dim=1), torch.cat([b for _, b in fits], dim=1)
+    features = parts[0]
     T = len(features)
     C = features[0].shape[channel_dim]
     a = torch.ones(T, C, dtype=torch.float64)
@@ -70,7 +87,7 @@ def _by_fifth(values: np.ndarray, reduce) -> list:
     return [reduce(i) for i in np.array_split(np.arange(len(values)), 5)]
 
 
-def relative_reuse_error(features: Sequence[torch.Tensor], full_steps: Sequence[int],
+def relative_reuse_error(features: Sequence[Any], full_steps: Sequence[int],
                          dec: tuple[torch.Tensor, torch.Tensor] | None = None, channel_dim: int = 1) -> dict:
     """How far the reused feature is from the fresh one, relative to the fresh one's size.
 
@@ -82,13 +99,18 @@ def relative_reuse_error(features: Sequence[torch.Tensor], full_steps: Sequence[
     """
     T = len(features)
     num, den = np.zeros(T), np.zeros(T)
-    for t, x, y in _reuse_pairs(features, full_steps, dec, channel_dim):
-        num[t] = float((x - y).abs().sum())
-        den[t] = float(x.abs().sum())
+    offset, numel = 0, 0
+    for part in split_parts(features):  # parts: sums over all of them, each with its DEC channels
+        c = part[0].shape[channel_dim]
+        d = None if dec is None else (dec[0][:, offset: offset + c], dec[1][:, offset: offset + c])
+        for t, x, y in _reuse_pairs(part, full_steps, d, channel_dim):
+            num[t] += float((x - y).abs().sum())
+            den[t] += float(x.abs().sum())
+        offset, numel = offset + c, numel + part[0].numel()
     cached = T - len(set(full_steps) & set(range(T)))
     return {"relative_l1": float(num.sum() / max(den.sum(), 1e-30)),
             "relative_l1_by_fifth": _by_fifth(num, lambda i: float(num[i].sum() / max(den[i].sum(), 1e-30))),
-            "mean_l1": float(num.sum() / max(cached * features[0].numel(), 1)), "cached_steps": cached}
+            "mean_l1": float(num.sum() / max(cached * numel, 1)), "cached_steps": cached}
 
 
 def reuse_spread_ratio(features: Sequence[torch.Tensor], full_steps: Sequence[int],

@@ -95,8 +95,8 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     non-symmetric matrix:
     - 2048-d features take 1.4 s instead of 8.3 s on 2 cores (``benchmarks/metrics_speed.py``);
     - no complex round-off, so no ε-regularisation is needed;
-    - why speed matters here: on the lent 16-CPU machine, the old CPU part (sqrtm + SSIM) took ~260 s
-      per variant with nine in parallel (``benchmarks/results/h200-2026-12-01-unet-metrics-run2.log``).
+    - why speed matters here: the metrics' CPU part runs next to the sampling of the next variant,
+      and with ``sqrtm`` nine variants measured at once took minutes each and starved it.
     ``tests/test_metrics.py`` checks it against ``scipy.linalg.sqrtm``."""
     r1 = _psd_sqrt(sigma1)
     m = r1 @ sigma2 @ r1
@@ -212,6 +212,10 @@ def load_reference(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"reference statistics not found: {path} (make them with `cachequant ref-stats`)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            ref = {k: z[k] for k in z.files}
     except Exception as e:
         raise ValueError(f"{path} is not a readable reference-statistics file ({e})") from None
+    missing = [k for k in ("mu", "sigma", "features") if k not in ref]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not made by `cachequant ref-stats`")
+    return ref

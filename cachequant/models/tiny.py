@@ -9,9 +9,27 @@ from __future__ import annotations
 import torch
 
 
+def unconditional_pipeline(unet, scheduler):
+    """The diffusers pipeline that runs an unconditional ``UNet2DModel`` with ``scheduler`` correctly:
+    ``DDIMPipeline`` for DDIM (it passes ``eta``, which only DDIM's ``step`` takes), ``PNDMPipeline``
+    for PNDM (its ``step`` takes no generator), ``DDPMPipeline`` otherwise. None scales its inputs for
+    Euler-type (sigma-space) schedulers, which are refused."""
+    from diffusers import DDIMPipeline, DDPMPipeline, PNDMPipeline
+
+    name = type(scheduler).__name__
+    if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0 or "Euler" in name or "Heun" in name:
+        raise ValueError(f"{name} needs scaled model inputs, which the unconditional pipelines (DDIMPipeline, "
+                         "DDPMPipeline) do not provide; use one of ddim, ddpm, pndm, dpm")
+    cls = {"DDIMScheduler": DDIMPipeline, "PNDMScheduler": PNDMPipeline}.get(name, DDPMPipeline)
+    pipe = cls(unet=unet, scheduler=scheduler)
+    pipe.scheduler = scheduler  # DDIMPipeline's constructor would convert another scheduler to DDIM
+    return pipe
+
+
 def tiny_ddim_pipeline(seed: int = 0, scheduler: str = "ddim"):
-    """Unconditional ``UNet2DModel`` (3 levels, attention at the middle level) + DDIMPipeline."""
-    from diffusers import DDIMPipeline, UNet2DModel
+    """Unconditional ``UNet2DModel`` (3 levels, attention at the middle level) + DDIMPipeline (or
+    DDPMPipeline for another sampler)."""
+    from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
@@ -20,7 +38,7 @@ def tiny_ddim_pipeline(seed: int = 0, scheduler: str = "ddim"):
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
     ).eval()
-    pipe = DDIMPipeline(unet=unet, scheduler=make_scheduler(scheduler))
+    pipe = unconditional_pipeline(unet, make_scheduler(scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

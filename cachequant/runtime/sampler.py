@@ -75,6 +75,36 @@ def check_timesteps(planned: list[float], scheduler_name: str, actual: list[floa
             "the same sigmas=/timesteps= through pipeline_kwargs)")
 
 
+def sigmas_of(scheduler: Any) -> list[float] | None:
+    """The noise levels a sampler set up (``scheduler.sigmas``: Euler, Heun, DPM-Solver, UniPC, flow
+    matching, one more than the timesteps), or None for a sampler without them (DDIM, DDPM, PNDM)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or isinstance(sigmas, (int, float)):
+        return None
+    return as_floats(sigmas)
+
+
+def check_sigmas(planned: list[float] | None, scheduler_name: str, actual: list[float] | None) -> None:
+    """Raises :class:`PlanMismatchError` if a run's sigmas differ from the calibrated ones. Timesteps
+    alone do not pin a sampler: the same timesteps can come with another noise level (another
+    flow-matching shift or ``mu`` under custom timesteps, a final sigma of zero or sigma_min), and
+    every per-step range and correction of the plan was measured at the calibrated ones."""
+    if planned is None or actual is None:
+        return
+    if len(actual) != len(planned):
+        raise PlanMismatchError(
+            f"{scheduler_name} set up {len(actual)} sigmas, the plan was calibrated with {len(planned)}: another "
+            "sampler configuration; calibrate a plan for it")
+    bad = [i for i, (a, b) in enumerate(zip(planned, actual)) if not _close(a, b)]
+    if bad:
+        i = bad[0]
+        raise PlanMismatchError(
+            f"the sampler's sigmas differ from the calibrated ones at position {i} (plan {planned[i]:g}, now "
+            f"{actual[i]:g}; {len(bad)} of {len(planned)} differ): another sigma schedule (flow-matching shift, "
+            "dynamic shifting at another resolution, custom sigmas=, final_sigmas_type?). Calibrate a plan with "
+            "this sampler configuration")
+
+
 class SchedulerAttachment:
     """Wraps one scheduler's methods so that they move ``clock``; ``on_run_start`` runs (host side)
     at every ``set_timesteps``, before any model call of the run. ``planned=None`` (calibration's
@@ -82,10 +112,12 @@ class SchedulerAttachment:
 
     def __init__(self, scheduler: Any, clock: StepClock, planned: list[float] | None, scheduler_name: str,
                  plan_steps: int,
-                 on_run_start: Callable[[], None] | None = None):
+                 on_run_start: Callable[[], None] | None = None, planned_sigmas: list[float] | None = None):
         self.scheduler = scheduler
         self.clock = clock
         self.planned = planned
+        self.planned_sigmas = planned_sigmas
+        """The calibrated sigmas (None: not checked; adopted from the first run when ``planned`` is)."""
         self.scheduler_name = scheduler_name
         self.plan_steps = plan_steps
         self.on_run_start = on_run_start
@@ -119,6 +151,7 @@ class SchedulerAttachment:
         the pipeline after ``accelerate``): checks its timesteps and places the clock."""
         actual = as_floats(self.scheduler.timesteps)
         check_timesteps(self.planned, self.scheduler_name, actual, self.plan_steps)
+        check_sigmas(self.planned_sigmas, self.scheduler_name, sigmas_of(self.scheduler))
         if self.on_run_start is not None:
             self.on_run_start()
         self.clock.start_run()
@@ -136,8 +169,10 @@ class SchedulerAttachment:
         actual = as_floats(self.scheduler.timesteps)
         if self.planned is None:
             self.planned = actual
+            self.planned_sigmas = sigmas_of(self.scheduler)
             self.clock.adopt(actual)
         check_timesteps(self.planned, self.scheduler_name, actual, self.plan_steps)
+        check_sigmas(self.planned_sigmas, self.scheduler_name, sigmas_of(self.scheduler))
         if self.on_run_start is not None:
             self.on_run_start()
         self.clock.start_run()

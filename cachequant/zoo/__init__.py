@@ -18,11 +18,11 @@ def available() -> list[str]:
 
 
 def load_pipeline(name: str, scheduler: str = "ddim", dtype: torch.dtype = torch.float32):
-    """A ready diffusers pipeline: ``cifar10-unet`` -> DDIMPipeline (DDPM/DDIM-style sampling of an
-    unconditional UNet), ``cifar10-dit`` -> :class:`DiTPixelPipeline` (class labels, CFG)."""
+    """A ready diffusers pipeline: ``cifar10-unet`` -> DDIMPipeline (DDPMPipeline for another
+    sampler), ``cifar10-dit`` -> :class:`DiTPixelPipeline` (class labels, CFG)."""
     import diffusers
 
-    from ..models.tiny import make_scheduler
+    from ..models.tiny import make_scheduler, unconditional_pipeline
 
     if name not in MODELS:
         raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
@@ -32,9 +32,7 @@ def load_pipeline(name: str, scheduler: str = "ddim", dtype: torch.dtype = torch
     model = getattr(diffusers, MODELS[name]).from_pretrained(folder, torch_dtype=dtype).eval()
     sched = make_scheduler(scheduler, steps_offset=0) if scheduler != "pndm" else make_scheduler(scheduler)
     if name == "cifar10-unet":
-        pipe = diffusers.DDIMPipeline(unet=model, scheduler=sched)
-        if scheduler != "ddim":  # DDIMPipeline converts to DDIM in its constructor; keep the asked sampler
-            pipe.scheduler = sched
+        pipe = unconditional_pipeline(model, sched)
     else:
         from .pipelines import DiTPixelPipeline
 

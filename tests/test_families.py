@@ -1,0 +1,322 @@
+"""Flux, SD3, Sana and Wan through their real diffusers pipelines, and a family described by a user.
+
+The pipelines are built from tiny configs in code (``cachequant.models.tiny_families``): real
+text encoders (CLIP, CLIP with projection, T5, Gemma-2, UMT5) and VAEs with one or two layers, and
+byte-level tokenizers made in code (no tokenizer file exists offline), so prompts go through the
+pipelines' own text encoding. Runs stop at the latents (``output_type="latent"``): the VAE decode
+adds nothing cachequant touches. Every sampler is ``FlowMatchEulerDiscreteScheduler`` (Flux with
+dynamic shifting, the others with shift 3).
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cachequant as cq
+from cachequant.models.adapters import (
+    BlockStack,
+    TransformerDescription,
+    adapter_for,
+    register,
+    unregister,
+)
+from cachequant.models.tiny_families import TINY_FAMILIES
+
+PROMPTS = ["a red cat", "a small boat"]
+STEPS = 6
+
+
+def _latents(pipe, kw, steps=STEPS):
+    out = pipe(prompt=PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+               output_type="latent", **kw)
+    x = out.images if hasattr(out, "images") else out.frames
+    return x.float().numpy().astype(np.float64)
+
+
+def _calibrate(pipe, kw, **cfg):
+    cfg = {"calib_batch_size": 2, "dps_samples": 2, **cfg}
+    return cq.calibrate(pipe, cq.CacheQuantConfig(**cfg), STEPS, prompts=PROMPTS, pipeline_kwargs=kw, progress=False)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: make() for name, make in TINY_FAMILIES.items()}
+
+
+@pytest.mark.parametrize("family", ["tiny-flux", "tiny-sd3", "tiny-sana", "tiny-wan"])
+def test_family_identity_cache_quant_restore(pipes, family):
+    pipe, kw = pipes[family]
+    model = pipe.transformer
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = _latents(pipe, kw)
+
+    plan = _calibrate(pipe, kw, interval=1, schedule="uniform", weight_bits=None, act_bits=None)
+    assert plan.sampler.sigmas is not None and len(plan.sampler.sigmas) == STEPS + 1
+    cq.accelerate(pipe, plan)
+    np.testing.assert_array_equal(_latents(pipe, kw), ref)
+    cq.restore(pipe)
+
+    plan = _calibrate(pipe, kw, interval=2, schedule="dps", weight_bits=8, act_bits=8, dec=True)
+    assert plan.cache.kind == "transformer" and plan.cache.site["span"] == [1, 2]
+    two_streams = family in ("tiny-flux", "tiny-sd3")
+    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    # cache-DEC per hidden channel, for each stream (image and text tokens for joint blocks)
+    assert plan.tensors["cache_dec"].shape == (2, STEPS, hidden * (2 if two_streams else 1))
+    kept = set(plan.diagnostics["layers_kept_float"])
+    quantized = {s.name for s in plan.quant.layers}
+    assert kept and not kept & quantized and all(isinstance(model.get_submodule(n), nn.Linear) for n in kept)
+
+    cq.accelerate(pipe, plan)
+    out = _latents(pipe, kw)
+    again = _latents(pipe, kw)
+    cq.restore(pipe)
+    assert np.isfinite(out).all() and np.array_equal(out, again)
+    assert 0 < _rel(out, ref) < 0.5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    np.testing.assert_array_equal(_latents(pipe, kw), ref)
+
+
+@pytest.mark.parametrize("family", ["tiny-flux", "tiny-sd3"])
+def test_cached_span_is_skipped_for_both_streams(pipes, family):
+    pipe, kw = pipes[family]
+    model = pipe.transformer
+    plan = _calibrate(pipe, kw, interval=2, schedule="uniform", weight_bits=None, act_bits=None, dec=False)
+    name = adapter_for(model).layout(model, plan.cache.site).modules[0]
+    ran, seen = [], []
+    inner = model.get_submodule(name).attn
+    h1 = inner.register_forward_hook(lambda *a: ran.append(1))
+    cq.accelerate(pipe, plan)
+    h2 = model.get_submodule(name).register_forward_hook(lambda m, a, kw_, out: seen.append(out), with_kwargs=True)
+    _latents(pipe, kw)
+    cq.restore(pipe)
+    h1.remove(), h2.remove()
+    assert len(ran) == len(plan.schedule) < STEPS  # the block's attention ran on full steps only
+    assert all(isinstance(o, tuple) and len(o) == 2 and all(isinstance(t, torch.Tensor) for t in o) for o in seen)
+
+
+def test_span_across_stacks_and_text_pre_only_block(pipes):
+    """Flux: a span from the dual-stream into the single-stream blocks; SD3: a span ending at the
+    last, text-pre-only block (only the image stream has a deviation there)."""
+    for family, span, dec_channels in (("tiny-flux", (0, 2), 64), ("tiny-sd3", (1, 3), 32)):
+        pipe, kw = pipes[family]
+        ref = _latents(pipe, kw)
+        plan = _calibrate(pipe, kw, interval=2, schedule="uniform", weight_bits=None, act_bits=None, dit_span=span)
+        assert plan.tensors["cache_dec"].shape[2] == dec_channels
+        cq.accelerate(pipe, plan)
+        out = _latents(pipe, kw)
+        cq.restore(pipe)
+        assert np.isfinite(out).all() and 0 < _rel(out, ref) < 0.5
+
+
+def _predictions(pipe, kw):
+    """Every transformer output of one run (the error of the model itself, before the sampler
+    averages it into the latents)."""
+    outs = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o.sample))
+    try:
+        _latents(pipe, kw)
+    finally:
+        handle.remove()
+    return torch.stack(outs).double()
+
+
+@pytest.mark.parametrize("family", ["tiny-flux", "tiny-sd3", "tiny-sana", "tiny-wan"])
+def test_w8a8_beats_w4a8(pipes, family):
+    pipe, kw = pipes[family]
+    ref = _predictions(pipe, kw)
+    errs = {}
+    for bits in (8, 4):
+        plan = _calibrate(pipe, kw, interval=1, schedule="uniform", weight_bits=bits, act_bits=8)
+        cq.accelerate(pipe, plan)
+        errs[bits] = float((_predictions(pipe, kw) - ref).norm() / ref.norm())
+        cq.restore(pipe)
+    assert 0 < errs[8] < errs[4], errs
+
+
+def test_modulation_layers_are_a_choice(pipes):
+    pipe, kw = pipes["tiny-flux"]
+    plan = _calibrate(pipe, kw, interval=1, schedule="uniform", weight_bits=8, act_bits=8, quant_modulation=True)
+    names = {s.name for s in plan.quant.layers}
+    assert {"transformer_blocks.0.norm1.linear", "norm_out.linear"} <= names
+    assert "layers_kept_float" not in plan.diagnostics
+
+
+def test_plan_refused_on_another_model_sampler_or_sigmas(pipes):
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+    )
+
+    pipe, kw = pipes["tiny-flux"]
+    plan = _calibrate(pipe, kw, interval=2, schedule="uniform", weight_bits=8, act_bits=8)
+    other, _ = pipes["tiny-sd3"]
+    with pytest.raises(cq.PlanMismatchError, match="FluxTransformer2DModel"):
+        cq.accelerate(other, plan)
+
+    scheduler = pipe.scheduler
+    try:
+        pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(scheduler.config)
+        with pytest.raises(cq.PlanMismatchError, match="FlowMatchEulerDiscreteScheduler"):
+            cq.accelerate(pipe, plan)
+        # another shift: the sampler's timesteps and sigmas both move
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, base_shift=0.2, max_shift=0.4)
+        cq.accelerate(pipe, plan)
+        with pytest.raises(cq.PlanMismatchError, match="timesteps|sigmas"):
+            _latents(pipe, kw)
+        cq.restore(pipe)
+    finally:
+        pipe.scheduler = scheduler
+
+    # the same timesteps with other noise levels: refused by the sigmas alone
+    sig = list(plan.sampler.sigmas)
+    sig[-1] = 0.01
+    moved = dataclasses.replace(plan, sampler=dataclasses.replace(plan.sampler, sigmas=tuple(sig)))
+    cq.accelerate(pipe, moved)
+    with pytest.raises(cq.PlanMismatchError, match="sigmas differ .* position 6"):
+        _latents(pipe, kw)
+    cq.restore(pipe)
+
+
+def test_sigmas_are_saved_in_the_plan(pipes, tmp_path):
+    pipe, kw = pipes["tiny-wan"]
+    plan = _calibrate(pipe, kw, interval=1, schedule="uniform", weight_bits=None, act_bits=None)
+    back = cq.load_plan(plan.save(tmp_path / "wan.cqplan"))
+    assert back.sampler.sigmas == plan.sampler.sigmas and back.sampler.sigmas[-1] == 0.0
+
+
+# -- a family the user describes -------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """Two streams, called positionally, returned as (image, text)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.mod = nn.Linear(dim, 2 * dim)
+        self.mix = nn.Linear(dim, dim)
+        self.ctx = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, temb):
+        scale, shift = self.mod(temb).unsqueeze(1).chunk(2, dim=-1)
+        h = torch.cat([ctx, x], dim=1)
+        h = h + torch.tanh(self.mix(h * (1 + scale) + shift))
+        return h[:, ctx.shape[1]:], ctx + 0.5 * torch.tanh(self.ctx(h[:, : ctx.shape[1]]))
+
+
+class TinyMMDiT(nn.Module):
+    def __init__(self, dim=16, channels=4):
+        super().__init__()
+        self.embed = nn.Linear(channels, dim)
+        self.time = nn.Linear(1, dim)
+        self.text = nn.Parameter(torch.randn(1, 3, dim))
+        self.layers = nn.ModuleList(_Block(dim) for _ in range(3))
+        self.out = nn.Linear(dim, channels)
+
+    def forward(self, sample, timestep):
+        b, c, hh, ww = sample.shape
+        x = self.embed(sample.flatten(2).transpose(1, 2))
+        temb = torch.sin(self.time(timestep.reshape(-1, 1).float().expand(b, 1) / 1000))
+        ctx = self.text.expand(b, -1, -1)
+        for blk in self.layers:
+            x, ctx = blk(x, ctx, temb)
+        return (self.out(x).transpose(1, 2).reshape(b, c, hh, ww),)
+
+
+class TinyFlowPipe:
+    def __init__(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        torch.manual_seed(0)
+        self.transformer = TinyMMDiT().eval()
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+
+    @torch.no_grad()
+    def __call__(self, batch_size=1, num_inference_steps=6, generator=None, output_type="np"):
+        self.scheduler.set_timesteps(num_inference_steps)
+        x = torch.randn(batch_size, 4, 8, 8, generator=generator)
+        for t in self.scheduler.timesteps:
+            v = self.transformer(x, t.expand(batch_size))[0]
+            x = self.scheduler.step(v, t, x).prev_sample
+        return dataclasses.make_dataclass("Out", ["images"])(x.numpy())
+
+
+def test_user_described_family():
+    pipe = TinyFlowPipe()
+    with pytest.raises(TypeError, match="TinyMMDiT"):
+        adapter_for(pipe.transformer)
+    desc = TransformerDescription(
+        name="tiny-mmdit", classes=("TinyMMDiT",),
+        stacks=(BlockStack("layers", streams=("x", "ctx"), returns=("x", "ctx")),),
+        conditioning=("temb",), first_layers=("embed",), last_layers=("out",), float_layers=("layers.*.mod", "time"))
+    register(desc)
+    try:
+        run = lambda: pipe(batch_size=2, generator=torch.Generator().manual_seed(1)).images
+        ref = run()
+        cfg = cq.CacheQuantConfig(interval=2, schedule="dps", calib_batch_size=2, dps_samples=2)
+        plan = cq.calibrate(pipe, cfg, num_inference_steps=6, num_samples=2, progress=False)
+        assert plan.info["adapter"] == "tiny-mmdit" and plan.tensors["cache_dec"].shape == (2, 6, 32)
+        assert set(plan.diagnostics["layers_kept_float"]) == {"time", "layers.0.mod", "layers.1.mod", "layers.2.mod"}
+        cq.accelerate(pipe, plan)
+        out = run()
+        cq.restore(pipe)
+        assert np.isfinite(out).all() and 0 < _rel(out, ref) < 0.5
+        np.testing.assert_array_equal(run(), ref)
+    finally:
+        unregister(desc)
+
+
+def test_bad_descriptions_are_refused_early():
+    with pytest.raises(ValueError, match="returns"):
+        BlockStack("layers", streams=("x", "ctx"))
+    with pytest.raises(ValueError, match="order"):
+        BlockStack("layers", streams=("x", "ctx"), returns=("x", "y"))
+    with pytest.raises(TypeError, match="BlockStack"):
+        TransformerDescription(name="bad", classes=("X",), stacks=("layers",))
+    with pytest.raises(TypeError, match="Adapter or a TransformerDescription"):
+        register("TinyMMDiT")
+    model = TinyMMDiT()
+    cfg = cq.CacheQuantConfig(interval=2)
+    wrong = TransformerDescription(name="w", classes=("TinyMMDiT",), stacks=(BlockStack("layers", streams=("h",)),))
+    with pytest.raises(ValueError, match="no parameter h"):
+        wrong.resolve_site(model, cfg)
+    missing = TransformerDescription(name="m", classes=("TinyMMDiT",), stacks=(BlockStack("blocks"),))
+    with pytest.raises(ValueError, match="no module 'blocks'"):
+        missing.resolve_site(model, cfg)
+
+
+def test_mmdit_training_script_smoke(tmp_path, monkeypatch):
+    """``scripts/train_cifar.py --model mmdit`` (the ``cifar10-mmdit`` recipe): two flow-matching
+    steps on four images, an export that loads as an SD3 transformer cachequant describes."""
+    import io
+    import runpy
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from diffusers import SD3Transformer2DModel
+    from PIL import Image
+
+    data = tmp_path / "mini.zip"
+    with zipfile.ZipFile(data, "w") as z:
+        for i, cls in enumerate(["airplane", "cat", "truck", "dog"]):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+            z.writestr(f"train/{cls}/{i:04d}.jpg", buf.getvalue())
+    script = Path(__file__).parents[1] / "scripts" / "train_cifar.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", "mmdit", "--data", str(data), "--iters", "2",
+                                      "--batch", "4", "--out", str(tmp_path / "ck"), "--export", str(tmp_path / "ex")])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    model = SD3Transformer2DModel.from_pretrained(tmp_path / "ex")
+    assert sum(p.numel() for p in model.parameters()) <= 8_000_000
+    site = adapter_for(model).resolve_site(model, cq.CacheQuantConfig(interval=2))
+    assert site["span"] == [1, 5]
