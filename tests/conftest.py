@@ -47,6 +47,23 @@ def load_benchmark(name: str):
     return mod
 
 
+def mini_cifar_zip(folder):
+    """A CIFAR-10-style zip (train/<class>/<n>.jpg) of four random 32×32 JPEGs, for smoke tests of
+    the training script."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    data = folder / "mini.zip"
+    with zipfile.ZipFile(data, "w") as z:
+        for i, cls in enumerate(["airplane", "cat", "truck", "dog"]):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+            z.writestr(f"train/{cls}/{i:04d}.jpg", buf.getvalue())
+    return data
+
+
 def calib_kwargs(kind, n=4):
     if kind == "sd":
         return {"prompts": ["a photo of a dog", "a castle", "an apple on a table", "a city at night"][:n]}

@@ -295,21 +295,15 @@ def test_bad_descriptions_are_refused_early():
 def test_mmdit_training_script_smoke(tmp_path, monkeypatch):
     """``scripts/train_cifar.py --model mmdit`` (the ``cifar10-mmdit`` recipe): two flow-matching
     steps on four images, an export that loads as an SD3 transformer cachequant describes."""
-    import io
     import runpy
     import sys
-    import zipfile
     from pathlib import Path
 
     from diffusers import SD3Transformer2DModel
-    from PIL import Image
 
-    data = tmp_path / "mini.zip"
-    with zipfile.ZipFile(data, "w") as z:
-        for i, cls in enumerate(["airplane", "cat", "truck", "dog"]):
-            buf = io.BytesIO()
-            Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
-            z.writestr(f"train/{cls}/{i:04d}.jpg", buf.getvalue())
+    from conftest import mini_cifar_zip
+
+    data = mini_cifar_zip(tmp_path)
     script = Path(__file__).parents[1] / "scripts" / "train_cifar.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--model", "mmdit", "--data", str(data), "--iters", "2",
                                       "--batch", "4", "--out", str(tmp_path / "ck"), "--export", str(tmp_path / "ex")])

@@ -1,10 +1,8 @@
 """The shipped CIFAR-10 models load offline and sample; the training script runs."""
 
-import io
 import json
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +40,9 @@ def test_zoo_dit_accelerates(tmp_path):
 
 
 def test_training_script_runs_on_cpu(tmp_path):
-    from PIL import Image
+    from conftest import mini_cifar_zip
 
-    data = tmp_path / "mini.zip"
-    with zipfile.ZipFile(data, "w") as z:
-        for i, cls in enumerate(["airplane", "cat", "truck", "dog"]):
-            buf = io.BytesIO()
-            Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
-            z.writestr(f"train/{cls}/{i:04d}.jpg", buf.getvalue())
+    data = mini_cifar_zip(tmp_path)
     script = Path(__file__).parents[1] / "scripts" / "train_cifar.py"
     r = subprocess.run([sys.executable, str(script), "--model", "dit", "--data", str(data), "--iters", "2",
                         "--batch", "4", "--out", str(tmp_path / "ck"), "--export", str(tmp_path / "ex")],
