@@ -20,6 +20,7 @@ _EXPORTS = {
     "TransformerDescription": ".models.adapters", "BlockStack": ".models.adapters",
     "register_family": ".models.adapters", "unregister_family": ".models.adapters",
     "calibrate": ".calibration.calibrate",
+    "autotune": ".search",
     "CacheQuantConfig": ".config",
     "PlanError": ".errors", "PlanMismatchError": ".errors", "WorkflowError": ".errors",
     "Plan": ".plan", "load_plan": ".plan",

@@ -15,7 +15,8 @@ LAYERS = [
     ("cachequant.backends", "cachequant.models"),
     ("cachequant.session",),
     ("cachequant.calibration", "cachequant.api"),
-    ("cachequant.metrics", "cachequant.zoo", "cachequant.cli", "cachequant.__main__", "cachequant"),
+    ("cachequant.metrics", "cachequant.search", "cachequant.zoo", "cachequant.cli", "cachequant.__main__",
+     "cachequant"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 commands:
   calibrate   calibrate a plan for a pipeline and save it (.cqplan)
+  autotune    the cheapest plan over cache interval and bits that keeps a PSNR budget, with its frontier
   info        describe a plan file
   generate    generate an image grid, with a plan or in full precision
   demo        the main job: calibrate the shipped CIFAR-10 UNet, compare with full precision
@@ -86,6 +87,68 @@ def cmd_calibrate(args) -> int:
             print(f"reused feature vs fresh one on the calibration trajectories: {100 * reuse['relative_l1']:.1f} % "
                   "relative L1" + (f", {100 * after:.1f} % after cache-DEC" if after is not None else ""))
     barrier()
+    return 0
+
+
+def cmd_autotune(args) -> int:
+    import cachequant as cq
+
+    from ..pipecall import conditioning
+    from ..search import BITS as TUNE_BITS
+
+    bits = [b.strip() for b in args.bits.split(",") if b.strip()]
+    unknown = [b for b in bits if b not in TUNE_BITS]
+    if unknown or not bits:
+        raise UsageError(f"--bits: expected a comma-separated subset of {','.join(TUNE_BITS)}, got {args.bits!r}")
+    check_model(args.model)
+    check_device(args.device)
+    out = check_output_file(args.out, "--out", (".cqplan",))
+    table = check_output_file(args.table, "--table", (".json",)) if args.table else None
+    plot = check_output_file(args.plot, "--plot", (".png", ".pdf", ".svg")) if args.plot else None
+    try:
+        cfg = cq.CacheQuantConfig(schedule=args.schedule, dec=not args.no_dec, calib_batch_size=args.batch_size,
+                                  seed=args.seed, **({"num_calib_samples": args.num_samples} if args.num_samples else {}))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    pipe = load_pipeline(args.model, args.device, args.scheduler)
+    inputs: dict = {}
+    eval_inputs = None
+    if conditioning(pipe) == "prompt":
+        if not (args.prompts and args.eval_prompts):
+            raise UsageError(f"{type(pipe).__name__} is text-conditioned: give --prompts (calibration) and "
+                             "--eval-prompts (held-out)")
+        inputs["prompts"] = _read_prompts(args.prompts, args.num_samples)
+        eval_inputs = _read_prompts(args.eval_prompts, args.num_images)
+    elif args.prompts or args.eval_prompts:
+        raise UsageError(f"--prompts / --eval-prompts: {type(pipe).__name__} takes no text prompts")
+    try:
+        res = cq.autotune(pipe, args.steps, min_psnr=args.min_psnr, intervals=args.intervals, bits=bits,
+                          cost=args.cost, eval_inputs=eval_inputs, eval_images=args.num_images,
+                          eval_seed=10_000 + args.seed,
+                          config=cfg, progress=not args.quiet, **inputs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rows = res.table()
+    if table is not None:
+        from ..utils.io import atomic_path
+
+        with atomic_path(table) as tmp:
+            tmp.write_text(json.dumps({"model": args.model, "steps": args.steps, "min_psnr": args.min_psnr,
+                                       "cost": args.cost, "eval_images": args.num_images, "rows": rows}, indent=1))
+    if plot is not None:
+        res.plot(plot)
+    print(f"{'N':>3s} {'bits':5s} {'PSNR dB':>8s} {args.cost + ' x':>8s}  frontier")
+    for r in rows:
+        print(f"{r['interval']:3d} {r['bits']:5s} {r['psnr_db']:8.2f} {r[args.cost + '_reduction']:8.2f}  "
+              f"{'*' if r['on_frontier'] else ''}")
+    best = res.best
+    if best is None:
+        top = max(res.candidates, key=lambda c: c.psnr)
+        print(f"no candidate reaches {args.min_psnr:g} dB (the best: N={top.interval} {top.bits}, {top.psnr:.2f} dB); "
+              "lower --min-psnr or add smaller --intervals", file=sys.stderr)
+        return 1
+    best.plan.save(out)
+    print(f"best within {args.min_psnr:g} dB: N={best.interval} {best.bits} ({best.psnr:.2f} dB), plan written to {out}")
     return 0
 
 
@@ -268,6 +331,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="plan file to write (.cqplan)")
     quiet_arg(c)
     c.set_defaults(fn=cmd_calibrate)
+
+    a = command("autotune", "the cheapest plan over cache interval and bits that keeps a PSNR budget on held-out "
+                            "images, with its speed / quality frontier")
+    model_args(a)
+    a.add_argument("--min-psnr", type=positive_float, required=True,
+                   help="quality budget: PSNR (dB) of the accelerated images against full precision, same seeds")
+    a.add_argument("--intervals", type=int_list, default=[2, 3, 5, 10], help="cache intervals N to try (1: no cache)")
+    a.add_argument("--bits", default="fp,w8a8,w4a8", help="bit widths to try: a comma-separated subset of "
+                                                        "fp (cache only), w8a8, w4a8 (GPTQ rounding)")
+    a.add_argument("--cost", choices=("bops", "macs"), default="bops",
+                   help="what 'cheapest' counts per image: bit-weighted MACs, or MACs (where 8-bit does not pay)")
+    a.add_argument("--schedule", choices=SCHEDULES, default="dps", help="where the full steps go")
+    a.add_argument("--no-dec", action="store_true", help="no decoupled error correction")
+    a.add_argument("--num-samples", type=positive_int, default=None,
+                   help="calibration trajectories per candidate (default: 32, or every prompt given)")
+    a.add_argument("--batch-size", type=positive_int, default=8, help="trajectories per pipeline call")
+    a.add_argument("--num-images", type=positive_int, default=4, help="held-out images each candidate is judged on")
+    a.add_argument("--prompts", help="text-conditioned models: calibration prompts, one per line")
+    a.add_argument("--eval-prompts", help="text-conditioned models: held-out prompts, one per line")
+    a.add_argument("--out", required=True, help="the best plan to write (.cqplan)")
+    a.add_argument("--table", help="every candidate's PSNR and cost to write (.json)")
+    a.add_argument("--plot", help="the frontier plot to write (.png, .pdf or .svg)")
+    quiet_arg(a)
+    a.set_defaults(fn=cmd_autotune)
 
     g = command("generate", "generate an image grid, with a plan or in full precision")
     model_args(g)
