@@ -11,6 +11,7 @@ SELECTION_METHODS = ("tap", "random", "uniform-per-step", "kmeans", "dbscan", "a
 CALIBRATION_MODES = ("trajectory",) + SELECTION_METHODS
 """``CacheQuantConfig.calibration``: every step of every trajectory, or a selection."""
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+CACHE_DEC_FITS = ("open", "closed")
 
 
 @dataclass
@@ -45,6 +46,13 @@ class CacheQuantConfig:
     slope a = ρ·σ_full/σ_cached shrinks the reused feature towards its mean on every cached step. On
     the shipped DiT under DDPM 250 the slope was 0.96–0.97 and DEC made the images worse
     (`results/quality/README.md`); a shift cannot shrink the feature."""
+    cache_dec_fit: str = "open"
+    """Where cache-DEC is fitted: ``open`` — on the full-precision, uncached trajectories (the
+    papers' reference); ``closed`` — on the trajectories the cached (and quantized) model itself
+    follows: its inputs at every step are logged, and the fresh feature it would compute there is
+    regressed on the one it reuses. Why: at sampling time the cached steps see the accelerated
+    model's own drifted latents, which the open-loop fit never saw. Costs two more passes over the
+    feature trajectories."""
     quant_dec: bool | None = None
     """Quantization half of DEC; None follows `dec`."""
     cache_branch: int | None = None
@@ -109,6 +117,8 @@ class CacheQuantConfig:
             raise ValueError("w8_layers only applies to 4-bit weights (weight_bits=4): every layer is already 8-bit")
         if not isinstance(self.quant_modulation, bool):
             raise ValueError(f"quant_modulation must be True or False, got {self.quant_modulation!r}")
+        if self.cache_dec_fit not in CACHE_DEC_FITS:
+            raise ValueError(f"cache_dec_fit must be one of {', '.join(CACHE_DEC_FITS)}; got {self.cache_dec_fit!r}")
         if not isinstance(self.cache_dec_slope, bool):
             raise ValueError(f"cache_dec_slope must be True (fit a·X + b) or False (shift only), got {self.cache_dec_slope!r}")
         for name in ("cache_branch", "cache_layers"):

@@ -101,3 +101,35 @@ def test_quant_dec_reduces_consumer_output_error(make_pipe):
         run(pipe, "ddim", steps=9, seed=10_000, n=4)  # the calibration trajectories' seed
         errs[quant_dec] = sum(acc) / len(acc)
     assert errs[True] < errs[False], errs
+
+
+@pytest.mark.parametrize("bits", [None, 8], ids=["cache-only", "w8a8"])
+def test_closed_loop_cache_dec_fits_the_accelerated_trajectory_better(make_pipe, bits):
+    """cache_dec_fit='closed' refits Eq. 8 on the trajectories the cached (and quantized) model
+    follows. On those trajectories its least-squares coefficients leave a smaller squared error than
+    the open-loop ones fitted on the float trajectories; full steps keep (1, 0); the rest of the
+    plan (schedule, ranges) is the open-loop plan's."""
+    pipe = make_pipe("ddim")
+    kw = dict(interval=3, schedule="uniform", weight_bits=bits, act_bits=bits, dec=True, dps_samples=4,
+              num_calib_samples=4, calib_batch_size=2)
+    opened = cq.calibrate(pipe, cq.CacheQuantConfig(**kw), 9, progress=False)
+    closed = cq.calibrate(pipe, cq.CacheQuantConfig(cache_dec_fit="closed", **kw), 9, progress=False)
+    assert list(closed.schedule) == list(opened.schedule)
+    diag = closed.diagnostics["cache_dec_closed_loop"]
+    assert diag["mean_squared_closed_loop_dec"] <= diag["mean_squared_open_loop_dec"] * (1 + 1e-9)
+    assert diag["mean_squared_closed_loop_dec"] < diag["mean_squared"]
+    a = closed.tensors["cache_dec"][0]
+    full = sorted(closed.schedule)
+    assert torch.equal(a[full], torch.ones(len(full), a.shape[1]))
+    assert not torch.equal(closed.tensors["cache_dec"], opened.tensors["cache_dec"])
+    if bits:
+        assert all(torch.equal(opened.tensors[k], closed.tensors[k]) for k in opened.tensors if k.startswith("act."))
+    cq.accelerate(pipe, closed)
+    out = run(pipe, "ddim", 9, n=2)
+    cq.restore(pipe)
+    assert out.shape == run(pipe, "ddim", 9, n=2).shape and bool((out == out).all())
+
+
+def test_cache_dec_fit_is_checked():
+    with pytest.raises(ValueError, match="cache_dec_fit must be one of open, closed"):
+        cq.CacheQuantConfig(cache_dec_fit="loop")

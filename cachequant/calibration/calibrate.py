@@ -46,7 +46,8 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     feature_batches = batches(items, config.calib_batch_size, config.dps_samples) if need_features or config.vc \
         else [items[:1]]  # one trajectory is enough to read the sampler's positions
     n_all = len(batches(items, config.calib_batch_size))
-    total = len(feature_batches) + (n_all * (2 if config.use_quant_dec and cached else 1) if config.quantize else 0)
+    total = len(feature_batches) + (n_all * (2 if config.use_quant_dec and cached else 1) if config.quantize else 0) \
+        + (2 * len(feature_batches) if config.use_cache_dec and config.cache_dec_fit == "closed" else 0)
     with quiet(pipe), tqdm(total=total, desc="cachequant calibrate", disable=not progress) as bar:
         cal = passes.Calibration(pipe, model, adapter, config, num_inference_steps, items, dict(pipeline_kwargs or {}),
                                  adapter.layout(model, site) if cached else None, site, bar)
@@ -64,6 +65,11 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
             specs, attn, consumers = passes.quant_specs(cal)
             bar.set_description("cachequant calibrate: activation ranges")
             specs = passes.activation_ranges(cal, schedule, cache_dec, specs, attn, tensors)
+        if cache_dec is not None and config.cache_dec_fit == "closed":
+            bar.set_description("cachequant calibrate: closed-loop cache DEC")
+            cache_dec = tensors["cache_dec"] = passes.closed_loop_cache_dec(cal, schedule, cache_dec, specs, attn,
+                                                                            tensors, feature_batches)
+        if config.quantize:
             consumers = {k: v for k, v in consumers.items() if any(s.name == k for s in specs)}
             if consumers:
                 bar.set_description("cachequant calibrate: quantization DEC")

@@ -208,6 +208,73 @@ def _schedule_and_cache_dec(cal: Calibration, features: list | None) -> tuple[li
     return [begin + s for s in rel], dec, diag
 
 
+def closed_loop_cache_dec(cal: Calibration, schedule: list[int], cache_dec: torch.Tensor, specs: list[LayerSpec],
+                          attn: list[str], tensors: dict[str, torch.Tensor], batch_list: list[list]) -> torch.Tensor:
+    """Cache-DEC (Eq. 8) refitted on the trajectories the accelerated model follows.
+
+    Pass 1 runs ``batch_list`` through the cached (and quantized, open-loop corrected) model and
+    logs each call's inputs. Pass 2 replays every logged call with every position full: at a full
+    position that recomputes the feature the cache held, at a cached one it gives the fresh feature
+    the model would have computed on the latents it actually had. ``fit_cache_dec`` then regresses
+    the fresh feature on the reused one, as the open-loop fit does on the float trajectories."""
+    plain = [LayerSpec(s.name, s.weight_bits, s.split, False) for s in specs]
+
+    def session(full_steps, dec):
+        return accelerated_session(cal, full_steps, dec, plain, attn, tensors) if plain else cal.session(full_steps, dec)
+
+    sess = session(schedule, cache_dec)
+    calls: list = []
+    logs: dict[int, list] = {}
+
+    def record(module, args, kwargs, out):
+        calls.append((sess.clock.position, to_cpu(args), to_cpu(kwargs)))
+
+    def take(i):
+        logs[i] = list(calls)
+        calls.clear()
+
+    handle = cal.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        cal.run(batch_list, cal.config.seed, on_end=take)
+    finally:
+        handle.remove()
+        sess.close()
+    feats: dict[int, dict[int, tuple]] = {}
+    sess = session(list(range(cal.begin, cal.num_positions)), None)
+    try:
+        for i, log in logs.items():
+            feats[i] = {}
+            for pos, args, kwargs in log:
+                if pos == cal.begin:
+                    sess.clock.start_run()
+                sess.clock.set(pos)
+                cal.model(*to_device(args, cal.device), **to_device(kwargs, cal.device))
+                feats[i][pos] = tuple(p.detach().float().cpu() for p in cal.layout.feature_parts(sess.store))
+            cal.bar.update(1)
+    finally:
+        sess.close()
+    parts = gather(feats)
+    result = None
+    if rank_world()[0] == 0:
+        ordered = [d for _, d in sorted(((i, d) for p in parts for i, d in p.items()), key=lambda x: x[0])]
+        features = [_cat_parts([d[t] for d in ordered]) for t in range(cal.begin, cal.num_positions)]
+        rel = [t - cal.begin for t in schedule]
+        dim = cal.layout.channel_dim
+        a, b = fit_cache_dec(features, rel, dim, slope=cal.config.cache_dec_slope)
+        before = relative_reuse_error(features, rel, channel_dim=dim)
+        open_loop = (cache_dec[0, cal.begin:], cache_dec[1, cal.begin:])
+        dec = cache_dec.clone()
+        dec[0, cal.begin:], dec[1, cal.begin:] = a, b
+        opened, closed = (relative_reuse_error(features, rel, d, dim) for d in (open_loop, (a, b)))
+        result = dec, {"relative_l1": before["relative_l1"], "relative_l1_open_loop_dec": opened["relative_l1"],
+                       "relative_l1_closed_loop_dec": closed["relative_l1"], "mean_squared": before["mean_squared"],
+                       "mean_squared_open_loop_dec": opened["mean_squared"],
+                       "mean_squared_closed_loop_dec": closed["mean_squared"]}
+    dec, diag = broadcast(result)
+    cal.diagnostics["cache_dec_closed_loop"] = diag
+    return dec
+
+
 def _dps_view(features: list | None) -> list | None:
     """DPS costs are L1 distances over the whole feature: a feature in parts (token streams with
     different token counts) is flattened per sample and concatenated."""

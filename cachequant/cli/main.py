@@ -22,7 +22,7 @@ import sys
 import time
 
 from ..backends.options import ATTENTION, BACKENDS
-from ..config import CALIBRATION_MODES, SCHEDULES, WEIGHT_ROUNDINGS
+from ..config import CACHE_DEC_FITS, CALIBRATION_MODES, SCHEDULES, WEIGHT_ROUNDINGS
 from .common import (BITS, IMAGE_SUFFIXES, UsageError, check_device, check_input_file, check_model,
                      check_output_file, int_list, kernel_options, load_pipeline, non_negative_int, positive_float,
                      positive_int, quiet_libraries, unit_interval)
@@ -47,7 +47,8 @@ def _calibration_config(args):
     try:
         return cq.CacheQuantConfig(
             interval=args.interval, schedule=args.schedule, weight_bits=wb, act_bits=ab, dec=not args.no_dec,
-            cache_dec_slope=not args.cache_dec_shift_only, calib_batch_size=args.batch_size, seed=args.seed,
+            cache_dec_slope=not args.cache_dec_shift_only, cache_dec_fit=args.cache_dec_fit,
+            calib_batch_size=args.batch_size, seed=args.seed,
             calibration=args.calibration, calib_select=args.calib_select, tap_lambda=args.tap_lambda, vc=args.vc,
             w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
             weight_rounding=args.weight_rounding, cache_branch=args.cache_branch, cache_layers=args.cache_layers)
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-dec", action="store_true", help="no decoupled error correction")
     c.add_argument("--cache-dec-shift-only", action="store_true",
                    help="cache-DEC fits a per-channel shift only (slope 1): for stochastic samplers such as DDPM")
+    c.add_argument("--cache-dec-fit", choices=CACHE_DEC_FITS, default="open",
+                   help="fit cache-DEC on the float trajectories (open, as the papers) or on the ones the "
+                        "cached and quantized model follows (closed)")
     site = c.add_mutually_exclusive_group()
     site.add_argument("--cache-layers", type=positive_int, default=None,
                       help="UNets: up layers run on cached steps (default: 1 for SD-style UNets, DeepCache's "

@@ -95,10 +95,12 @@ def relative_reuse_error(features: Sequence[Any], full_steps: Sequence[int],
     of the full step that feeds t (its numerator is the schedule's DPS cost, Σ D(i, j)), or that
     feature corrected by cache-DEC ``dec = (a, b)`` (Eq. 8). Being relative, it compares samplers,
     step counts and models; it is what the DPS schedule and cache-DEC exist to shrink. Returns the
-    overall value and one per fifth of the trajectory (where in sampling the error sits).
+    overall value and one per fifth of the trajectory (where in sampling the error sits), and the
+    mean absolute and squared errors per element (the squared one is what Eq. 8's least-squares fit
+    minimises).
     """
     T = len(features)
-    num, den = np.zeros(T), np.zeros(T)
+    num, den, sq = np.zeros(T), np.zeros(T), np.zeros(T)
     offset, numel = 0, 0
     for part in split_parts(features):  # parts: sums over all of them, each with its DEC channels
         c = part[0].shape[channel_dim]
@@ -106,11 +108,13 @@ def relative_reuse_error(features: Sequence[Any], full_steps: Sequence[int],
         for t, x, y in _reuse_pairs(part, full_steps, d, channel_dim):
             num[t] += float((x - y).abs().sum())
             den[t] += float(x.abs().sum())
+            sq[t] += float(((x - y) ** 2).sum())
         offset, numel = offset + c, numel + part[0].numel()
     cached = T - len(set(full_steps) & set(range(T)))
     return {"relative_l1": float(num.sum() / max(den.sum(), 1e-30)),
             "relative_l1_by_fifth": _by_fifth(num, lambda i: float(num[i].sum() / max(den[i].sum(), 1e-30))),
-            "mean_l1": float(num.sum() / max(cached * numel, 1)), "cached_steps": cached}
+            "mean_l1": float(num.sum() / max(cached * numel, 1)),
+            "mean_squared": float(sq.sum() / max(cached * numel, 1)), "cached_steps": cached}
 
 
 def reuse_spread_ratio(features: Sequence[torch.Tensor], full_steps: Sequence[int],
