@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -32,10 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import speed  # noqa: E402
-
 from cachequant.pipecall import call_pipeline  # noqa: E402
-from cachequant.utils.io import atomic_path  # noqa: E402
+from harness.io import write_json  # noqa: E402
+from harness.models import build, call_kwargs, denoiser, torchao_filter  # noqa: E402
+from harness.timing import sync  # noqa: E402
 
 
 def first_call_inputs(pipe, model: str, batch: int, tiny: bool) -> tuple[tuple, dict]:
@@ -46,10 +45,10 @@ def first_call_inputs(pipe, model: str, batch: int, tiny: bool) -> tuple[tuple, 
         if not seen:
             seen.append((args, kwargs))
 
-    h = speed.denoiser(pipe).register_forward_pre_hook(grab, with_kwargs=True)
+    h = denoiser(pipe).register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            call_pipeline(pipe, **{**speed.call_kwargs(model, batch, 1, tiny), "output_type": "latent"})
+            call_pipeline(pipe, **{**call_kwargs(model, batch, 1, tiny), "output_type": "latent"})
     finally:
         h.remove()
     return seen[0]
@@ -59,7 +58,7 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
         fn()
-    speed.sync("cuda" if torch.cuda.is_available() else "cpu")
+    sync("cuda" if torch.cuda.is_available() else "cpu")
     return time.perf_counter() - t0
 
 
@@ -102,9 +101,9 @@ def main() -> int:
                          "torchao": torchao.__version__ if torchao else "not installed", "python": platform.python_version(),
                          "command": " ".join(sys.argv)},
                  "model": a.model, "batch": a.batch, "backend": a.backend, "rows": []}
-    pipe = speed.build(a.model, "ddim" if a.model == "dit-xl2" else "pndm", device, a.tiny)
+    pipe = build(a.model, "ddim" if a.model == "dit-xl2" else "pndm", device, a.tiny)
     args, kwargs = first_call_inputs(pipe, a.model, a.batch, a.tiny)
-    base = speed.denoiser(pipe)
+    base = denoiser(pipe)
     timed(lambda: base(*args, **kwargs))
     res["eager_float_call_s"] = timed(lambda: base(*args, **kwargs))
     for q in a.quant:
@@ -117,7 +116,7 @@ def main() -> int:
                 from torchao.quantization import Int8DynamicActivationInt8WeightConfig as C
             else:
                 from torchao.quantization import Float8DynamicActivationFloat8WeightConfig as C
-            keep, info = speed.torchao_filter(pipe, a.model, a.batch, a.tiny)
+            keep, info = torchao_filter(pipe, a.model, a.batch, a.tiny)
             m = copy.deepcopy(base)
             quantize_(m, C(), filter_fn=keep)
             row.update(info)
@@ -126,8 +125,7 @@ def main() -> int:
         print(f"{a.model} {q:5s} {a.backend}: first call {row['first_call_s']:.1f} s, "
               f"second {row['second_call_s']:.2f} s, {row['dynamo_graphs']} graphs, "
               f"{row['dynamo_graph_breaks']} breaks", flush=True)
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(res, indent=2))
+        write_json(out, res, default=None)
     print(f"eager float call: {res['eager_float_call_s']:.2f} s")
     return 0
 

@@ -30,11 +30,11 @@ TINY_SHAPES = [(32, 8), (64, 4)]
 
 
 def _time(fn, repeats: int, cuda: bool) -> float:
-    """Seconds per call of ``fn()``. On a GPU: graph-replayed (``speed.graph_ms``), as the
+    """Seconds per call of ``fn()``. On a GPU: graph-replayed (``harness.timing.graph_ms``), as the
     graph-captured UNet steps run it (eager timing would measure Python's launch overhead instead
     of the kernels); the median of ``repeats`` perf_counter timings on the CPU."""
     if cuda:
-        from speed import graph_ms
+        from harness.timing import graph_ms
 
         return graph_ms(fn, repeats) / 1e3
     fn()  # warm-up (Triton compiles here)

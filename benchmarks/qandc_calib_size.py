@@ -34,6 +34,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness.env import environment  # noqa: E402
+from harness.io import write_json  # noqa: E402
+from harness.render import calibration_coverage, table_rows  # noqa: E402
+from harness.sampling import resolve_samples  # noqa: E402
+from harness.tables import TABLES  # noqa: E402
+
 # (selection size, variants of the qandc table); "baseline" keeps the whole pool whatever the size
 DEFAULT_RUNS = ["256:baseline,calib-uniform-per-step,tap,calib-random,tap-lam0.3",
                 "800:calib-uniform-per-step,tap,calib-random,tap-lam0.3",
@@ -52,13 +58,6 @@ def _parse_run(spec: str) -> tuple[int, int, list[str]]:
 
 def _work(root: str, size: int, seed: int) -> Path:
     return Path(root) / (f"select{size}" + (f"-seed{seed}" if seed else ""))
-
-
-def _ablation():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import ablation
-
-    return ablation
 
 
 def act_scales(plan_path: Path) -> dict[str, np.ndarray]:
@@ -141,10 +140,9 @@ def coverage_vs_fid(path: Path) -> int:
     """Per selection variant of a finished qandc table: steps left with ≤ 2 calibration entries, FID."""
     from scipy.stats import spearmanr
 
-    ablation = _ablation()
     data = json.loads(path.read_text())
     pts = []
-    for r in ablation.table_rows(data):
+    for r in table_rows(data):
         row = next(x for x in data["rows"] if x["variant"] == r["variant"])
         cfg = ((row["info"] or {}).get("config") or {})
         if r["same_as"] or r["fid"] is None or r["entries_low"] is None or cfg.get("calibration") == "trajectory" \
@@ -175,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--work is required to sample (or give --table-json to read a finished table)")
 
     from cachequant.metrics import psnr, ssim
-    from cachequant.utils.io import atomic_path
-
-    ablation = _ablation()
-    table = ablation.TABLES["qandc"]
+    table = TABLES["qandc"]
     runs = [_parse_run(s) for s in a.runs]
     for _, _, slugs in runs:
         for s in slugs:
@@ -191,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                "--work", str(work), "--calib-select", str(size), "--calib-seed", str(seed), "--quiet"]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
-        fp_dir = ablation.resolve_samples(work, work / "qandc" / "fp")
+        fp_dir = resolve_samples(work, work / "qandc" / "fp")
         fp = np.load(fp_dir / "samples.npz")["images"].astype(np.float64) / 255
         for s in slugs:
             vdir = work / "qandc" / s
-            sdir = ablation.resolve_samples(work, vdir)
+            sdir = resolve_samples(work, vdir)
             if sdir is None:
                 raise SystemExit(f"{vdir} has no samples: see its error.json")
             im = np.load(sdir / "samples.npz")["images"].astype(np.float64) / 255
@@ -205,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                          "psnr_vs_fp": psnr(im, fp), "ssim_vs_fp": ssim(im, fp),
                          "calibration_seconds": info.get("calibration_seconds"), "selected": sel.get("selected"),
                          "clusters": sel.get("clusters"), "random_top_up": sel.get("random_top_up"),
-                         **ablation._calibration_coverage(info)})
+                         **calibration_coverage(info)})
     # activation ranges against the baseline plan calibrated on the same pool (same seed)
     bases = {seed: _work(a.work, size, seed) / "qandc" / "baseline" / "plan.cqplan"
              for size, seed, slugs in runs if "baseline" in slugs}
@@ -224,10 +219,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['entries_min']} | {r['entries_low']} | {r.get('range_ratio_median', float('nan')):.3f} | "
               f"{100 * r.get('range_narrower_20pct', float('nan')):.0f} % | {', '.join(r.get('most_narrowed', []))} |")
     if a.out:
-        env = ablation.environment(a.device)
-        with atomic_path(a.out) as tmp:
-            Path(tmp).write_text(json.dumps({"command": " ".join(sys.argv), "num_samples": a.num_samples,
-                                             "environment": env, "rows": rows}, indent=1))
+        env = environment(a.device)
+        write_json(Path(a.out), {"command": " ".join(sys.argv), "num_samples": a.num_samples,
+                                 "environment": env, "rows": rows}, indent=1, default=None)
         print(f"written {a.out}")
     return 0
 

@@ -18,16 +18,11 @@ The table is printed last; rows that cannot run say why.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import json
 import os
-import platform
-import signal
-import statistics
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -37,180 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cachequant as cq  # noqa: E402
-from cachequant.models.adapters import adapter_for  # noqa: E402
-from cachequant.pipecall import call_pipeline, denoiser_of  # noqa: E402
-from cachequant.utils.io import atomic_path  # noqa: E402
-
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
-SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
-)
-DIT_XL2 = dict(
-    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, patch_size=2,
-    sample_size=32, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
-)
-
-
-TINY = {  # --tiny: same code paths on small configs, for a CPU smoke test of this script
-    "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                 attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-    "vae": dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, sample_size=16),
-    "dit": dict(num_attention_heads=2, attention_head_dim=16, num_layers=4, sample_size=8),
-}
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def build(model: str, sampler: str, device: str, tiny: bool = False):
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel,
-                           PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
-
-    torch.manual_seed(0)
-    dt = torch.float16 if device == "cuda" else torch.float32
-    cross = 32 if tiny else 768
-    if model == "sd15":
-        unet = UNet2DConditionModel(**{**SD15_UNET, **(TINY["unet"] if tiny else {})})
-        vae = AutoencoderKL(**{**SD_VAE, **(TINY["vae"] if tiny else {})})
-        sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                              steps_offset=1, set_alpha_to_one=False)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        g = torch.Generator().manual_seed(1)
-        emb = (torch.randn(1, 77, cross, generator=g) * 0.5).to(device, dt)
-        neg = (torch.randn(1, 77, cross, generator=g) * 0.5).to(device, dt)
-
-        def encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **k):
-            n = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
-            return emb.expand(n, -1, -1), (neg.expand(n, -1, -1) if do_classifier_free_guidance else None)
-
-        pipe.encode_prompt = encode_prompt
-    else:
-        tr = DiTTransformer2DModel(**{**DIT_XL2, **(TINY["dit"] if tiny else {})})
-        vae = AutoencoderKL(**{**SD_VAE, "sample_size": 256, **(TINY["vae"] if tiny else {})})
-        kw = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
-        sched = DDPMScheduler(**kw) if sampler == "ddpm" else DDIMScheduler(**kw)
-        pipe = DiTPipeline(transformer=tr, vae=vae, scheduler=sched)
-    pipe = pipe.to(device, dt)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def call_kwargs(model: str, batch: int, steps: int, tiny: bool = False) -> dict:
-    """The arguments of ``cachequant.pipecall.call_pipeline`` for one timed pipeline run."""
-    if model == "sd15":
-        side = 16 if tiny else 512
-        return dict(batch=["a photo"] * batch, num_inference_steps=steps, guidance_scale=7.5, height=side,
-                    width=side, output_type="np")
-    return dict(batch=list(range(batch)), num_inference_steps=steps, guidance_scale=4.0, output_type="np")
-
-
-class WarmupTimeout(BaseException):
-    """A BaseException, like KeyboardInterrupt: inductor catches ``Exception`` around its Triton
-    compiles and logs it (an H200 run's first limit, an Exception, was swallowed there and the
-    row compiled on for 242 s), so an ordinary exception would not stop a compilation."""
-
-
-def _warmup_alarm(signum, frame):
-    raise WarmupTimeout
-
-
-def time_runs(pipe, kw: dict, repeats: int, device: str, warmup_limit_s: float | None = None,
-              warmup_profile: dict | None = None) -> dict:
-    """Times ``pipe(generator=..., **kw)`` (the pipeline through ``call_pipeline``, or any callable).
-    ``warmup_limit_s``: give up on a row whose warm-up run (graph capture, compilation) takes
-    longer, so that one slow compilation does not take the rest of a device call with it. The
-    alarm interrupts Python code only: a single long C call ends first. ``warmup_profile``: a dict
-    that receives where the warm-up's time went (``StackSampler``), also when it is cut."""
-    sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    if warmup_limit_s:
-        old = signal.signal(signal.SIGALRM, _warmup_alarm)
-        signal.setitimer(signal.ITIMER_REAL, warmup_limit_s)
-    sampler = StackSampler() if warmup_profile is not None else contextlib.nullcontext()
-    try:
-        with sampler:
-            pipe(generator=torch.Generator(device).manual_seed(0), **kw)  # warm-up (captures graphs, compiles)
-            sync(device)
-    except WarmupTimeout:
-        raise RuntimeError(f"the warm-up run (compilation, graph capture) did not finish in {warmup_limit_s:.4g} s "
-                           "(--warmup-limit-s, or what was left of --time-budget-s)") from None
-    finally:
-        if warmup_limit_s:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
-        if warmup_profile is not None:
-            warmup_profile.update(sampler.summary())
-    warm = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        pipe(generator=torch.Generator(device).manual_seed(i + 1), **kw)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    if not times:  # --repeats 0: the warm-up only
-        return {"warmup_only": True, "warmup_s": warm, "peak_mem_gib": peak}
-    return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm, "peak_mem_gib": peak}
-
-
-class StackSampler:
-    """Where a long call spends its time, at almost no cost to it: a helper thread looks at the
-    calling thread's Python stack every ``interval`` seconds and counts each function once per
-    sample that has it on the stack (``inclusive``: which stage is slow) and the innermost one
-    (``own``: where the thread sat, C calls included, under the Python function that made them).
-    cProfile would instead slow the Python-heavy compilation it is asked to explain."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.samples = interval, 0
-        self.inclusive: dict[str, int] = {}
-        self.own: dict[str, int] = {}
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "StackSampler":
-        self._tid = threading.get_ident()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            frame = sys._current_frames().get(self._tid)
-            if frame is None:
-                continue
-            self.samples += 1
-            names = []
-            while frame is not None:
-                c = frame.f_code
-                names.append(f"{Path(c.co_filename).name}:{c.co_firstlineno}({c.co_name})")
-                frame = frame.f_back
-            self.own[names[0]] = self.own.get(names[0], 0) + 1
-            for n in set(names):
-                self.inclusive[n] = self.inclusive.get(n, 0) + 1
-
-    def summary(self, top: int = 40, min_s: float = 0.5) -> dict:
-        def pick(counts: dict[str, int]) -> list[dict]:
-            best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
-            return [{"function": f, "s": round(n * self.interval, 1)} for f, n in best if n * self.interval >= min_s]
-
-        return {"warmup_profile": {"sampled_s": round(self.samples * self.interval, 1), "interval_s": self.interval,
-                                   "inclusive": pick(self.inclusive), "own": pick(self.own)}}
+from cachequant.pipecall import call_pipeline  # noqa: E402
+from harness.env import timing_environment  # noqa: E402
+from harness.io import write_json  # noqa: E402
+from harness.models import PlanCache, build, call_kwargs, denoiser, set_denoiser, torchao_filter  # noqa: E402
+from harness.timing import graph_ms, sync, time_runs  # noqa: E402
 
 
 # Kernel categories of --profile, matched in order on the lower-cased kernel name.
@@ -271,59 +97,6 @@ def top_kernels(kernels: list[tuple[str, float]], category: str, n: int = 12) ->
             a[1] += 1
     rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:n]
     return [{"kernel": name[:160], "ms": round(ms, 3), "launches": int(k)} for name, (ms, k) in rows]
-
-
-class PlanCache:
-    """Plans calibrated once per process, and with ``--plan-dir`` kept on disk for the next device
-    call of a warm machine: a 250-step DiT-XL/2 plan takes ~70 s to calibrate on an H200. A stored
-    plan is used only if it was calibrated for this very model (architecture and weights SHA-256;
-    ``build`` seeds the random weights), else it is calibrated again."""
-
-    def __init__(self, folder: str | None = None):
-        self.folder = Path(folder) if folder else None
-        self.plans: dict = {}
-
-    def get(self, pipe, model: str, steps: int, interval: int, wbits: int | None):
-        """A plan with ``wbits``-bit weights and 8-bit activations (None: cache only)."""
-        key = (interval, wbits)
-        if key in self.plans:
-            return self.plans[key]
-        bits = wbits is not None
-        cfg = cq.CacheQuantConfig(interval=interval, schedule="uniform", weight_bits=wbits,
-                                  act_bits=8 if bits else None, quant_attention=False, num_calib_samples=1,
-                                  calib_batch_size=1, dps_samples=1)
-        path = None
-        if self.folder is not None:
-            name = f"{model}-{type(pipe.scheduler).__name__}-{steps}-n{interval}-w{wbits or 'fp'}.cqplan"
-            path = self.folder / name
-            if path.is_file():
-                try:
-                    plan = cq.load_plan(path)
-                    plan.fingerprint.check(denoiser(pipe))
-                    site = adapter_for(denoiser(pipe)).resolve_site(denoiser(pipe), cfg)
-                    if plan.cache.site != site:
-                        raise cq.PlanError(f"its cache site {plan.cache.site} is not this version's {site}")
-                    plan.info["bench_plan_loaded"] = str(path)
-                    self.plans[key] = plan
-                    return plan
-                except (cq.PlanError, cq.PlanMismatchError) as e:
-                    print(f"stored plan {path} not used ({e}); calibrating", file=sys.stderr)
-        inputs = {"prompts": ["a photo"]} if model == "sd15" else {"class_labels": [0]}
-        t0 = time.perf_counter()
-        plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, **inputs)
-        plan.info["bench_calib_s"] = time.perf_counter() - t0
-        if path is not None:
-            plan.save(path)
-        self.plans[key] = plan
-        return plan
-
-
-def denoiser(pipe):
-    return denoiser_of(pipe)[1]
-
-
-def set_denoiser(pipe, m) -> None:
-    setattr(pipe, denoiser_of(pipe)[0], m)
 
 
 def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, fp8_gemm=None, compile=False, batch=1,
@@ -447,28 +220,6 @@ def compile_blocks(m: torch.nn.Module) -> dict:
     return {"compile_scope": f"each BasicTransformerBlock ({len(blocks)}), rest eager"}
 
 
-TORCHAO_MIN_ROWS = 17  # torch._int_mm, under torchao's int8 dynamic path, refuses M ≤ 16
-
-
-def linear_rows(pipe, model: str, batch: int, tiny: bool) -> dict[str, int]:
-    """Rows (M) each ``nn.Linear`` of the denoiser sees in a model call at this batch, from one short
-    run (the time-embedding MLPs and adaLN projections see only the CFG batch, e.g. M = 2)."""
-    rows: dict[str, int] = {}
-
-    def seen(name: str, x: torch.Tensor) -> None:
-        rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])
-
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen(n, a[0]))
-             for n, m in denoiser(pipe).named_modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        with torch.no_grad():
-            call_pipeline(pipe, **{**call_kwargs(model, batch, 2, tiny), "output_type": "latent"})
-    finally:
-        for h in hooks:
-            h.remove()
-    return rows
-
-
 def row_torchao(pipe, model, kind, batch=1, tiny=False, compile="whole", **_):
     """torchao's dynamic int8 / float8 quantization of every Linear that has more than 16 rows,
     then torch.compile: ``compile="whole"`` the whole model, ``"regional"`` each transformer block
@@ -518,18 +269,6 @@ def config_changes(before: dict, after: dict) -> dict:
     keeps later rows in the same process unaffected."""
     plain = (bool, int, float, str, type(None))
     return {k: v if isinstance(v, plain) else repr(v) for k, v in after.items() if k in before and before[k] != v}
-
-
-def torchao_filter(pipe, model: str, batch: int, tiny: bool):
-    """(filter_fn for torchao's ``quantize_``, what it keeps in fp16): Linears with more than 16 rows."""
-    rows = linear_rows(pipe, model, batch, tiny)
-    small = sorted(n for n, r in rows.items() if r < TORCHAO_MIN_ROWS)
-    mods = dict(denoiser(pipe).named_modules())
-    macs = {n: r * mods[n].in_features * mods[n].out_features for n, r in rows.items()}
-    info = {"torchao_linears_quantized": len(rows) - len(small), "torchao_linears_kept_fp16": len(small),
-            "torchao_kept_examples": small[:4],
-            "torchao_kept_linear_mac_share": sum(macs[n] for n in small) / max(1, sum(macs.values()))}
-    return (lambda m, fqn: isinstance(m, torch.nn.Linear) and rows.get(fqn, 0) >= TORCHAO_MIN_ROWS), info
 
 
 def row_deepcache(pipe, model, interval, **_):
@@ -667,25 +406,6 @@ def select_rows(rows: list, patterns: str | None) -> list:
     pats = [s.strip() for s in patterns.split(",") if s.strip()]
     keyed = [(next((i for i, s in enumerate(pats) if s in r[0]), None), j, r) for j, r in enumerate(rows)]
     return [r for i, _, r in sorted(k for k in keyed if k[0] is not None)]
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    """GPU milliseconds per call of ``fn`` with the host out of the loop: ``reps`` calls captured in
-    one CUDA graph, replayed. (``do_bench`` times eager calls, so on small shapes it also measures
-    the Python launch overhead, which a graph-captured denoiser does not pay.)"""
-    import triton.testing as tt
-
-    fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return tt.do_bench(g.replay) / reps
 
 
 def kernel_microbench() -> list[dict]:
@@ -845,29 +565,13 @@ def main() -> int:
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)")
-    env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (--tiny smoke test)", "torch": torch.__version__, "python": platform.python_version(),
-           "command": " ".join(sys.argv),
-           # the environment settings that change what a row measures: inductor's caches and compile
-           # threads (whether a seeded tuning applies: results/speed/README.md), cachequant's
-           # kernel choices (CACHEQUANT_FP8_GEMM, CACHEQUANT_TILES) and the device scripts' seed
-           "settings": {k: v for k, v in sorted(os.environ.items())
-                        if k.startswith(("TORCHINDUCTOR_", "CACHEQUANT_", "CQ_"))}}
-    if device == "cuda":
-        import torch._inductor.config as inductor_config
-
-        env["inductor_compile_threads"] = inductor_config.compile_threads
-    for mod in ("triton", "diffusers", "torchao"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            env[mod] = f"unavailable ({type(e).__name__}: {e})"
+    env = timing_environment(device)
     result: dict = {"env": env}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
+        write_json(out, result, default=None)
 
     if args.kernels_only:
         result["kernels"] = kernel_microbench()

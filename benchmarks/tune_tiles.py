@@ -4,8 +4,8 @@ The kernels' fixed tile rule (``triton_gemm.block_config``) is what left them at
 cuBLAS on SD's batch-1 shapes (``results/speed/README.md``). This script, run once per GPU model
 on the device:
 
-1. builds each model (``speed.build``: full-size architecture, random fp16 weights), calibrates a
-   2-step W8A8 plan and switches each kernel kind on;
+1. builds each model (``harness.models.build``: full-size architecture, random fp16 weights),
+   calibrates a 2-step W8A8 plan and switches each kernel kind on;
 2. records every 8-bit GEMM call of one 2-step pipeline run per batch size (the layer shapes of
    the full *and* cached steps: cached steps run a subset of the same layers at the same shapes);
 3. per distinct shape, times the rule's config and each candidate, graph-replayed as a captured
@@ -60,10 +60,10 @@ class Recorder:
 
 
 def time_call(fn, reps: int, cuda: bool) -> float:
-    """Seconds per call: graph-replayed on a GPU (``speed.graph_ms``), as a captured denoiser runs
+    """Seconds per call: graph-replayed on a GPU (``harness.timing.graph_ms``), as a captured denoiser runs
     the kernels; the interpreter: one timed call after a warm-up."""
     if cuda:
-        from speed import graph_ms
+        from harness.timing import graph_ms
 
         return graph_ms(fn, reps) / 1e3
     fn()
@@ -123,7 +123,7 @@ def record_shapes(model: str, batches: list[int], kind: str, device: str, tiny: 
 
     import cachequant as cq
     from cachequant.kernels import triton_gemm
-    from speed import PlanCache, build, call_kwargs
+    from harness.models import PlanCache, build, call_kwargs
 
     from cachequant.pipecall import call_pipeline
 

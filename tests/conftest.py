@@ -33,18 +33,31 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def load_benchmark(name: str):
-    """A script of ``benchmarks/`` imported as a module under its own name (registered in
-    ``sys.modules``, its folder on ``sys.path``: spawned worker processes unpickle its functions)."""
+    """A script of ``benchmarks/`` (``"speed"``, ``"device/carry_variant"``) imported as a module
+    under its file's name (registered in ``sys.modules``; ``benchmarks/`` on ``sys.path``, where the
+    scripts find their harness)."""
     import importlib.util
     import sys
 
     if BENCHMARKS not in sys.path:
         sys.path.insert(0, BENCHMARKS)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    mod_name = name.rsplit("/", 1)[-1]
+    spec = importlib.util.spec_from_file_location(mod_name, os.path.join(BENCHMARKS, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
+    sys.modules[mod_name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_harness(name: str):
+    """A module of the benchmarks' shared harness, ``benchmarks/harness/<name>.py`` (imported as
+    ``harness.<name>``, as the scripts import it: spawned worker processes unpickle its functions)."""
+    import importlib
+    import sys
+
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    return importlib.import_module(f"harness.{name}")
 
 
 def mini_cifar_zip(folder):

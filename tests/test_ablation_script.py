@@ -60,15 +60,18 @@ def test_sample_resume_failure_and_report(ablation, tmp_path, monkeypatch):
     assert not (tdir / "w4a8" / "error.json").exists()
 
     # PSNR / SSIM of fp against itself is not a number to report; another variant gets real ones
-    m_fp = ablation._cpu_metrics(None, None, None, str(tdir / "fp" / "samples.npz"), str(tdir / "fp" / "samples.npz"))
+    from conftest import load_harness
+
+    metrics = load_harness("metrics")
+    m_fp = metrics._cpu_metrics(None, None, None, str(tdir / "fp" / "samples.npz"), str(tdir / "fp" / "samples.npz"))
     assert m_fp["psnr_vs_fp"] is None and m_fp["is_fp_reference"]
-    m_w8 = ablation._cpu_metrics(None, None, None, str(tdir / "w8a8" / "samples.npz"), str(tdir / "fp" / "samples.npz"))
+    m_w8 = metrics._cpu_metrics(None, None, None, str(tdir / "w8a8" / "samples.npz"), str(tdir / "fp" / "samples.npz"))
     assert 5 < m_w8["psnr_vs_fp"] < 100 and 0 < m_w8["ssim_vs_fp"] < 1
 
     assert ablation.main(["report", "--work", str(work), "--out", str(out)]) == 0
     md = (out / "ablation.md").read_text()
     assert "JPEG-q75" in md and "## Analysis" in md and "Smoke-test run: 10 steps" in md
-    for v in ablation.TABLES["unet"].variants:  # every row present, run or not
+    for v in load_harness("tables").TABLES["unet"].variants:  # every row present, run or not
         assert f"(`{v.slug}`)" in md
     assert "not run (not sampled)" in md  # e.g. cache-n10
     assert "| quant only W8A8 (`w8a8`) | – |" in md  # sampled, no metrics computed: dashes, not numbers
@@ -82,12 +85,14 @@ def _fake_features(sdir, device, batch_size, quiet):
 
 
 def test_metrics_are_written_per_variant_while_sampling(ablation, tmp_path, monkeypatch):
+    from conftest import load_harness
+
     from cachequant.metrics.fid import save_reference
 
     work, ref = tmp_path / "work", tmp_path / "ref.npz"
     rng = np.random.default_rng(1)
     save_reference(ref, rng.standard_normal((8, 16)).astype(np.float32) * 3, source="synthetic")
-    monkeypatch.setattr(ablation, "features_of", _fake_features)
+    monkeypatch.setattr(load_harness("metrics"), "features_of", _fake_features)
     assert _sample(ablation, work, "w8a8", "--ref-stats", str(ref)) == 0
     tdir = work / "unet"
     m = {s: json.loads((tdir / s / "metrics.json").read_text()) for s in ("fp", "w8a8")}
@@ -123,6 +128,10 @@ def test_metrics_are_written_per_variant_while_sampling(ablation, tmp_path, monk
 def test_report_shows_calibration_coverage_and_plots_qandc_as_bars(ablation, tmp_path):
     """The coverage column (activation ranges are per step: the step with the fewest calibration
     entries) comes from the plan's diagnostics; the Q&C plot is per-variant bars."""
+    from conftest import load_harness
+
+    render = load_harness("render")
+
     def row(slug, calib=None, per_step=None, fid=None, same_as=None):
         info = {"status": "done", "run_key": {"steps": 4}, "macs_per_image": 10.0, "bops_per_image": 100.0}
         if calib is not None:
@@ -137,11 +146,11 @@ def test_report_shows_calibration_coverage_and_plots_qandc_as_bars(ablation, tmp
     data = {"title": "t", "model": "m", "scheduler": "ddim", "default_steps": 4, "guidance_scale": None,
             "rows": [row("fp", fid=10.0), row("baseline", "trajectory", fid=12.0),
                      row("tap", "tap", {"0": 3, "1": 1, "2": 2}, fid=15.0), row("calib-tap", same_as="qandc/tap")]}
-    cov = {r["variant"]: (r["entries_min"], r["entries_low"]) for r in ablation.table_rows(data)}
+    cov = {r["variant"]: (r["entries_min"], r["entries_low"]) for r in render.table_rows(data)}
     assert cov == {"fp": (None, None), "baseline": (8, 0), "tap": (0, 3), "calib-tap": (None, None)}
-    md = "\n".join(ablation.render_table(data))
+    md = "\n".join(render.render_table(data))
     assert "| 8 |" in md and "| 0 (3) |" in md  # step 3 has no entry at all: 0, and three steps hold ≤ 2
-    assert ablation.plot_bars([data], tmp_path / "q.png", "t").stat().st_size > 1000
+    assert render.plot_bars([data], tmp_path / "q.png", "t").stat().st_size > 1000
 
 
 def _run_json(rows: dict, fp_sha="f" * 40, ref_sha="r" * 40, command="sample run"):
@@ -167,13 +176,16 @@ def test_report_from_json_merges_runs_and_refuses_incomparable_ones(ablation, tm
     """Tables sampled over several sessions are joined from their committed JSON files, in the
     table's variant order, only when every run measured against the same full-precision samples
     and reference statistics (else PSNR / FID of the joined rows would not be comparable)."""
+    from conftest import load_harness
+
+    tables = load_harness("tables")
     run1 = _run_json({"fp": ("f" * 40, 40.0), "w8a8": ("a" * 40, 45.0), "dps-dec-n10": None}, command="run 1")
     run2 = _run_json({"fp": ("f" * 40, 40.0), "w8a8": None, "dps-dec-n10": ("b" * 40, 44.0),
                       "w4a8-gptq": ("c" * 40, 47.0)}, command="run 2")
-    (merged,) = ablation.merge_table_jsons([run1, run2])
+    (merged,) = tables.merge_table_jsons([run1, run2])
     fids = {r["variant"]: (r["metrics"] or {}).get("fid") for r in merged["rows"]}
     assert fids == {"fp": 40.0, "w8a8": 45.0, "dps-dec-n10": 44.0, "w4a8-gptq": 47.0}
-    order = [v.slug for v in ablation.TABLES["unet"].variants]
+    order = [v.slug for v in tables.TABLES["unet"].variants]
     assert [r["variant"] for r in merged["rows"]] == sorted(fids, key=order.index)
     assert merged["merged_commands"] == ["run 1", "run 2"]
 
@@ -189,13 +201,13 @@ def test_report_from_json_merges_runs_and_refuses_incomparable_ones(ablation, tm
 
     other_fp = _run_json({"fp": ("e" * 40, 41.0), "dps-dec-n10": ("b" * 40, 44.0)}, fp_sha="e" * 40)
     with pytest.raises(ValueError, match="full-precision samples"):
-        ablation.merge_table_jsons([run1, other_fp])
+        tables.merge_table_jsons([run1, other_fp])
     other_ref = _run_json({"fp": ("f" * 40, 40.0)}, ref_sha="x" * 40)
     with pytest.raises(ValueError, match="reference statistics"):
-        ablation.merge_table_jsons([run1, other_ref])
+        tables.merge_table_jsons([run1, other_ref])
     resampled = _run_json({"fp": ("f" * 40, 40.0), "w8a8": ("d" * 40, 46.0)})
     with pytest.raises(ValueError, match="different samples"):
-        ablation.merge_table_jsons([run1, resampled])
+        tables.merge_table_jsons([run1, resampled])
     (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match="not a table JSON"):
         ablation.main(["report", "--from-json", str(tmp_path / "bad.json"), "--out", str(out)])
@@ -208,7 +220,7 @@ def test_carry_variant_moves_fp_between_sessions(ablation, tmp_path):
     sampler skips it there; damaged parts, other samples and other settings are refused."""
     from conftest import load_benchmark
 
-    carry = load_benchmark("carry_variant")
+    carry = load_benchmark("device/carry_variant")
     w1, w2, parts = tmp_path / "s1", tmp_path / "s2", tmp_path / "carry"
     assert _sample(ablation, w1, "fp") == 0
     manifest = carry.export_variant(w1, "unet", "fp", parts, part_bytes=1000)  # several parts

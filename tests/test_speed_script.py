@@ -79,17 +79,18 @@ def test_torchao_rows_keep_the_small_linears_out():
     """torch._int_mm refuses M ≤ 16: the torchao rows quantize only the Linears that see more rows.
     On the tiny DiT at batch 1 (2 rows with CFG) those are the token-wise ones, not the adaLN /
     time-embedding MLPs."""
-    from conftest import load_benchmark
+    from conftest import load_benchmark, load_harness
 
     speed = load_benchmark("speed")
-    pipe = speed.build("dit-xl2", "ddim", "cpu", tiny=True)
-    rows = speed.linear_rows(pipe, "dit-xl2", 1, True)
-    small = {n for n, r in rows.items() if r < speed.TORCHAO_MIN_ROWS}
+    models = load_harness("models")
+    pipe = models.build("dit-xl2", "ddim", "cpu", tiny=True)
+    rows = models.linear_rows(pipe, "dit-xl2", 1, True)
+    small = {n for n, r in rows.items() if r < models.TORCHAO_MIN_ROWS}
     assert small and small != set(rows)
     assert all(rows[n] == 2 for n in small)  # batch 1 with CFG
     assert any("timestep_embedder" in n for n in small) and any("attn1.to_q" in n for n in set(rows) - small)
-    keep, info = speed.torchao_filter(pipe, "dit-xl2", 1, True)
-    mods = dict(speed.denoiser(pipe).named_modules())
+    keep, info = models.torchao_filter(pipe, "dit-xl2", 1, True)
+    mods = dict(models.denoiser(pipe).named_modules())
     assert {n for n in rows if keep(mods[n], n)} == set(rows) - small
     assert info["torchao_linears_kept_fp16"] == len(small) and 0 < info["torchao_kept_linear_mac_share"] < 1
     assert [r[0] for r in speed.select_rows([("a x", 0, 0), ("b", 0, 0), ("c x", 0, 0)], "b, x")] == ["b", "a x", "c x"]
@@ -99,18 +100,18 @@ def test_plan_cache_reuses_stored_plans_only_for_the_same_model(tmp_path, capsys
     """--plan-dir: a later run on the same machine loads the plan instead of calibrating again,
     unless the model's weights differ."""
     import torch
-    from conftest import load_benchmark
+    from conftest import load_harness
 
-    speed = load_benchmark("speed")
-    pipe = speed.build("dit-xl2", "ddim", "cpu", tiny=True)
-    first = speed.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
+    models = load_harness("models")
+    pipe = models.build("dit-xl2", "ddim", "cpu", tiny=True)
+    first = models.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
     assert "bench_plan_loaded" not in first.info and len(list(tmp_path.glob("*.cqplan"))) == 1
-    again = speed.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
+    again = models.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
     assert again.info["bench_plan_loaded"] and again.schedule == first.schedule
     assert torch.equal(again.tensors[next(iter(first.tensors))], first.tensors[next(iter(first.tensors))])
     with torch.no_grad():
-        next(speed.denoiser(pipe).parameters()).add_(1.0)
-    other = speed.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
+        next(models.denoiser(pipe).parameters()).add_(1.0)
+    other = models.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
     assert "bench_plan_loaded" not in other.info and "not used" in capsys.readouterr().err
 
 
@@ -172,9 +173,10 @@ def test_warmup_limit_stops_a_slow_row_even_through_except_exception():
 
     import pytest
 
-    from conftest import load_benchmark
+    from conftest import load_benchmark, load_harness
 
     speed = load_benchmark("speed")
+    timing = load_harness("timing")
     calls = []
 
     def slow_pipe(**kw):  # a compilation that swallows ordinary exceptions
@@ -188,9 +190,9 @@ def test_warmup_limit_stops_a_slow_row_even_through_except_exception():
 
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match=r"warm-up run .* did not finish in 0.2 s"):
-        speed.time_runs(slow_pipe, {}, repeats=3, device="cpu", warmup_limit_s=0.2)
+        timing.time_runs(slow_pipe, {}, repeats=3, device="cpu", warmup_limit_s=0.2)
     assert time.perf_counter() - t0 < 2 and len(calls) == 1
-    fast = speed.time_runs(lambda **kw: calls.append(1), {}, repeats=2, device="cpu", warmup_limit_s=0.2)
+    fast = timing.time_runs(lambda **kw: calls.append(1), {}, repeats=2, device="cpu", warmup_limit_s=0.2)
     time.sleep(0.3)  # the alarm of the finished row must not fire later
     assert len(fast["times_s"]) == 2
     # the limit a row gets: --warmup-limit-s, cut to what --time-budget-s has left
@@ -206,28 +208,29 @@ def test_regional_compile_shares_one_graph_across_identical_blocks():
     compiled graph (fewer graphs than blocks, so compile time does not grow with depth), the
     output equals the eager model's, and the original denoiser comes back afterwards."""
     import torch
-    from conftest import load_benchmark
+    from conftest import load_benchmark, load_harness
 
     from cachequant.pipecall import call_pipeline
     from torch._dynamo.utils import counters
 
     speed = load_benchmark("speed")
-    pipe = speed.build("dit-xl2", "ddim", "cpu", tiny=True)
-    kw = {**speed.call_kwargs("dit-xl2", 1, 2, True), "output_type": "latent"}
-    orig = speed.denoiser(pipe)
+    models = load_harness("models")
+    pipe = models.build("dit-xl2", "ddim", "cpu", tiny=True)
+    kw = {**models.call_kwargs("dit-xl2", 1, 2, True), "output_type": "latent"}
+    orig = models.denoiser(pipe)
     with torch.no_grad():
         ref = call_pipeline(pipe, generator=torch.Generator().manual_seed(0), **kw).images
         torch._dynamo.reset()
         counters.clear()
         info, undo = speed.row_compile(pipe, "dit-xl2", scope="regional")
         out = call_pipeline(pipe, generator=torch.Generator().manual_seed(0), **kw).images
-    n_blocks = len(speed.denoiser(pipe).transformer_blocks)
+    n_blocks = len(models.denoiser(pipe).transformer_blocks)
     assert info["compile_scope"].startswith(f"each BasicTransformerBlock ({n_blocks})")
-    assert all(b._compiled_call_impl is not None for b in speed.denoiser(pipe).transformer_blocks)
+    assert all(b._compiled_call_impl is not None for b in models.denoiser(pipe).transformer_blocks)
     assert 0 < counters["stats"]["unique_graphs"] < n_blocks
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     undo()
-    assert speed.denoiser(pipe) is orig and all(b._compiled_call_impl is None for b in orig.transformer_blocks)
+    assert models.denoiser(pipe) is orig and all(b._compiled_call_impl is None for b in orig.transformer_blocks)
 
 
 def test_compile_time_script_times_tracing_of_float_and_torchao_models(tmp_path):
@@ -286,9 +289,9 @@ def test_warmup_profile_names_the_slow_stage_also_when_the_limit_cuts_it():
 
     import pytest
 
-    from conftest import load_benchmark
+    from conftest import load_benchmark, load_harness
 
-    speed = load_benchmark("speed")
+    timing = load_harness("timing")
 
     def stuck_stage():
         t0 = time.perf_counter()
@@ -304,7 +307,7 @@ def test_warmup_profile_names_the_slow_stage_also_when_the_limit_cuts_it():
 
     sink: dict = {}
     with pytest.raises(RuntimeError, match="did not finish") as cut:
-        speed.time_runs(pipe, {}, repeats=1, device="cpu", warmup_limit_s=0.8, warmup_profile=sink)
+        timing.time_runs(pipe, {}, repeats=1, device="cpu", warmup_limit_s=0.8, warmup_profile=sink)
     # the report reads the limit back from this message, and counts the row as cut, not explained
     rep = load_benchmark("speed_report")
     assert rep.WARMUP_CUT.search(str(cut.value)).group(1) == "0.8" and rep.cut_short(str(cut.value))
@@ -348,10 +351,11 @@ def test_torchao_row_records_and_restores_the_inductor_settings_it_changes():
     the same process compile as they would have without it."""
     pytest.importorskip("torchao")
     import torch._inductor.config as inductor_config
-    from conftest import load_benchmark
+    from conftest import load_benchmark, load_harness
 
     speed = load_benchmark("speed")
-    pipe = speed.build("dit-xl2", "ddim", "cpu", tiny=True)
+    models = load_harness("models")
+    pipe = models.build("dit-xl2", "ddim", "cpu", tiny=True)
     before = inductor_config.get_config_copy()
     info, undo = speed.row_torchao(pipe, "dit-xl2", "int8", batch=1, tiny=True, compile=None)
     changed = info["inductor_config_set_by_torchao"]

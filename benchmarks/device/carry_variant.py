@@ -7,10 +7,10 @@ samples of the same seeds. For the DiT DDPM 250 table, re-sampling ``fp`` costs 
 instead, and travel back in a later session's call.
 
     # on the device, at the end of a session: parts + manifest into $OUT/carry
-    python3 benchmarks/carry_variant.py export --work /root/cqp/abl --table dit-ddpm250 --variant fp --out $OUT/carry
+    python3 benchmarks/device/carry_variant.py export --work /root/cqp/abl --table dit-ddpm250 --variant fp --out $OUT/carry
     # locally: copy the returned files to .carry/ (git-ignored); a later call carries .carry, and
     # benchmarks/device/setup.sh runs
-    python3 benchmarks/carry_variant.py import --work /root/cqp/abl --parts .carry
+    python3 benchmarks/device/carry_variant.py import --work /root/cqp/abl --parts .carry
 
 ``import`` checks the SHA-1 of the joined file against the manifest, writes ``samples.npz`` before
 ``info.json`` (so a cut import is never taken for a finished variant), and refuses to replace a
@@ -25,10 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness
 
-from ablation import file_hash as _sha1  # noqa: E402 - the SHA-1 the metrics keys use
+from harness.io import file_hash as _sha1  # noqa: E402 - the SHA-1 the metrics keys use
 
 
 def export_variant(work: Path, table: str, variant: str, out: Path, part_bytes: int = 15 << 20) -> Path:

@@ -5,7 +5,7 @@
 #  - installs the carried wheels (.whl/) into /tmp/site,
 #  - collects the carried Inception parts (.inc/p1, p2a, p2b) and joins them, SHA-256 checked,
 #  - makes the reference statistics of the CIFAR-10 test set once both are there,
-#  - imports variants carried from an earlier session (.carry/, benchmarks/carry_variant.py).
+#  - imports variants carried from an earlier session (.carry/, benchmarks/device/carry_variant.py).
 set -u
 C=${CQ_DEVICE_DIR:-/root/cqp}; mkdir -p $C
 for m in cifar10-dit cifar10-unet; do
@@ -32,9 +32,9 @@ if [ -f $C/default_1.pt ] && [ -f $C/test.zip ] && [ ! -f $C/ref-test.npz ]; the
   python3 -m cachequant ref-stats --data $C/test.zip --device cuda --out $C/ref-test.npz 2>&1 | tail -1
 fi
 REF=(); if [ -f $C/ref-test.npz ]; then REF=(--ref-stats $C/ref-test.npz); fi
-# samples carried from an earlier session (benchmarks/carry_variant.py; .carry/ is git-ignored)
+# samples carried from an earlier session (benchmarks/device/carry_variant.py; .carry/ is git-ignored)
 if ls .carry/*.manifest.json >/dev/null 2>&1; then
-  python3 benchmarks/carry_variant.py import --work $C/abl --parts .carry
+  python3 benchmarks/device/carry_variant.py import --work $C/abl --parts .carry
 fi
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 ls $C
