@@ -76,6 +76,8 @@ class LayerTuner:
         self.table: dict[str, dict] = _load(path)
         self.layers: dict[str, dict] = {}
         """What each layer (by name) chose last, with the input signature it was measured at."""
+        self.last: dict[str, tuple] = {}
+        """The backend's memo: each layer's last (input signature, choice)."""
 
     def can_measure(self, x: torch.Tensor) -> bool:
         """Not while torch.compile traces or a CUDA graph captures (the decision made at an earlier

@@ -79,18 +79,32 @@ class TritonBackend:
         release(module, PACK)
 
     def forward(self, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
-        tuner = self.tuner
-        if tuner is not None and module.weight.numel():
-            key = layer_key(self.name, hook.pack.gemm, module, hook.pack.split, hook.dec_active(), x)
-            if not tuner.can_measure(x):
-                choice = tuner.lookup(key, compiled=compiling())  # an earlier eager call's, or the kernel
-            else:
-                gemm_only = _gemm_only(module, hook, x) if hook.pack.gemm == "cublaslt" else None
-                choice = tuner.choose(hook.name, key, lambda: self.kernel(module, hook, x),
-                                      lambda: hook.fn_ref.original_forward(x), gemm_only)
-            if choice == "float":
-                return hook.fn_ref.original_forward(x)
+        if self.tuner is not None and module.weight.numel() and self._choice(module, hook, x) == "float":
+            return hook.fn_ref.original_forward(x)
         return self.kernel(module, hook, x)
+
+    def _choice(self, module: nn.Module, hook, x: torch.Tensor) -> str | None:
+        """The tuner's decision for this input; eager calls remember each layer's last one, so that a
+        repeated input signature costs a tuple comparison rather than a key and a table lookup."""
+        tuner = self.tuner
+        dec = hook.dec_active()
+        if compiling():
+            return tuner.lookup(layer_key(self.name, hook.pack.gemm, module, hook.pack.split, dec, x), compiled=True)
+        sig = (x.shape, x.dtype, x.stride(), dec)
+        last = tuner.last.get(hook.name)
+        if last is not None and last[0] == sig:
+            return last[1]
+        key = layer_key(self.name, hook.pack.gemm, module, hook.pack.split, dec, x)
+        if not tuner.can_measure(x):
+            choice = tuner.lookup(key)  # an earlier eager call's; None: the kernel, not remembered
+            if choice is None:
+                return None
+        else:
+            gemm_only = _gemm_only(module, hook, x) if hook.pack.gemm == "cublaslt" else None
+            choice = tuner.choose(hook.name, key, lambda: self.kernel(module, hook, x),
+                                  lambda: hook.fn_ref.original_forward(x), gemm_only)
+        tuner.last[hook.name] = (sig, choice)
+        return choice
 
     def kernel(self, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
         p = packed(module)
