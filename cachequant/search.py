@@ -82,8 +82,13 @@ class AutotuneResult:
                 out.append(c)
         return out
 
+    @property
+    def fp_cost(self) -> float:
+        """Full precision's cost per image, in the unit of ``cost``."""
+        return self.fp_bops if self.cost == "bops" else self.fp_macs
+
     def table(self) -> list[dict]:
-        fp = self.fp_bops if self.cost == "bops" else self.fp_macs
+        fp = self.fp_cost
         front = {id(c) for c in self.frontier}
         return [{"interval": c.interval, "bits": c.bits, "psnr_db": round(c.psnr, 2),
                  f"{self.cost}_reduction": round(fp / c.cost(self.cost), 3), "gmacs_per_image": round(c.macs / 1e9, 4),
@@ -100,7 +105,7 @@ class AutotuneResult:
 
         from .utils.io import atomic_path
 
-        fp = self.fp_bops if self.cost == "bops" else self.fp_macs
+        fp = self.fp_cost
         fig, ax = plt.subplots(figsize=(6, 4))
         for c in self.candidates:
             ax.scatter(fp / c.cost(self.cost), min(c.psnr, 99.0), color="C0" if c.psnr >= self.min_psnr else "C3")

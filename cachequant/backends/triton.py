@@ -138,17 +138,24 @@ class TritonBackend:
         return undo
 
 
+def _fp8_rows(x: torch.Tensor, p: dict, hook) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes of ``x / s_t`` (saturated at ±448) as (rows, C) — NHWC rows for a conv — and the
+    step's activation scale s_t, gathered on the device: the quantize of a tensor-wise cuBLASLt layer
+    in torch ops."""
+    c = p["w"].shape[1]
+    rows = (x.permute(0, 2, 3, 1) if x.dim() == 4 else x).reshape(-1, c)
+    s_act = p["act_s"][0].index_select(0, hook.clock.step_tensor())
+    return torch.clamp(rows.float() / s_act, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s_act
+
+
 def _gemm_only(module: nn.Module, hook, x: torch.Tensor) -> Callable[[], object]:
     """The cuBLASLt GEMM of this layer on codes quantized once beforehand: what the layer costs
     when compiled code fuses the quantize into the op that produced ``x``."""
     from .ops import cublaslt_fp8
 
     p = packed(module)
-    c = p["w"].shape[1]
-    rows = (x.permute(0, 2, 3, 1) if x.dim() == 4 else x).reshape(-1, c)
-    s_act = p["act_s"][0].index_select(0, hook.clock.step_tensor())
-    q = torch.clamp(rows.float() / s_act, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    y = torch.empty((rows.shape[0], p["w"].shape[0]), device=x.device, dtype=x.dtype)
+    q, s_act = _fp8_rows(x, p, hook)
+    y = torch.empty((q.shape[0], p["w"].shape[0]), device=x.device, dtype=x.dtype)
     return lambda: cublaslt_fp8(q, p["w"], s_act, p["w_s"], p["bias"], y)
 
 
@@ -158,10 +165,7 @@ def _cublaslt_traced(module: nn.Module, hook, x: torch.Tensor, p: dict) -> torch
     the op that produced ``x`` — a LayerNorm, GELU, GroupNorm+SiLU — and no separate pass reads the
     activation. Same arithmetic as the eager path: e4m3 code of ``x / s_t`` saturated at ±448."""
     conv = x.dim() == 4
-    c = x.shape[1] if conv else x.shape[-1]
-    rows = x.permute(0, 2, 3, 1).reshape(-1, c) if conv else x.reshape(-1, c)
-    s_act = p["act_s"][0].index_select(0, hook.clock.step_tensor())
-    q = torch.clamp(rows.float() / s_act, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q, s_act = _fp8_rows(x, p, hook)
     w = p["w"]
     bias = p["bias"]
     late = bias is not None and x.dtype == torch.float32

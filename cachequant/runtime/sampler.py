@@ -58,6 +58,12 @@ def as_floats(timesteps: Any) -> list[float]:
     return [float(t) for t in timesteps]
 
 
+def _difference(planned: list[float], actual: list[float]) -> tuple[int, int] | None:
+    """(first differing position, how many differ) of two equally long value lists, or None."""
+    bad = [i for i, (a, b) in enumerate(zip(planned, actual)) if not _close(a, b)]
+    return (bad[0], len(bad)) if bad else None
+
+
 def check_timesteps(planned: list[float], scheduler_name: str, actual: list[float], plan_steps: int) -> None:
     """Raises :class:`PlanMismatchError` if a run's timesteps differ from the calibrated ones."""
     if len(actual) != len(planned):
@@ -65,12 +71,12 @@ def check_timesteps(planned: list[float], scheduler_name: str, actual: list[floa
             f"this plan was calibrated for {plan_steps} inference steps with {scheduler_name} ({len(planned)} model "
             f"calls), but the scheduler was set up for {len(actual)} model calls. Call the pipeline with "
             f"num_inference_steps={plan_steps}, or calibrate a plan for the steps you use")
-    bad = [i for i, (a, b) in enumerate(zip(planned, actual)) if not _close(a, b)]
-    if bad:
-        i = bad[0]
+    diff = _difference(planned, actual)
+    if diff:
+        i, bad = diff
         raise PlanMismatchError(
             f"the scheduler's timesteps differ from the calibrated ones at position {i} (plan {planned[i]:g}, now "
-            f"{actual[i]:g}; {len(bad)} of {len(planned)} differ): custom sigmas/timesteps, or a scheduler configured "
+            f"{actual[i]:g}; {bad} of {len(planned)} differ): custom sigmas/timesteps, or a scheduler configured "
             "differently (timestep_spacing, shift...)? Calibrate a plan with these timesteps (cq.calibrate takes "
             "the same sigmas=/timesteps= through pipeline_kwargs)")
 
@@ -95,12 +101,12 @@ def check_sigmas(planned: list[float] | None, scheduler_name: str, actual: list[
         raise PlanMismatchError(
             f"{scheduler_name} set up {len(actual)} sigmas, the plan was calibrated with {len(planned)}: another "
             "sampler configuration; calibrate a plan for it")
-    bad = [i for i, (a, b) in enumerate(zip(planned, actual)) if not _close(a, b)]
-    if bad:
-        i = bad[0]
+    diff = _difference(planned, actual)
+    if diff:
+        i, bad = diff
         raise PlanMismatchError(
             f"the sampler's sigmas differ from the calibrated ones at position {i} (plan {planned[i]:g}, now "
-            f"{actual[i]:g}; {len(bad)} of {len(planned)} differ): another sigma schedule (flow-matching shift, "
+            f"{actual[i]:g}; {bad} of {len(planned)} differ): another sigma schedule (flow-matching shift, "
             "dynamic shifting at another resolution, custom sigmas=, final_sigmas_type?). Calibrate a plan with "
             "this sampler configuration")
 
