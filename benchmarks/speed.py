@@ -35,7 +35,8 @@ import cachequant as cq  # noqa: E402
 from cachequant.pipecall import call_pipeline  # noqa: E402
 from harness.env import timing_environment  # noqa: E402
 from harness.io import write_json  # noqa: E402
-from harness.models import PlanCache, build, call_kwargs, denoiser, set_denoiser, torchao_filter  # noqa: E402
+from harness.models import (CFG_CALLS, TRANSFORMER_ONLY, PlanCache, build, call_kwargs, denoiser,  # noqa: E402
+                            set_denoiser, torchao_filter)
 from harness.timing import graph_ms, sync, time_runs  # noqa: E402
 
 
@@ -293,6 +294,11 @@ def row_diffusers_cache(pipe, model, **_):
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     m = denoiser(pipe)
+    if model in TRANSFORMER_ONLY:  # Flux and SD3 pipelines set the cache context themselves
+        if not hasattr(m, "enable_cache"):
+            raise RuntimeError(f"{type(m).__name__} has no diffusers cache support (CacheMixin) in this diffusers")
+        m.enable_cache(FirstBlockCacheConfig(threshold=0.08))
+        return {"cache": "FirstBlockCache(threshold=0.08)"}, m.disable_cache
     apply_first_block_cache(m, FirstBlockCacheConfig(threshold=0.08))
     registry = HookRegistry.check_if_exists_or_initialize(m)
     sched = pipe.scheduler
@@ -535,8 +541,9 @@ def warmup_limit(args, elapsed: float) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["sd15", "dit-xl2"], default="sd15")
-    ap.add_argument("--sampler", choices=["pndm", "ddpm", "ddim"], default=None)
+    ap.add_argument("--model", choices=["sd15", "dit-xl2", "flux", "sd3"], default="sd15",
+                    help="flux / sd3: the transformer alone (random text embeddings in, latents out), 1024², 28 steps")
+    ap.add_argument("--sampler", choices=["pndm", "ddpm", "ddim", "flow-euler"], default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--intervals", type=int, nargs="+", default=None)
@@ -580,8 +587,10 @@ def main() -> int:
             print(json.dumps(r))
         return 0
 
-    sampler = args.sampler or ("pndm" if args.model == "sd15" else "ddpm")
-    steps = args.steps or {"pndm": 50, "ddpm": 250, "ddim": 50}[sampler]
+    sampler = args.sampler or {"sd15": "pndm", "dit-xl2": "ddpm"}.get(args.model, "flow-euler")
+    if (sampler == "flow-euler") != (args.model in TRANSFORMER_ONLY):
+        ap.error(f"--sampler {sampler} does not fit --model {args.model}")
+    steps = args.steps or {"pndm": 50, "ddpm": 250, "ddim": 50, "flow-euler": 28}[sampler]
     n_list = args.intervals or ([5] if args.model == "sd15" else [2, 3])
     pipe = build(args.model, sampler, device, args.tiny)
     result.update(model=args.model, sampler=sampler, steps=steps, rows=[])
@@ -592,10 +601,10 @@ def main() -> int:
     with torch.no_grad(), count_ops(denoiser(pipe)) as c:
         call_pipeline(pipe, **{**call_kwargs(args.model, 1, 2, args.tiny), "output_type": "latent"})
     h.remove()
-    # Linear + conv MACs of one full model call per image (CFG doubles the batch); attention
-    # matmuls are not counted.
-    result["gmacs_per_image_call"] = c.macs / len(calls) / 2 / 1e9
-    plans = PlanCache(args.plan_dir)
+    # Linear + conv MACs of one full model call per image (CFG doubles the batch; Flux embeds its
+    # guidance); attention matmuls are not counted.
+    result["gmacs_per_image_call"] = c.macs / len(calls) / CFG_CALLS[args.model] / 1e9
+    plans = PlanCache(args.plan_dir, tiny=args.tiny)
     from torch._dynamo.utils import compilation_time_metrics, counters as dynamo_counters
 
     t_start = time.perf_counter()

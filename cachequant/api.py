@@ -12,7 +12,7 @@ from .errors import PlanMismatchError, WorkflowError
 from .models.adapters import adapter_for
 from .pipecall import denoiser_of
 from .plan import Plan
-from .quant.specs import STOCK_PROCESSORS
+from .quant.specs import attention_support
 from .session import Session, check_attachable, session_of
 
 
@@ -30,7 +30,8 @@ def accelerate(pipe: Any, plan: Plan, options: KernelOptions | None = None, **op
 
     Raises :class:`~cachequant.errors.PlanMismatchError` if the denoiser (class, architecture, dtype,
     weights) or the scheduler class differ from the calibrated ones (a different step count,
-    timesteps or strength is caught when the pipeline runs), and
+    timesteps, strength or number of model calls per step — another guidance_scale — is caught
+    when the pipeline runs), and
     :class:`~cachequant.errors.WorkflowError` for model states cachequant cannot run correctly.
     """
     if not isinstance(plan, Plan):
@@ -61,7 +62,8 @@ def accelerate(pipe: Any, plan: Plan, options: KernelOptions | None = None, **op
                          f"{options.backend!r} runs the float reference here (device {device}), which computes "
                          "from the float weights")
     sess = Session.open(model, list(plan.sampler.timesteps), plan.cache.schedule, plan.sampler.begin,
-                        plan.sampler.scheduler, plan.sampler.num_inference_steps, sigmas=plan.sampler.sigmas)
+                        plan.sampler.scheduler, plan.sampler.num_inference_steps, sigmas=plan.sampler.sigmas,
+                        calls_per_step=plan.sampler.calls_per_step)
     try:
         if plan.cache.kind != "none":
             sess.add_cache(adapter.layout(model, plan.cache.site), plan.tensors.get("cache_dec"))
@@ -108,8 +110,9 @@ def _add_quant(sess: Session, plan: Plan, backend, options: KernelOptions) -> No
     sess.report = report
     if q.attention and (backend.name == "fake" or options.attention == "8bit"):
         for name in q.attention:
-            proc = type(model.get_submodule(name).processor).__name__
-            if proc not in STOCK_PROCESSORS:
+            module = model.get_submodule(name)
+            if attention_support(module) is not None:
+                proc = type(module.processor).__name__
                 raise WorkflowError(
                     f"the plan quantizes the attention matmuls of {name}, whose processor is now {proc} (attention "
                     "slicing, fused projections, IP-Adapter?): set the default processor back "
@@ -160,7 +163,8 @@ def attach(pipe: Any) -> Any:
 
 def set_step(pipe: Any, position: int) -> None:
     """Places the next model call at ``position`` of the plan (code that drives the denoiser itself,
-    without the scheduler)."""
+    without the scheduler). With a plan of several calls per step (``plan.sampler.calls_per_step``),
+    place each step once and make all its calls after it, in the calibrated order."""
     _session(pipe).clock.set(int(position))
 
 

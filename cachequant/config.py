@@ -12,6 +12,7 @@ CALIBRATION_MODES = ("trajectory",) + SELECTION_METHODS
 """``CacheQuantConfig.calibration``: every step of every trajectory, or a selection."""
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 CACHE_DEC_FITS = ("open", "closed")
+DPS_COSTS = ("float", "quant")
 
 
 @dataclass
@@ -20,6 +21,14 @@ class CacheQuantConfig:
     """N: one full step every N steps on average (K = ceil(T/N) full steps). 1 = no caching."""
     schedule: str = "dps"
     """Where the full steps go: 'uniform', 'quadratic' (DeepCache's non-uniform) or 'dps'."""
+    dps_cost: str = "float"
+    """What DPS minimises: ``float`` — the L1 drift of the full-precision cached feature on uncached
+    trajectories (the paper's Eq. 5 and released code); ``quant`` — the error of what a cached step
+    actually reuses, the *quantized* model's feature at the group's full step, against the
+    full-precision feature of every step of the group, the full step included
+    (``cachequant.cache.schedules.dps_schedule``). The paper says its schedule accounts for
+    quantization error; its cost cannot see a step whose quantized feature is far off. Costs a
+    provisional activation-range pass and a quantized replay of the feature trajectories."""
     weight_bits: int | None = 8
     """8 or 4 (first/last layers stay at 8); None = no quantization (then act_bits must be None)."""
     act_bits: int | None = 8
@@ -117,6 +126,11 @@ class CacheQuantConfig:
             raise ValueError("w8_layers only applies to 4-bit weights (weight_bits=4): every layer is already 8-bit")
         if not isinstance(self.quant_modulation, bool):
             raise ValueError(f"quant_modulation must be True or False, got {self.quant_modulation!r}")
+        if self.dps_cost not in DPS_COSTS:
+            raise ValueError(f"dps_cost must be one of {', '.join(DPS_COSTS)}; got {self.dps_cost!r}")
+        if self.dps_cost == "quant" and (self.schedule != "dps" or self.weight_bits is None or self.interval == 1):
+            raise ValueError("dps_cost='quant' needs the 'dps' schedule, a cache (interval > 1) and quantization "
+                             "(weight_bits / act_bits set): it is DPS's cost with the quantized model's features")
         if self.cache_dec_fit not in CACHE_DEC_FITS:
             raise ValueError(f"cache_dec_fit must be one of {', '.join(CACHE_DEC_FITS)}; got {self.cache_dec_fit!r}")
         if not isinstance(self.cache_dec_slope, bool):

@@ -46,7 +46,10 @@ def conditioning(pipe: Any) -> str:
 
 
 def num_classes(pipe: Any) -> int:
-    """Class labels a class-conditional pipeline accepts (DiT's 1000 unless its model says)."""
+    """Class labels a class-conditional pipeline accepts: the pipeline's ``num_classes`` where it
+    has one (the zoo's MMDiT), else its model's label table (DiT's 1000 unless its config says)."""
+    if isinstance(getattr(pipe, "num_classes", None), int):
+        return pipe.num_classes
     cfg = denoiser_of(pipe)[1].config
     return int(getattr(cfg, "num_embeds_ada_norm", None) or getattr(cfg, "num_class_embeds", None) or 1000)
 

@@ -2,10 +2,12 @@
 
 A plan says, for one model and one sampler configuration:
 
-* ``sampler`` — the scheduler class, the step count, the exact timesteps (one per model call, the
+* ``sampler`` — the scheduler class, the step count, the exact timesteps (one per position, the
   *positions* every per-step quantity is indexed by), the exact sigmas where the sampler has them
   (flow matching after its shift) and the first position a run visits (``begin``: 0 for
-  text-to-image, later for image-to-image at strength < 1);
+  text-to-image, later for image-to-image at strength < 1) and the model calls per scheduler step
+  (2 for a pipeline that runs guidance as separate conditional / unconditional calls, such as
+  ``WanPipeline`` with ``guidance_scale > 1``; both share every per-position table);
 * ``cache`` — the cache site and the schedule (the positions that run the whole model);
 * ``quant`` — the quantized layers (weight bits, input split, whether they carry quantization-DEC)
   and attention modules, or None;
@@ -114,12 +116,18 @@ class SamplerSpec:
     scheduler: str
     num_inference_steps: int
     timesteps: tuple[float, ...]
-    """One entry per model call of a whole run: the positions of the plan."""
+    """One entry per position of a whole run (a model call, or ``calls_per_step`` of them): the
+    positions of the plan."""
     begin: int = 0
     """The first position calibrated runs visited (image-to-image starts later than 0)."""
     sigmas: tuple[float, ...] | None = None
     """The sampler's exact noise levels (``scheduler.sigmas``; flow matching: after shift or
     dynamic shifting), or None for samplers without them. Runs with other sigmas are refused."""
+    calls_per_step: int = 1
+    """Model calls at every position (the *branches* of a step): 2 where the pipeline calls the
+    model for the conditional and then the unconditional prediction (guidance as separate calls).
+    Runs with another count (another ``guidance_scale``) are refused by the step clock. Plans
+    without the field predate it and were calibrated with one call per step."""
 
     @property
     def num_calls(self) -> int:
@@ -289,8 +297,9 @@ def _parse(meta: Any, tensors: dict[str, torch.Tensor]) -> Plan:
     if sig is not None and (not isinstance(sig, list) or not sig or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) for x in sig)):
         raise PlanError("sampler.sigmas must be null or a non-empty list of numbers")
+    calls_per_step = _int(s.get("calls_per_step", 1), "sampler.calls_per_step", 1)
     sampler = SamplerSpec(s["scheduler"], steps, tuple(float(t) for t in ts), begin,
-                          None if sig is None else tuple(float(x) for x in sig))
+                          None if sig is None else tuple(float(x) for x in sig), calls_per_step)
 
     c = meta["cache"]
     if c["kind"] not in CACHE_KINDS:

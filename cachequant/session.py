@@ -111,11 +111,13 @@ class Session:
     # -- building ------------------------------------------------------------------------------
     @classmethod
     def open(cls, model: nn.Module, timesteps: list[float] | None, full_steps, begin: int, scheduler_name: str,
-             num_inference_steps: int, guard: bool = True, sigmas: list[float] | None = None) -> "Session":
+             num_inference_steps: int, guard: bool = True, sigmas: list[float] | None = None,
+             calls_per_step: int | None = 1) -> "Session":
         """A session with a clock and the denoiser hook; ``timesteps=None`` adopts the first run's
-        (and its sigmas)."""
+        (and its sigmas); ``calls_per_step=None`` accepts and counts any number of model calls per
+        position (calibration's first pass learns it)."""
         check_attachable(model)
-        clock = StepClock(model, timesteps or [], full_steps, begin)
+        clock = StepClock(model, timesteps or [], full_steps, begin, calls_per_step)
         hooks = DenoiserHooks(model, clock)
         sess = cls(model, clock, FeatureCache(), hooks, timesteps, scheduler_name, num_inference_steps, guard=guard,
                    planned_sigmas=None if sigmas is None else list(sigmas))

@@ -7,7 +7,7 @@ UNet and DiT: ε-prediction, linear β 1e-4..0.02, T = 1000. MMDiT (``cifar10-mm
 ``SD3Transformer2DModel`` of 7.7 M parameters trained by flow matching (x_σ = (1 − σ)·x0 + σ·ε,
 target ε − x0, σ logit-normal as in SD3, timestep 1000·σ), sampled with
 ``FlowMatchEulerDiscreteScheduler``; the class label enters as a one-hot text token and a one-hot
-pooled projection (:func:`mmdit_condition`), so the checkpoint is a plain diffusers model. All:
+pooled projection (``cachequant.zoo.pipelines.class_condition``, shared with sampling), so the checkpoint is a plain diffusers model. All:
 bf16 autocast, AdamW with warm-up, EMA, random horizontal flips; 10 % of labels are dropped in
 training (null class 10) for classifier-free guidance. Resumes from ``--resume`` (a checkpoint written by this script) and stops
 cleanly at ``--time-limit-min``, writing the checkpoint and the fp16 EMA export.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -25,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from cachequant.zoo.pipelines import NUM_LABELS, class_condition as mmdit_condition  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -41,22 +45,10 @@ def dit_config() -> dict:
                 sample_size=32, patch_size=2, num_embeds_ada_norm=10)
 
 
-NUM_LABELS = 11
-"""Ten classes and the null class (10) of classifier-free guidance."""
-
-
 def mmdit_config() -> dict:
     return dict(sample_size=32, patch_size=2, in_channels=3, out_channels=3, num_layers=6, attention_head_dim=64,
                 num_attention_heads=3, joint_attention_dim=NUM_LABELS, caption_projection_dim=192,
                 pooled_projection_dim=NUM_LABELS, pos_embed_max_size=16)
-
-
-def mmdit_condition(labels: torch.Tensor) -> dict:
-    """The MMDiT's conditioning for class labels (10 = null): a one-hot "text" token, which the
-    model's ``context_embedder`` turns into a learned label token, and the same one-hot vector as
-    the pooled projection feeding the adaLN modulation."""
-    onehot = F.one_hot(labels, NUM_LABELS).float()
-    return {"encoder_hidden_states": onehot[:, None, :], "pooled_projections": onehot}
 
 
 def build(kind: str):

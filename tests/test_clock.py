@@ -54,3 +54,24 @@ def test_positions_outside_the_plan_are_refused():
     with pytest.raises(cq.PlanMismatchError, match="outside the plan's 3 model calls"):
         clock.set(3)
     assert clock.find(torch.tensor([2.0, 2.0])) == 1 and clock.find(7) is None
+
+
+def test_calls_within_a_step_are_numbered_and_counted():
+    """Guidance as separate calls: the branches of a step, and a count other than the plan's refused
+    (more calls at the call, fewer when the sampler leaves the position)."""
+    clock = StepClock(nn.Linear(2, 2), [5.0, 4.0, 3.0], [0], calls_per_step=2)
+    clock.start_run()
+    branches = []
+    for _ in range(2):
+        clock.check_call(5.0)
+        clock.begin_call()
+        branches.append(clock.branch)
+    assert branches == [0, 1]
+    with pytest.raises(cq.PlanMismatchError, match="called 3 times at sampler position 0"):
+        clock.check_call(5.0)
+    clock.advance()
+    assert (clock.position, clock.mode, clock.branch) == (1, "cached", 0)
+    clock.check_call(4.0)
+    clock.begin_call()
+    with pytest.raises(cq.PlanMismatchError, match="2 model calls per scheduler step.* 1 time"):
+        clock.advance()

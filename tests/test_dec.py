@@ -133,3 +133,32 @@ def test_closed_loop_cache_dec_fits_the_accelerated_trajectory_better(make_pipe,
 def test_cache_dec_fit_is_checked():
     with pytest.raises(ValueError, match="cache_dec_fit must be one of open, closed"):
         cq.CacheQuantConfig(cache_dec_fit="loop")
+
+
+def test_quantization_aware_dps_minimises_the_quantized_reuse_error(make_pipe, tmp_path):
+    """dps_cost='quant': the schedule is chosen on the quantized model's features (teacher-forced
+    on the float trajectories); its quantization-aware cost is no larger than that of the float-cost
+    DPS schedule (the DP's optimum), it has the same number of full steps, and the plan runs."""
+    pipe = make_pipe("ddim")
+    kw = dict(interval=3, schedule="dps", weight_bits=8, act_bits=8, dec=True, dps_samples=4, num_calib_samples=4,
+              calib_batch_size=2)
+    plain = cq.calibrate(pipe, cq.CacheQuantConfig(**kw), 9, progress=False)
+    plan = cq.calibrate(pipe, cq.CacheQuantConfig(dps_cost="quant", **kw), 9, progress=False)
+    diag = plan.diagnostics["dps_quant"]
+    assert diag["schedule_float_cost"] == list(plain.schedule)  # the paper's schedule, for the record
+    assert diag["cost_quant"] <= diag["cost_quant_of_float_schedule"] * (1 + 1e-9)
+    assert len(plan.schedule) == len(plain.schedule) == 3 and plan.schedule[0] == 0
+    assert plan.config.dps_cost == "quant"
+    assert cq.load_plan(plan.save(tmp_path / "q.cqplan")).config.dps_cost == "quant"
+    cq.accelerate(pipe, plan)
+    out = run(pipe, "ddim", 9, n=2)
+    cq.restore(pipe)
+    assert bool(torch.isfinite(torch.as_tensor(out)).all())
+
+
+def test_quantization_aware_dps_needs_dps_cache_and_quantization():
+    for bad in (dict(schedule="uniform"), dict(weight_bits=None, act_bits=None), dict(interval=1)):
+        with pytest.raises(ValueError, match="dps_cost='quant' needs"):
+            cq.CacheQuantConfig(dps_cost="quant", **bad)
+    with pytest.raises(ValueError, match="dps_cost must be one of float, quant"):
+        cq.CacheQuantConfig(dps_cost="l2")

@@ -45,6 +45,20 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _accelerated_run(pipe, kw, plan, state: dict, ref: np.ndarray) -> np.ndarray:
+    """Latents of ``plan`` accelerated, after checking two runs agree bit for bit and are finite,
+    and that ``restore`` gives back every weight and buffer (``state``) and the plain output."""
+    cq.accelerate(pipe, plan)
+    out = _latents(pipe, kw)
+    again = _latents(pipe, kw)
+    cq.restore(pipe)
+    assert np.isfinite(out).all() and np.array_equal(out, again)
+    after = pipe.transformer.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    np.testing.assert_array_equal(_latents(pipe, kw), ref)
+    return out
+
+
 @pytest.fixture(scope="module")
 def pipes():
     return {name: make() for name, make in TINY_FAMILIES.items()}
@@ -73,15 +87,8 @@ def test_family_identity_cache_quant_restore(pipes, family):
     quantized = {s.name for s in plan.quant.layers}
     assert kept and not kept & quantized and all(isinstance(model.get_submodule(n), nn.Linear) for n in kept)
 
-    cq.accelerate(pipe, plan)
-    out = _latents(pipe, kw)
-    again = _latents(pipe, kw)
-    cq.restore(pipe)
-    assert np.isfinite(out).all() and np.array_equal(out, again)
+    out = _accelerated_run(pipe, kw, plan, state, ref)
     assert 0 < _rel(out, ref) < 0.5
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k])
-    np.testing.assert_array_equal(_latents(pipe, kw), ref)
 
 
 @pytest.mark.parametrize("family", ["tiny-flux", "tiny-sd3"])
@@ -190,6 +197,113 @@ def test_sigmas_are_saved_in_the_plan(pipes, tmp_path):
     plan = _calibrate(pipe, kw, interval=1, schedule="uniform", weight_bits=None, act_bits=None)
     back = cq.load_plan(plan.save(tmp_path / "wan.cqplan"))
     assert back.sampler.sigmas == plan.sampler.sigmas and back.sampler.sigmas[-1] == 0.0
+
+
+# -- guidance as separate calls: WanPipeline with guidance_scale > 1 calls the model twice per step --
+
+
+def _guided(pipes, scale=2.0):
+    """The tiny Wan pipeline with guidance: per step a conditional, then an unconditional call."""
+    pipe, kw = pipes["tiny-wan"]
+    return pipe, {**kw, "guidance_scale": scale}
+
+
+def _cachequant_hooks(model):
+    from cachequant.runtime.hooks import hooks_in
+
+    return [h for _, h in hooks_in(model) if h.startswith("cachequant.")]
+
+
+def test_wan_guidance_no_cache_no_quant_is_the_plain_pipeline(pipes):
+    pipe, kw = _guided(pipes)
+    ref = _latents(pipe, kw)
+    plan = _calibrate(pipe, kw, interval=1, schedule="uniform", weight_bits=None, act_bits=None)
+    assert plan.sampler.calls_per_step == 2 and plan.num_calls == STEPS  # positions stay one per step
+    cq.accelerate(pipe, plan)
+    np.testing.assert_array_equal(_latents(pipe, kw), ref)
+    cq.restore(pipe)
+
+
+def test_wan_guidance_cache_w8a8_dec_and_restore(pipes):
+    pipe, kw = _guided(pipes)
+    model = pipe.transformer
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = _latents(pipe, kw)
+    plan = _calibrate(pipe, kw, interval=2, schedule="dps", weight_bits=8, act_bits=8, dec=True)
+    assert plan.sampler.calls_per_step == 2 and len(plan.schedule) == STEPS // 2
+    assert plan.info["calibration"]["pipeline_kwargs"]["guidance_scale"] == "2.0"
+    assert plan.tensors["cache_dec"].shape[:2] == (2, STEPS)  # per position, fitted on both branches
+    out = _accelerated_run(pipe, kw, plan, state, ref)
+    assert 0 < _rel(out, ref) < 0.05
+    # restore also left no hook or held table
+    assert not _cachequant_hooks(model) and not cq.is_accelerated(pipe)
+    assert not [k for m in model.modules() for k in m._buffers if k.startswith("_cachequant")]
+
+
+def test_wan_guidance_each_branch_reuses_its_own_cache(pipes):
+    """On a cached step, the span adds to each call's input the deviation that the *same* branch
+    computed at the last full step — not the one the other branch stored last (a shared cache
+    would hand the conditional call the unconditional deviation)."""
+    pipe, kw = _guided(pipes)
+    model = pipe.transformer
+    plan = _calibrate(pipe, kw, interval=2, schedule="uniform", weight_bits=None, act_bits=None, dec=False)
+    (name,) = adapter_for(model).layout(model, plan.cache.site).modules  # span [1, 2): one block
+    deltas = []  # per call, in order: the block's output minus its input
+    cq.accelerate(pipe, plan)
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda m, a, k, out: deltas.append((out - (k["hidden_states"] if "hidden_states" in k else a[0])).double()),
+        with_kwargs=True)
+    try:
+        _latents(pipe, kw)
+    finally:
+        handle.remove()
+        cq.restore(pipe)
+    assert len(deltas) == 2 * STEPS and plan.schedule == [0, 2, 4]
+    for pos in range(STEPS):
+        if pos in plan.schedule:
+            continue
+        for branch in (0, 1):
+            reused, own, other = deltas[2 * pos + branch], deltas[2 * (pos - 1) + branch], deltas[2 * (pos - 1) + 1 - branch]
+            assert torch.allclose(reused, own, atol=1e-5 * float(own.abs().max()))
+            assert (reused - other).norm() > 0.01 * other.norm()  # the branches' deviations do differ
+
+
+def test_wan_plan_refused_at_another_guidance(pipes, tmp_path):
+    pipe, kw1 = _guided(pipes, 1.0)
+    _, kw2 = _guided(pipes, 2.0)
+    cfg = dict(interval=2, schedule="uniform", weight_bits=None, act_bits=None)
+    one, two = _calibrate(pipe, kw1, **cfg), _calibrate(pipe, kw2, **cfg)
+    assert (one.sampler.calls_per_step, two.sampler.calls_per_step) == (1, 2)
+    back = cq.load_plan(two.save(tmp_path / "wan-g2.cqplan"))
+    assert back.sampler.calls_per_step == 2
+    ref = _latents(pipe, kw2)
+    cq.accelerate(pipe, one)
+    with pytest.raises(cq.PlanMismatchError, match="called 2 times at sampler position 0.* 1 call.*guidance_scale you"):
+        _latents(pipe, kw2)
+    cq.restore(pipe)
+    cq.accelerate(pipe, back)
+    with pytest.raises(cq.PlanMismatchError, match="with 2 model calls per scheduler step.* 1 time.*guidance_scale you"):
+        _latents(pipe, kw1)
+    out = _latents(pipe, kw2)  # the next run, at the calibrated guidance, starts clean
+    cq.restore(pipe)
+    assert np.isfinite(out).all() and 0 < _rel(out, ref) < 0.05
+    # a plan written before the field existed was calibrated with one call per step
+    meta = one.to_meta()
+    del meta["sampler"]["calls_per_step"]
+    assert cq.Plan.from_meta(meta, one.tensors).sampler.calls_per_step == 1
+
+
+def test_branches_of_a_step_share_one_range():
+    from cachequant.quant.observers import RangeObserver
+    from cachequant.quant.quantizer import activation_range
+
+    cond, uncond = torch.linspace(-1, 1, 1000), torch.linspace(-3, 0.5, 1000)
+    obs = RangeObserver(8)
+    obs.observe(cond, 0, 0)
+    obs.observe(uncond, 0, 0, branch=1)
+    obs.observe(cond, 1, 0)
+    (lo0, hi0), (lo1, hi1) = activation_range(cond, 8), activation_range(uncond, 8)
+    assert obs.history == [(0, 0, min(lo0, lo1), max(hi0, hi1)), (1, 0, lo0, hi0)]
 
 
 # -- a family the user describes -------------------------------------------------------------------

@@ -817,3 +817,16 @@ def test_cublaslt_layer_traced_for_compile_matches_eager(make, xshape):
         if CUDA:  # the interpreter's e4m3 conversion halves values that round up to a power of two
             torch.testing.assert_close(traced.float(), eager.float(), rtol=0, atol=1e-3 * float(eager.abs().max()))
     torch._dynamo.reset()
+
+
+def test_cuda_graph_keys_take_constant_containers_and_refuse_tensors_in_them():
+    """FluxPipeline passes ``joint_attention_kwargs={}``: constant dicts / lists key a graph (a
+    different constant, another graph); a tensor inside one would be frozen at capture: refused."""
+    from cachequant.backends.graphs import _key
+
+    x = torch.zeros(2, 3)
+    a = _key(("full",), (x,), {"joint_attention_kwargs": {}, "ids": [1, 2], "flag": None})
+    assert a == _key(("full",), (torch.ones(2, 3),), {"joint_attention_kwargs": {}, "ids": [1, 2], "flag": None})
+    assert a != _key(("full",), (x,), {"joint_attention_kwargs": {"scale": 0.5}, "ids": [1, 2], "flag": None})
+    with pytest.raises(TypeError, match="tensor inside a list or dict"):
+        _key(("full",), (x,), {"joint_attention_kwargs": {"mask": x}})

@@ -41,7 +41,7 @@ def test_round_trip_gives_identical_outputs(calibrated, make_pipe):
 def test_plan_records_what_was_calibrated(calibrated, make_pipe):
     plan, _ = calibrated
     assert plan.sampler.scheduler == "DDIMScheduler" and plan.sampler.num_inference_steps == 9
-    assert plan.sampler.begin == 0 and plan.num_calls == 9
+    assert plan.sampler.begin == 0 and plan.num_calls == 9 and plan.sampler.calls_per_step == 1
     import copy
     probe = copy.deepcopy(make_pipe("ddim").scheduler)
     probe.set_timesteps(9)
@@ -162,6 +162,7 @@ def test_plan_missing_or_misshapen_tensor_fails_cleanly(calibrated, tmp_path):
     (("cache", "schedule"), [3, 5], "starting at the first calibrated position 0"),
     (("config", "interval"), True, "interval must be an integer"),
     (("sampler", "begin"), 12, "sampler.begin must be an integer in"),
+    (("sampler", "calls_per_step"), 0, "sampler.calls_per_step must be an integer >= 1"),
     (("format_version",), 1, "plan format version 1"),
 ])
 def test_plan_metadata_validated_on_load(calibrated, tmp_path, field, value, message):

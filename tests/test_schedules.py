@@ -443,3 +443,66 @@ def test_dps_speed_T250_N20():
     assert all(10 <= length <= 40 for length in lens)
     assert lens[0] > lens[-1]  # slow drift early -> long groups; fast drift late -> short ones
     assert elapsed < 5.0, f"dps_schedule took {elapsed:.2f} s for T=250, N=20 (limit 5 s)"
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization-aware DPS
+
+
+def ref_cross(features, source) -> np.ndarray:
+    """Q[s, t] = ||X_t - Xq_s||_1: step t receiving the quantized feature of full step s."""
+    X = np.stack([np.asarray(f, dtype=np.float64).reshape(-1) for f in features])
+    Q = np.stack([np.asarray(f, dtype=np.float64).reshape(-1) for f in source])
+    return np.abs(X[None, :, :] - Q[:, None, :]).sum(axis=2)
+
+
+def ref_cost_q(Q: np.ndarray, starts: list[int]) -> float:
+    ends = list(starts[1:]) + [Q.shape[0]]
+    return float(sum(Q[s, s:e].sum() for s, e in zip(starts, ends)))  # the full step s counts too
+
+
+def test_quantization_aware_dps_matches_brute_force():
+    """With the quantized features as ``source`` the DP minimises sum_groups sum_{t=s}^{e-1}
+    ||X_t - Xq_s|| exactly (exhaustive check), and ``schedule_cost`` gives the same cost."""
+    rng = np.random.default_rng(3)
+    for case in range(120):
+        T, N = int(rng.integers(4, 14)), int(rng.integers(2, 5))
+        feats = random_features(rng, T, KINDS[case % 4])
+        # quantization error that varies strongly by step: some steps' quantized features are bad
+        noise = rng.uniform(0, 3, size=T) ** 3
+        source = [f + n * rng.standard_normal(f.shape) for f, n in zip(feats, noise)]
+        Q = ref_cross(feats, source)
+        K, lo, hi = num_full_steps(T, N), math.ceil(N / 2), 2 * N
+        best = math.inf
+        for lengths in compositions(T, K, lo, hi):
+            best = min(best, ref_cost_q(Q, [0] + list(itertools.accumulate(lengths))[:-1]))
+        sched = dps_schedule(feats, N, source=source)
+        assert ref_cost_q(Q, sched) == pytest.approx(best, rel=1e-9, abs=1e-9), (T, N, sched)
+        assert schedule_cost(feats, sched, source=source) == pytest.approx(best, rel=1e-9)
+
+
+def test_quantization_aware_dps_without_quantization_error_is_dps():
+    """Xq = X: the full step's own term vanishes and D_q = D, so the schedules are the same."""
+    rng = np.random.default_rng(4)
+    for case in range(40):
+        feats = random_features(rng, 20, KINDS[case % 4])
+        assert dps_schedule(feats, 4, source=[f.copy() for f in feats]) == dps_schedule(feats, 4)
+
+
+def test_quantization_aware_dps_avoids_a_badly_quantized_full_step():
+    """A constant feature whose quantized version is far off at one step: the float cost is the
+    same for every schedule, the quantization-aware one moves the full step off that step."""
+    feats = [np.ones(6) for _ in range(8)]
+    source = [f.copy() for f in feats]
+    source[4] = source[4] + 10.0
+    assert 4 in uniform_schedule(8, 2) and schedule_cost(feats, uniform_schedule(8, 2)) == 0
+    sched = dps_schedule(feats, 2, source=source)
+    assert 4 not in sched and schedule_cost(feats, sched, source=source) == 0
+
+
+def test_quantization_aware_dps_refuses_mismatched_source():
+    feats = [np.zeros((2, 3)) for _ in range(6)]
+    with pytest.raises(ValueError, match="same inputs"):
+        dps_schedule(feats, 2, source=[np.zeros((2, 4)) for _ in range(6)])
+    with pytest.raises(ValueError, match="same inputs"):
+        dps_schedule(feats, 2, source=[np.zeros((2, 3)) for _ in range(5)])

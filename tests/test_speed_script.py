@@ -391,3 +391,24 @@ def test_warmup_only_run_records_the_warmup_and_measures_nothing(tmp_path):
     bad = subprocess.run(cmd + ["--repeats", "-1", "--out", str(tmp_path / "bad.json")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--repeats -1" in bad.stderr and not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_speed_benchmark_transformer_only_workloads(tmp_path, model):
+    """Flux.1-dev and SD3-medium rows (tiny configs here): FluxPipeline / StableDiffusion3Pipeline
+    with fixed random text embeddings and no VAE, flow-matching Euler; the plans calibrate through
+    the pipelines and the MACs count one image per call for Flux (guidance embedded), two for SD3."""
+    out = tmp_path / f"{model}.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", model,
+                        "--steps", "3", "--repeats", "1", "--intervals", "2",
+                        "--rows", "fp16 eager,cache-only N=2 + graph,quant-only auto + graph", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows = {row["row"]: row for row in res["rows"]}
+    assert res["sampler"] == "flow-euler" and res["gmacs_per_image_call"] > 0
+    assert all("median_s" in row for row in rows.values()), rows
+    assert rows["cachequant cache-only N=2 + graph"]["full_steps"] == 2  # 3 steps, N = 2: steps 0 and 2
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", model,
+                          "--sampler", "ddim", "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not fit" in bad.stderr

@@ -8,7 +8,7 @@
 #  - imports variants carried from an earlier session (.carry/, benchmarks/device/carry_variant.py).
 set -u
 C=${CQ_DEVICE_DIR:-/root/cqp}; mkdir -p $C
-for m in cifar10-dit cifar10-unet; do
+for m in cifar10-dit cifar10-unet cifar10-mmdit; do
   if [ -f cachequant/zoo/weights/$m/config.json ]; then
     [ -d $C/$m ] || cp -r cachequant/zoo/weights/$m $C/
   elif [ -d $C/$m ]; then

@@ -1,7 +1,9 @@
-"""The pipelines the speed studies time: SD 1.5's UNet + VAE (512², CFG 7.5, PNDM) and DiT-XL/2 +
-VAE (256², CFG 4.0, DDPM / DDIM) built from their configs with random weights (speed does not
-depend on weight values), or on small configs (``tiny``) for CPU smoke tests; their call
-arguments; plans calibrated once per process; the Linears torchao's rows quantize."""
+"""The pipelines the speed studies time: SD 1.5's UNet + VAE (512², CFG 7.5, PNDM), DiT-XL/2 +
+VAE (256², CFG 4.0, DDPM / DDIM), and the transformers alone of Flux.1-dev (1024², guidance
+embedded, 28 flow-matching Euler steps) and SD3-medium (1024², CFG 7.0, 28 steps), built from their
+configs with random weights (speed does not depend on weight values), or on small configs
+(``tiny``) for CPU smoke tests; their call arguments; plans calibrated once per process; the Linears
+torchao's rows quantize."""
 
 from __future__ import annotations
 
@@ -30,6 +32,24 @@ DIT_XL2 = dict(
     sample_size=32, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
 )
 
+FLUX_DEV = dict(  # FluxTransformer2DModel of FLUX.1-dev: 19 joint + 38 single-stream blocks, 11.9 B parameters
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+SD3_MEDIUM = dict(  # SD3Transformer2DModel of stable-diffusion-3-medium: 24 joint blocks, 2.0 B parameters
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+TRANSFORMER_ONLY = ("flux", "sd3")
+"""Workloads timed without text encoders and VAE: random fixed text embeddings in, latents out."""
+CFG_CALLS = {"sd15": 2, "dit-xl2": 2, "flux": 1, "sd3": 2}
+"""Images per image in a model call: classifier-free guidance doubles the batch; Flux.1-dev embeds
+its guidance instead."""
+TEXT = {"sd15": (77, 768, None), "flux": (512, 4096, 768), "sd3": (333, 4096, 2048)}
+"""(tokens, width, pooled width) of the random text embeddings: CLIP for SD 1.5; T5 (512 tokens) and
+CLIP-L pooled for Flux; CLIP-L + CLIP-G (77) and T5 (256) tokens, pooled 2048, for SD3."""
+
 
 TINY = {  # --tiny: same code paths on small configs, for a CPU smoke test of this script
     "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
@@ -38,7 +58,13 @@ TINY = {  # --tiny: same code paths on small configs, for a CPU smoke test of th
     "vae": dict(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, sample_size=16),
     "dit": dict(num_attention_heads=2, attention_head_dim=16, num_layers=4, sample_size=8),
+    "flux": dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+    "sd3": dict(sample_size=8, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+                pos_embed_max_size=8),
 }
+TINY_TEXT = {"sd15": (77, 32, None), "flux": (8, 32, 32), "sd3": (8, 32, 32)}
 
 
 def build(model: str, sampler: str, device: str, tiny: bool = False):
@@ -64,6 +90,8 @@ def build(model: str, sampler: str, device: str, tiny: bool = False):
             return emb.expand(n, -1, -1), (neg.expand(n, -1, -1) if do_classifier_free_guidance else None)
 
         pipe.encode_prompt = encode_prompt
+    elif model in TRANSFORMER_ONLY:
+        pipe = transformer_pipeline(model, device, dt, tiny)
     else:
         tr = DiTTransformer2DModel(**{**DIT_XL2, **(TINY["dit"] if tiny else {})})
         vae = AutoencoderKL(**{**SD_VAE, "sample_size": 256, **(TINY["vae"] if tiny else {})})
@@ -75,8 +103,63 @@ def build(model: str, sampler: str, device: str, tiny: bool = False):
     return pipe
 
 
+def _embeddings(model: str, device: str, dt, tiny: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tokens, width, pooled = (TINY_TEXT if tiny else TEXT)[model]
+    g = torch.Generator().manual_seed(1)
+    emb = (torch.randn(1, tokens, width, generator=g) * 0.5).to(device, dt)
+    pool = (torch.randn(1, pooled, generator=g) * 0.5).to(device, dt) if pooled else None
+    return emb, pool
+
+
+def transformer_pipeline(model: str, device: str, dt, tiny: bool):
+    """FluxPipeline / StableDiffusion3Pipeline with no text encoders and no VAE: ``encode_prompt``
+    returns fixed random embeddings of the real shapes (the negative ones for SD3's CFG drawn
+    separately), and runs stop at the latents. The transformer is built on ``device`` in ``dt``
+    (Flux.1-dev's 11.9 B parameters would take minutes to initialise on the CPU)."""
+    from diffusers import (FluxPipeline, FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+
+    cls, cfg = (FluxTransformer2DModel, FLUX_DEV) if model == "flux" else (SD3Transformer2DModel, SD3_MEDIUM)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(device):
+            tr = cls(**{**cfg, **(TINY[model] if tiny else {})}).eval()
+    finally:
+        torch.set_default_dtype(old)
+    emb, pool = _embeddings(model, device, dt, tiny)
+    if model == "flux":
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=tr)
+
+        def encode_prompt(prompt, prompt_2=None, device=None, num_images_per_prompt=1, *a, **k):
+            n = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
+            ids = torch.zeros(emb.shape[1], 3, device=emb.device, dtype=emb.dtype)
+            return emb.expand(n, -1, -1), pool.expand(n, -1), ids
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=None, text_encoder=None, tokenizer=None,
+                                        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        neg, neg_pool = emb.flip(1), pool.flip(1)
+
+        def encode_prompt(prompt, prompt_2=None, prompt_3=None, device=None, num_images_per_prompt=1,
+                          do_classifier_free_guidance=True, *a, **k):
+            n = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
+            negs = (neg.expand(n, -1, -1), neg_pool.expand(n, -1)) if do_classifier_free_guidance else (None, None)
+            return emb.expand(n, -1, -1), negs[0], pool.expand(n, -1), negs[1]
+
+    pipe.encode_prompt = encode_prompt
+    return pipe
+
+
 def call_kwargs(model: str, batch: int, steps: int, tiny: bool = False) -> dict:
     """The arguments of ``cachequant.pipecall.call_pipeline`` for one timed pipeline run."""
+    if model in TRANSFORMER_ONLY:
+        side = 32 if tiny else 1024
+        return dict(batch=["a photo"] * batch, num_inference_steps=steps, height=side, width=side,
+                    guidance_scale=3.5 if model == "flux" else 7.0, output_type="latent")
     if model == "sd15":
         side = 16 if tiny else 512
         return dict(batch=["a photo"] * batch, num_inference_steps=steps, guidance_scale=7.5, height=side,
@@ -90,8 +173,9 @@ class PlanCache:
     plan is used only if it was calibrated for this very model (architecture and weights SHA-256;
     ``build`` seeds the random weights), else it is calibrated again."""
 
-    def __init__(self, folder: str | None = None):
+    def __init__(self, folder: str | None = None, tiny: bool = False):
         self.folder = Path(folder) if folder else None
+        self.tiny = tiny
         self.plans: dict = {}
 
     def get(self, pipe, model: str, steps: int, interval: int, wbits: int | None):
@@ -119,9 +203,11 @@ class PlanCache:
                     return plan
                 except (cq.PlanError, cq.PlanMismatchError) as e:
                     print(f"stored plan {path} not used ({e}); calibrating", file=sys.stderr)
-        inputs = {"prompts": ["a photo"]} if model == "sd15" else {"class_labels": [0]}
+        inputs = {"class_labels": [0]} if model.startswith("dit") else {"prompts": ["a photo"]}
+        kw = {k: v for k, v in call_kwargs(model, 1, steps, self.tiny).items()
+              if k in ("height", "width", "guidance_scale")} if model in TRANSFORMER_ONLY else {}
         t0 = time.perf_counter()
-        plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, **inputs)
+        plan = cq.calibrate(pipe, cfg, num_inference_steps=steps, progress=False, pipeline_kwargs=kw, **inputs)
         plan.info["bench_calib_s"] = time.perf_counter() - t0
         if path is not None:
             plan.save(path)

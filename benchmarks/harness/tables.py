@@ -111,13 +111,15 @@ TABLES: dict[str, Table] = {
                          _cache_quant_variants([2, 3, 5], [2, 3], w4=False, shift_dec=(2, 3))),
     "dit-ddim50": Table("dit-ddim50", "CIFAR-10 DiT, DDIM 50 steps, guidance 1.5", "cifar10-dit", "ddim", 50, 1.5,
                         _cache_quant_variants([2, 3, 5], [2, 3], w4=False)),
+    "mmdit-euler28": Table("mmdit-euler28", "CIFAR-10 MMDiT (rectified flow), Euler 28 steps, guidance 1.5",
+                           "cifar10-mmdit", "flow-euler", 28, 1.5, _cache_quant_variants([2, 3], [2, 3], w4=False)),
     "qandc": Table("qandc", "Q&C ablations: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5", "cifar10-dit",
                    "ddim", 50, 1.5, _qandc_variants()),
     "qandc-unet": Table("qandc-unet", "Q&C on the UNet: CIFAR-10 UNet, DDIM 100 steps, N = 10, W8A8", "cifar10-unet",
                         "ddim", 100, None, _qandc_unet_variants()),
 }
 
-REPORT_FILES = {"ablation": ["unet", "dit-ddpm250", "dit-ddim50"], "qandc": ["qandc", "qandc-unet"]}
+REPORT_FILES = {"ablation": ["unet", "dit-ddpm250", "dit-ddim50", "mmdit-euler28"], "qandc": ["qandc", "qandc-unet"]}
 
 REPORT_TITLES = {"ablation": "CacheQuant ablation on the CIFAR-10 models",
                  "qandc": "Q&C ablations on the CIFAR-10 DiT (DDIM 50, N = 3, W8A8)"}

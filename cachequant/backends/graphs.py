@@ -10,7 +10,8 @@ correction tables), and the cached feature (a full-step graph writes it into mem
 cached-step graph reads). The host decides full vs cached (the clock's mode) outside the graphs;
 the denoiser's module hooks (clock bookkeeping, variance compensation) run around the replay.
 Graphs are keyed by (mode, input shapes and dtypes, non-tensor arguments); the mode includes
-whether a full call runs at a position the plan caches (quantization-DEC is off there).
+whether a full call runs at a position the plan caches (quantization-DEC is off there) and the
+call's branch within its step (each branch's full graph writes its own cached feature).
 """
 
 from __future__ import annotations
@@ -29,13 +30,24 @@ def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def _constant(v: Any) -> tuple:
+    """The key of a non-tensor argument: plain values, and lists, tuples and dicts of them (Flux's
+    pipeline passes ``joint_attention_kwargs={}``). A tensor inside a container would be baked
+    into the graph at capture, so it is refused."""
+    if isinstance(v, (int, float, bool, str, type(None))):
+        return ("V", v)
+    if isinstance(v, (list, tuple)):
+        return ("L", type(v).__name__, tuple(_constant(x) for x in v))
+    if isinstance(v, dict):
+        return ("D", tuple((k, _constant(x)) for k, x in sorted(v.items())))
+    what = "a tensor inside a list or dict" if _is_tensor(v) else f"type {type(v).__name__}"
+    raise TypeError(f"CUDA graphs: unsupported argument to the denoiser ({what}); run without "
+                    "enable_cuda_graphs for this pipeline")
+
+
 def _key(mode: tuple, args: tuple, kwargs: dict) -> tuple:
     def sig(v):
-        if _is_tensor(v):
-            return ("T", tuple(v.shape), v.dtype)
-        if isinstance(v, (int, float, bool, str, type(None))):
-            return ("V", v)
-        raise TypeError(f"CUDA graphs: unsupported argument of type {type(v).__name__} to the denoiser")
+        return ("T", tuple(v.shape), v.dtype) if _is_tensor(v) else _constant(v)
     return (mode, tuple(sig(a) for a in args), tuple((k, sig(v)) for k, v in sorted(kwargs.items())))
 
 
@@ -47,7 +59,7 @@ class CudaGraphHook(ModelHook):
         self.graphs: dict[tuple, tuple] = {}
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        key = _key((self.clock.mode, self.clock.forced), args, kwargs)
+        key = _key((self.clock.mode, self.clock.forced, self.clock.branch), args, kwargs)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(args, kwargs)

@@ -13,8 +13,14 @@ and the other blocks of the span return their input. A block may carry several t
 (Flux's and SD3's joint blocks update image and text tokens): each stream gets its own deviation,
 and cache-DEC's channels are the streams' hidden channels one after the other.
 
-Hooks read the clock's ``mode`` (a host attribute) and the position buffer (on the device); they
-never read a tensor on the host, so a compiled model has one graph per mode and no breaks.
+Each branch of a step (the clock's ``branch``: guidance as separate calls, conditional then
+unconditional) stores and reuses its own entries: a full step refreshes every branch's feature, a
+cached step reuses each branch's own. Cache-DEC's coefficients are per position, shared by the
+branches (fitted on both, see :mod:`cachequant.calibration.passes`).
+
+Hooks read the clock's ``mode`` and ``branch`` (host attributes) and the position buffer (on the
+device); they never read a tensor on the host, so a compiled model has one graph per (mode,
+branch) and no breaks.
 """
 
 from __future__ import annotations
@@ -59,13 +65,13 @@ class CacheLayout:
         """Store key of the cached feature (what DPS and cache-DEC are fitted on)."""
         return self.boundary if self.kind == "unet" else SPAN_DELTA
 
-    def feature_parts(self, store: FeatureCache) -> tuple[torch.Tensor, ...]:
-        """The cached feature as it was last stored, one tensor per part: the UNet's boundary
+    def feature_parts(self, store: FeatureCache, branch: int = 0) -> tuple[torch.Tensor, ...]:
+        """The cached feature as ``branch`` last stored it, one tensor per part: the UNet's boundary
         output, or the span's deviation per stream (a stream the span drops, such as the text
         stream of SD3's last block, has none). Cache-DEC's channels follow this order."""
         if self.kind == "unet":
-            return (store.feature(self.boundary),)
-        return tuple(d for d in store.get(SPAN_DELTA) if d is not None)
+            return (store.feature(self.boundary, branch),)
+        return tuple(d for d in store.get(SPAN_DELTA, branch) if d is not None)
 
 
 def _apply_dec(module: nn.Module, x: torch.Tensor, step: torch.Tensor, channel_dim: int,
@@ -97,13 +103,13 @@ class SkipHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         if self.clock.mode == "cached":
-            out = self.store.get(self.key)
+            out = self.store.get(self.key, self.clock.branch)
             if self.channel_dim is not None:
                 step = self.clock.step_tensor()
                 out = _first(out, lambda x: _apply_dec(module, x, step, self.channel_dim))
             return out
         out = self.fn_ref.original_forward(*args, **kwargs)
-        self.store.put(self.key, out)
+        self.store.put(self.key, out, self.clock.branch)
         return out
 
 
@@ -143,12 +149,13 @@ class SpanHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         hs = self._inputs(args, kwargs)
+        branch = self.clock.branch
         if self.clock.mode == "cached":
             if not self.first:
                 return self._pack(hs)
             step = self.clock.step_tensor()
             out, offset = [], 0
-            for h, delta in zip(hs, self.store.get(SPAN_DELTA)):
+            for h, delta in zip(hs, self.store.get(SPAN_DELTA, branch)):
                 if delta is None or h is None:
                     out.append(None)
                     continue
@@ -156,12 +163,12 @@ class SpanHook(ModelHook):
                 offset += delta.shape[self.channel_dim]
             return self._pack(tuple(out))
         if self.first:
-            self.store.put("span.input", hs)
+            self.store.put("span.input", hs, branch)
         out = self.fn_ref.original_forward(*args, **kwargs)
         if self.last:
             deltas = tuple(None if o is None or h is None else o - h
-                           for o, h in zip(self._outputs(out), self.store.get("span.input")))
-            self.store.put(SPAN_DELTA, deltas)
+                           for o, h in zip(self._outputs(out), self.store.get("span.input", branch)))
+            self.store.put(SPAN_DELTA, deltas, branch)
         return out
 
 

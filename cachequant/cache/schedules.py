@@ -10,7 +10,9 @@ the strategies differ only in where they spend that fixed budget:
 * ``quadratic`` — DeepCache's non-uniform strategy: full steps crowd around a centre step.
 * ``dps``       — CacheQuant's dynamic-programming schedule: the partition into K groups whose
   reused features stay closest (in L1) to the features they replace, measured on an uncached
-  full-precision run.
+  full-precision run. Given the features the *quantized* model computes on the same inputs
+  (``source``), the cost becomes quantization-aware: what a group reuses is the quantized full
+  step's feature, so its error counts on every step of the group, the full step included.
 """
 
 from __future__ import annotations
@@ -346,24 +348,65 @@ def _costs_from_flat(flat: list[torch.Tensor], max_len: int) -> np.ndarray:
     return G
 
 
+def _prepare_source(source: Sequence[Any] | None, flat: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Flat views of the quantized features, checked against the full-precision ones."""
+    if source is None:
+        return None
+    src = _prepare(source)
+    if len(src) != len(flat) or src[0].numel() != flat[0].numel():
+        raise ValueError(f"source has {len(src)} steps of {src[0].numel()} elements, features {len(flat)} of "
+                         f"{flat[0].numel()}: record both on the same inputs (one feature per step)")
+    return src
+
+
 @torch.no_grad()
-def schedule_cost(features: Sequence[Any], schedule: Sequence[int]) -> float:
-    """Total cost sum over groups of D(s, e) of any schedule, computed directly in float64.
+def _cross_costs(flat: list[torch.Tensor], src: list[torch.Tensor], max_len: int) -> np.ndarray:
+    """``G[s, l] = D_q(s, s + l) = sum_{d < l} ||X_{s+d} - Xq_s||_1`` (+inf past T), float64.
+
+    The cross distances have no symmetric pdist form; they are taken chunk by chunk over the
+    feature, one subtraction per offset d over all anchors at once (O(T * max_len * size)),
+    each chunk's sums in the compute dtype and accumulated in float64."""
+    T = len(flat)
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in flat + src) else torch.float32
+    size = flat[0].numel()
+    chunk = min(size, max(1024, _DEVICE_BUFFER_ELEMS // T))
+    dist = torch.zeros(T, max_len, dtype=torch.float64)
+    for a in range(0, size, chunk):
+        b = min(a + chunk, size)
+        x = torch.stack([f[a:b].to("cpu", dtype) for f in flat])
+        q = torch.stack([f[a:b].to("cpu", dtype) for f in src])
+        for d in range(min(max_len, T)):
+            dist[: T - d, d] += (x[d:] - q[: T - d]).abs().sum(1).double()
+    if not bool(torch.isfinite(dist).all()):
+        _raise_non_finite(flat + src)
+    G = np.zeros((T, max_len + 1), dtype=np.float64)
+    G[:, 1:] = np.cumsum(dist.numpy(), axis=1)
+    s = np.arange(T)[:, None]
+    l = np.arange(max_len + 1)[None, :]
+    G[s + l > T] = np.inf
+    return G
+
+
+@torch.no_grad()
+def schedule_cost(features: Sequence[Any], schedule: Sequence[int], source: Sequence[Any] | None = None) -> float:
+    """Total cost sum over groups of D(s, e) of any schedule — D_q(s, e) with ``source`` (see
+    :func:`dps_schedule`) — computed directly in float64.
 
     Lets uniform, quadratic and DPS schedules be compared on the same recorded run (DPS is the
     minimum over all schedules whose group lengths satisfy its constraints).
     """
     flat = _prepare(features)
     T = len(flat)
+    src = _prepare_source(source, flat)
     sched = _check_schedule(schedule, T)
     bounds = sched + [T]
     total = 0.0
     for s, e in zip(bounds, bounds[1:]):
-        anchor = flat[s].to(torch.float64)
-        for t in range(s + 1, e):
+        anchor = (flat if src is None else src)[s].to(torch.float64)
+        for t in range(s if src is not None else s + 1, e):
             total += float((flat[t].to(torch.float64) - anchor).abs().sum())
     if not math.isfinite(total):
-        _raise_non_finite(flat)
+        _raise_non_finite(flat if src is None else flat + src)
     return total
 
 
@@ -377,6 +420,7 @@ def dps_schedule(
     *,
     min_len: int | None = None,
     max_len: int | None = None,
+    source: Sequence[Any] | None = None,
 ) -> list[int]:
     """CacheQuant's dynamic-programming schedule (DPS, CVPR 2025): the K = ceil(T/N) full steps
     that minimise the total L1 error of the reused features.
@@ -394,6 +438,13 @@ def dps_schedule(
     T=250, N=20, features (16, 64, 32, 32): ~2 s on two CPU cores). Ties go to the shortest last
     group, deterministically (the costs do not depend on the thread count).
 
+    ``source`` (quantization-aware DPS): ``source[t]`` is the feature the quantized model computes
+    at step t on the same inputs as ``features[t]``. The group cost is then
+    D_q(s, e) = sum_{t=s}^{e-1} ||X_t - Xq_s||_1: every step of the group, the full step s included,
+    receives the quantized feature Xq_s instead of its full-precision X_t. With Xq = X this is D.
+    The paper states that the schedule accounts for quantization error; its cost (Eq. 5) compares
+    full-precision features only, which cannot see a step where the quantized feature is far off.
+
     Returns the sorted group starts (K entries, the first is 0). Raises ValueError on empty input,
     mismatched shapes, non-finite values, or when no such partition exists (K*lo <= T <= K*hi
     fails).
@@ -402,15 +453,16 @@ def dps_schedule(
     lo, hi = _length_bounds(N, min_len, max_len)
     flat = _prepare(features)
     T = len(flat)
+    src = _prepare_source(source, flat)
     K = num_full_steps(T, N)
     _check_feasible(T, K, lo, hi, N)
     if K == T:  # all groups have length 1 (interval 1): every step is full, no costs needed
-        for x in flat:
+        for x in flat + (src or []):
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                _raise_non_finite(flat)
+                _raise_non_finite(flat if src is None else flat + src)
         return list(range(T))
 
-    G = _costs_from_flat(flat, hi)
+    G = _costs_from_flat(flat, hi) if src is None else _cross_costs(flat, src, hi)
     M_prev = np.full(T + 1, np.inf)
     M_prev[0] = 0.0
     back = np.zeros((K + 1, T + 1), dtype=np.int64)
@@ -441,10 +493,12 @@ def dps_schedule(
 # --------------------------------------------------------------------------------------------
 
 
-def make_schedule(kind: str, num_steps: int, interval: int, features: Sequence[Any] | None = None) -> list[int]:
+def make_schedule(kind: str, num_steps: int, interval: int, features: Sequence[Any] | None = None,
+                  source: Sequence[Any] | None = None) -> list[int]:
     """The schedule of strategy ``kind`` ('uniform' | 'quadratic' | 'dps') for T = ``num_steps``.
 
-    'dps' needs the recorded ``features`` (one per step); the others ignore them.
+    'dps' needs the recorded ``features`` (one per step), and takes the quantized model's
+    ``source`` features for the quantization-aware cost; the others ignore both.
     """
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"unknown schedule kind {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
@@ -464,4 +518,4 @@ def make_schedule(kind: str, num_steps: int, interval: int, features: Sequence[A
         n = None
     if n is not None and n != T:
         raise ValueError(f"'dps' got features for {n} steps but num_steps is {T}; record one feature per model call")
-    return dps_schedule(features, interval)
+    return dps_schedule(features, interval, source=source)

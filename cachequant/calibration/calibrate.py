@@ -30,7 +30,9 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     """Calibrates ``config`` on ``pipe`` for runs of ``num_inference_steps`` with its current
     scheduler. ``pipeline_kwargs`` go to every pipeline call (e.g. ``image=`` and ``strength=`` for
     image-to-image, ``sigmas=``, ``guidance_scale=``); the plan then applies to runs with the same
-    sampler positions."""
+    sampler positions and the same model calls per step (a pipeline that runs guidance as separate
+    calls, such as ``WanPipeline`` with ``guidance_scale > 1``, makes two: calibrate with the
+    guidance you run)."""
     if not isinstance(config, CacheQuantConfig):
         raise TypeError(f"config must be a cachequant.CacheQuantConfig, got {type(config).__name__}")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -46,16 +48,23 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     feature_batches = batches(items, config.calib_batch_size, config.dps_samples) if need_features or config.vc \
         else [items[:1]]  # one trajectory is enough to read the sampler's positions
     n_all = len(batches(items, config.calib_batch_size))
+    quant_dps = cached and config.dps_cost == "quant"
     total = len(feature_batches) + (n_all * (2 if config.use_quant_dec and cached else 1) if config.quantize else 0) \
-        + (2 * len(feature_batches) if config.use_cache_dec and config.cache_dec_fit == "closed" else 0)
+        + (2 * len(feature_batches) if config.use_cache_dec and config.cache_dec_fit == "closed" else 0) \
+        + (n_all + len(feature_batches) if quant_dps else 0)
     with quiet(pipe), tqdm(total=total, desc="cachequant calibrate", disable=not progress) as bar:
         cal = passes.Calibration(pipe, model, adapter, config, num_inference_steps, items, dict(pipeline_kwargs or {}),
                                  adapter.layout(model, site) if cached else None, site, bar)
         bar.set_description("cachequant calibrate: full-precision trajectories")
-        features, logs = passes.trajectories(cal, feature_batches, log_calls=config.vc)
+        features, logs = passes.trajectories(cal, feature_batches, log_calls=config.vc or quant_dps)
+        source = None
+        if quant_dps:
+            bar.set_description("cachequant calibrate: quantized features for DPS")
+            q_specs, q_attn, _ = passes.quant_specs(cal)
+            source = passes.quantized_features(cal, q_specs, q_attn, logs)
         bar.set_description("cachequant calibrate: schedule")
-        schedule, cache_dec = passes.schedule_and_cache_dec(cal, features)
-        del features
+        schedule, cache_dec = passes.schedule_and_cache_dec(cal, features, source)
+        del features, source
         tensors: dict[str, torch.Tensor] = {}
         if cache_dec is not None:
             tensors["cache_dec"] = cache_dec
@@ -85,7 +94,7 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
             finally:
                 sess.close()
     sampler = SamplerSpec(type(pipe.scheduler).__name__, num_inference_steps, tuple(cal.timesteps), cal.begin,
-                          None if cal.sigmas is None else tuple(cal.sigmas))
+                          None if cal.sigmas is None else tuple(cal.sigmas), cal.calls_per_step)
     cache = CacheSpec(adapter.cache_kind if cached else "none", site, tuple(schedule))
     info = {"pipeline": type(pipe).__name__, "denoiser_attr": attr, "adapter": adapter.name,
             "cachequant_version": __version__, "torch_version": torch.__version__,

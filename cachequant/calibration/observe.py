@@ -12,7 +12,7 @@ from torch import nn
 
 from ..correction.quant_dec import QuantDecStats
 from ..plan import ATTENTION_OPERANDS, LayerSpec
-from ..quant.attention import QuantAttnProcessor, set_processor
+from ..quant.attention import quant_processor, set_processor
 from ..quant.layer import QuantHook, linear_op
 from ..quant.observers import RangeObserver
 from ..runtime.clock import StepClock
@@ -40,7 +40,7 @@ def attach_range_observers(model: nn.Module, specs: list[LayerSpec], bits: int, 
             x = args[0]
             parts = [x] if c is None else [x[:, :c], x[:, c:]]
             for o, p in zip(obs, parts):
-                o.observe(p, clock.position, state.batch)
+                o.observe(p, clock.position, state.batch, clock.branch)
 
         undo.append(module.register_forward_pre_hook(pre).remove)
     return observers, undo
@@ -56,10 +56,11 @@ def attach_attention_observers(model: nn.Module, names: list[str], bits: int, cl
 
         def operand(k, x, obs=obs):
             if state.enabled:
-                obs[k].observe(x, clock.position, state.batch)
+                obs[k].observe(x, clock.position, state.batch, clock.branch)
             return x
 
-        undo.append(set_processor(model.get_submodule(name), QuantAttnProcessor(operand)))
+        module = model.get_submodule(name)
+        undo.append(set_processor(module, quant_processor(module, operand)))
     return observers, undo
 
 

@@ -10,6 +10,18 @@
 4. :func:`quant_dec` — the cached, quantized model; the first consumers of the cached feature
    accumulate the least-squares statistics of Eq. 9.
 5. :func:`variance_compensation` — the accelerated model replays the full-precision calls.
+
+A pipeline that calls the model more than once per scheduler step (guidance as separate
+conditional / unconditional calls: ``WanPipeline`` with ``guidance_scale > 1``) is calibrated as it
+runs, with the guidance of ``pipeline_kwargs``: the first pass learns the calls per step (the
+*branches*), and every per-position quantity is fitted on both branches pooled, because the
+accelerated model shares it between them. DPS costs and cache-DEC see a position's feature as the
+branches' features stacked along the batch (each branch compared with its own earlier feature,
+as each branch reuses its own cache); activation ranges take, per position and batch, the union
+of the branches' ranges (:class:`~cachequant.quant.observers.RangeObserver`); quantization-DEC
+and VC accumulate both branches' calls in the same per-position sums. Pooling keeps the plan's
+tables as they are (one entry per position); per-branch tables would double them for a
+difference the two branches, which see the same latents and timestep, hardly show.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from torch import nn
 from ..backends.options import KernelOptions
 from ..backends.registry import make_backend
 from ..cache.hooks import CacheLayout
-from ..cache.schedules import make_schedule
+from ..cache.schedules import make_schedule, schedule_cost
 from ..config import CacheQuantConfig
 from ..correction import QuantDecStats, fit_cache_dec, relative_reuse_error
 from ..correction.vc import VCStats
@@ -32,7 +44,7 @@ from ..models.adapters import Adapter
 from ..pipecall import call_pipeline, conditioning, sample_of
 from ..plan import LayerSpec
 from ..quant.quantizer import weight_qparams
-from ..quant.specs import attention_modules, layer_specs
+from ..quant.specs import attention_modules, kept_float_why, layer_specs
 from ..session import Session
 from .inputs import batches
 from .observe import (ObserveState, attach_attention_observers, attach_hessians, attach_quant_dec_stats,
@@ -60,6 +72,8 @@ class Calibration:
     timesteps: list[float] | None = None
     sigmas: list[float] | None = None
     begin: int = 0
+    calls_per_step: int | None = None
+    """Model calls per position (branches), learnt by :func:`trajectories`; None before."""
     diagnostics: dict = field(default_factory=dict)
 
     @property
@@ -76,7 +90,8 @@ class Calibration:
     def session(self, full_steps, cache_dec: torch.Tensor | None = None) -> Session:
         """A session with the clock on the pipeline's scheduler and, if caching, the cache hooks."""
         sess = Session.open(self.model, self.timesteps, full_steps, self.begin, type(self.pipe.scheduler).__name__,
-                            self.num_inference_steps, guard=False, sigmas=self.sigmas)
+                            self.num_inference_steps, guard=False, sigmas=self.sigmas,
+                            calls_per_step=self.calls_per_step)
         try:
             if self.layout is not None:
                 sess.add_cache(self.layout, cache_dec)
@@ -106,8 +121,9 @@ class Calibration:
 
 def trajectories(cal: Calibration, batch_list: list[list], log_calls: bool) -> tuple[list | None, dict[int, list]]:
     """Runs ``batch_list`` in full precision without cache. Sets the sampler on ``cal`` (timesteps,
-    first position) and returns (per position, the cached feature over all batches in batch order —
-    on rank 0, None elsewhere; {batch: logged calls} of this process when ``log_calls``)."""
+    first position, calls per step) and returns (per position, the cached feature over all batches
+    in batch order, each batch's branches stacked — on rank 0, None elsewhere; {batch: logged
+    calls} of this process when ``log_calls``)."""
     sess = cal.session(full_steps=None)
     key = None if cal.layout is None else cal.layout.feature_key
     calls: list = []
@@ -117,13 +133,14 @@ def trajectories(cal: Calibration, batch_list: list[list], log_calls: bool) -> t
 
     def record(module, args, kwargs, out):
         pos = sess.clock.position
-        feat = None if key is None else tuple(p.detach().float().cpu() for p in cal.layout.feature_parts(sess.store))
+        feat = None if key is None else tuple(p.detach().float().cpu()
+                                              for p in cal.layout.feature_parts(sess.store, sess.clock.branch))
         calls.append((pos, feat, (to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))) if log_calls else None))
 
     def take(i):
         positions[i] = [c[0] for c in calls]
         if key is not None:
-            feats[i] = {pos: f for pos, f, _ in calls}
+            feats[i] = _stack_branches((pos, f) for pos, f, _ in calls)
         if log_calls:
             logs[i] = [(pos, *c) for pos, _, c in calls]
         calls.clear()
@@ -137,9 +154,11 @@ def trajectories(cal: Calibration, batch_list: list[list], log_calls: bool) -> t
         sess.close()
     # rank 0 runs batch 0, so it has seen the sampler; a process with no batch of this pass has not
     mine_ok = _check_positions(positions, len(planned)) if positions else None
-    cal.timesteps, cal.sigmas, cal.begin = broadcast((planned, sigmas, mine_ok) if rank_world()[0] == 0 else None)
-    if mine_ok is not None and mine_ok != cal.begin:
-        raise RuntimeError(f"calibration runs started at position {mine_ok} here and {cal.begin} on rank 0")
+    cal.timesteps, cal.sigmas, first = broadcast((planned, sigmas, mine_ok) if rank_world()[0] == 0 else None)
+    cal.begin, cal.calls_per_step = first
+    if mine_ok is not None and tuple(mine_ok) != tuple(first):
+        raise RuntimeError(f"calibration runs started at position {mine_ok[0]} with {mine_ok[1]} model calls per "
+                           f"step here, at {first[0]} with {first[1]} on rank 0")
     parts = gather(feats)
     features = None
     if key is not None and rank_world()[0] == 0:
@@ -154,42 +173,64 @@ def _cat_parts(per_batch: list[tuple[torch.Tensor, ...]]) -> torch.Tensor | tupl
     return parts[0] if len(parts) == 1 else parts
 
 
-def _check_positions(positions: dict[int, list[int]], T: int) -> int:
-    """The first position of the runs, after checking every run visited the same positions, one
-    call each, up to the last (what the clock and the plan assume)."""
+def _stack_branches(calls) -> dict[int, tuple[torch.Tensor, ...]]:
+    """{position: feature} of one run from its (position, feature parts) calls; the branches of a
+    position (several calls per step) stacked along the batch, in call order."""
+    by_pos: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    for pos, f in calls:
+        by_pos.setdefault(pos, []).append(f)
+    return {pos: fs[0] if len(fs) == 1 else tuple(torch.cat([f[k] for f in fs], dim=0) for k in range(len(fs[0])))
+            for pos, fs in by_pos.items()}
+
+
+def _check_positions(positions: dict[int, list[int]], T: int) -> tuple[int, int]:
+    """(first position, model calls per position) of the runs, after checking every run visited
+    the same positions up to the last, each the same number of times (what the clock and the plan
+    assume: a pipeline with guidance as separate calls makes two per step)."""
     runs = list(positions.values())
     if not runs or not runs[0]:
         raise RuntimeError("the calibration runs made no model call")
     begin = runs[0][0]
-    want = list(range(begin, T))
+    k = next((j for j, p in enumerate(runs[0]) if p != begin), len(runs[0]))
+    want = [p for p in range(begin, T) for _ in range(k)]
     for r in runs:
         if r != want:
             raise RuntimeError(
                 f"a calibration run called the model at positions {r[:6]}... of {T}; cachequant calibrates runs "
-                f"that call the model once per position from {begin} to the end ({want[:6]}...): does the "
-                "pipeline call the model more than once per scheduler step, or stop early?")
-    return begin
+                f"that call the model the same number of times ({k} at the first) at every position from {begin} "
+                f"to the end ({want[:6]}...): does the pipeline vary its calls per scheduler step, or stop early?")
+    return begin, k
 
 
 # -- 2. schedule and cache-DEC ------------------------------------------------------------------
 
 
-def schedule_and_cache_dec(cal: Calibration, features: list | None) -> tuple[list[int], torch.Tensor | None]:
-    """(full positions, cache-DEC (2, T, C) or None), computed on rank 0 and shared."""
-    result = _schedule_and_cache_dec(cal, features) if rank_world()[0] == 0 else None
+def schedule_and_cache_dec(cal: Calibration, features: list | None,
+                           source: list | None = None) -> tuple[list[int], torch.Tensor | None]:
+    """(full positions, cache-DEC (2, T, C) or None), computed on rank 0 and shared; ``source``:
+    the quantized model's features for quantization-aware DPS (``CacheQuantConfig.dps_cost``)."""
+    result = _schedule_and_cache_dec(cal, features, source) if rank_world()[0] == 0 else None
     schedule, dec, diag = broadcast(result)
     cal.diagnostics.update(diag)
     return schedule, dec
 
 
-def _schedule_and_cache_dec(cal: Calibration, features: list | None) -> tuple[list[int], torch.Tensor | None, dict]:
+def _schedule_and_cache_dec(cal: Calibration, features: list | None,
+                            source: list | None = None) -> tuple[list[int], torch.Tensor | None, dict]:
     cfg = cal.config
     T, begin = cal.num_positions, cal.begin
     cached = cfg.interval > 1 and cal.layout is not None
     kind = cfg.schedule if cached else "uniform"
     rel = make_schedule(kind, T - begin, cfg.interval if cached else 1,
-                        _dps_view(features) if kind == "dps" else None)
+                        _dps_view(features) if kind == "dps" else None,
+                        _dps_view(source) if kind == "dps" else None)
     diag: dict = {}
+    if source is not None and kind == "dps":
+        float_rel = make_schedule("dps", T - begin, cfg.interval, _dps_view(features))
+        diag["dps_quant"] = {"schedule_float_cost": [begin + s for s in float_rel],
+                             "cost_quant": schedule_cost(_dps_view(features), rel, _dps_view(source)),
+                             "cost_quant_of_float_schedule": schedule_cost(_dps_view(features), float_rel,
+                                                                           _dps_view(source))}
     dec = None
     if cached and features is not None:
         dim = cal.layout.channel_dim
@@ -239,25 +280,9 @@ def closed_loop_cache_dec(cal: Calibration, schedule: list[int], cache_dec: torc
     finally:
         handle.remove()
         sess.close()
-    feats: dict[int, dict[int, tuple]] = {}
-    sess = session(list(range(cal.begin, cal.num_positions)), None)
-    try:
-        for i, log in logs.items():
-            feats[i] = {}
-            for pos, args, kwargs in log:
-                if pos == cal.begin:
-                    sess.clock.start_run()
-                sess.clock.set(pos)
-                cal.model(*to_device(args, cal.device), **to_device(kwargs, cal.device))
-                feats[i][pos] = tuple(p.detach().float().cpu() for p in cal.layout.feature_parts(sess.store))
-            cal.bar.update(1)
-    finally:
-        sess.close()
-    parts = gather(feats)
+    features = replay_features(cal, session(list(range(cal.begin, cal.num_positions)), None), logs)
     result = None
     if rank_world()[0] == 0:
-        ordered = [d for _, d in sorted(((i, d) for p in parts for i, d in p.items()), key=lambda x: x[0])]
-        features = [_cat_parts([d[t] for d in ordered]) for t in range(cal.begin, cal.num_positions)]
         rel = [t - cal.begin for t in schedule]
         dim = cal.layout.channel_dim
         a, b = fit_cache_dec(features, rel, dim, slope=cal.config.cache_dec_slope)
@@ -273,6 +298,54 @@ def closed_loop_cache_dec(cal: Calibration, schedule: list[int], cache_dec: torc
     dec, diag = broadcast(result)
     cal.diagnostics["cache_dec_closed_loop"] = diag
     return dec
+
+
+def replay_features(cal: Calibration, sess: Session, logs: dict[int, list]) -> list | None:
+    """Replays logged model calls ({batch: [(position, args, kwargs, ...), ...]}) through ``sess``,
+    whose every position is full, and returns the cached feature per position over all batches in
+    batch order (on rank 0; None elsewhere), as :func:`trajectories` does. Closes ``sess``."""
+    feats: dict[int, dict[int, tuple]] = {}
+    try:
+        for i, log in logs.items():
+            got = []
+            for n, (pos, args, kwargs, *_) in enumerate(log):
+                _place_replay(sess, cal.begin, pos, log[n - 1][0] if n else None)
+                cal.model(*to_device(args, cal.device), **to_device(kwargs, cal.device))
+                got.append((pos, tuple(p.detach().float().cpu()
+                                       for p in cal.layout.feature_parts(sess.store, sess.clock.branch))))
+            feats[i] = _stack_branches(got)
+            cal.bar.update(1)
+    finally:
+        sess.close()
+    parts = gather(feats)
+    if rank_world()[0] != 0:
+        return None
+    ordered = [d for _, d in sorted(((i, d) for p in parts for i, d in p.items()), key=lambda x: x[0])]
+    return [_cat_parts([d[t] for d in ordered]) for t in range(cal.begin, cal.num_positions)]
+
+
+def quantized_features(cal: Calibration, specs: list[LayerSpec], attn: list[str], logs: dict[int, list]) -> list | None:
+    """The cached feature the *quantized* model computes on the full-precision trajectories' own
+    inputs (teacher-forced, every position full): the ``source`` of quantization-aware DPS.
+
+    The activation ranges it quantizes with are provisional — calibrated on the uncached
+    trajectories (no schedule exists yet) and discarded; the plan's ranges are calibrated on the
+    cached trajectory of the chosen schedule afterwards, as without this pass."""
+    full = list(range(cal.begin, cal.num_positions))
+    provisional: dict[str, torch.Tensor] = {}
+    ran = activation_ranges(cal, full, None, specs, attn, provisional)
+    plain = [LayerSpec(s.name, s.weight_bits, s.split, False) for s in ran]
+    return replay_features(cal, accelerated_session(cal, full, None, plain, attn, provisional), logs)
+
+
+def _place_replay(sess: Session, begin: int, pos: int, previous: int | None) -> None:
+    """Places a logged call for its replay: a new position is set (at ``begin`` a new run starts);
+    a further call at the same position is the next branch of that step (its own cache entry)."""
+    if pos == previous:
+        return
+    if pos == begin:
+        sess.clock.start_run()
+    sess.clock.set(pos)
 
 
 def _dps_view(features: list | None) -> list | None:
@@ -299,6 +372,8 @@ def quant_specs(cal: Calibration) -> tuple[list[LayerSpec], list[str], dict[str,
     attn, other = attention_modules(model) if cfg.quant_attention else ([], {})
     if other:
         cal.diagnostics["attention_kept_float"] = other
+        if kept_float_why(other):
+            cal.diagnostics["attention_kept_float_why"] = kept_float_why(other)
     return specs, attn, consumers
 
 
@@ -417,6 +492,10 @@ def _select_and_observe(cal: Calibration, sess: Session, state: ObserveState, sc
     if rank_world()[1] > 1:
         raise ValueError(f"calibration={cfg.calibration!r} selects from a pool on one process; run it without "
                          "torchrun (the 'trajectory' calibration is the one that spreads over processes)")
+    if cal.calls_per_step != 1:
+        raise ValueError(f"calibration={cfg.calibration!r} selects from a pool of one model call per sampler step, "
+                         f"but this pipeline calls the model {cal.calls_per_step} times per step (guidance as "
+                         "separate calls, guidance_scale > 1): use calibration='trajectory'")
     log: list = []
     state.enabled = False
     handle = cal.model.register_forward_hook(
@@ -515,10 +594,8 @@ def variance_compensation(cal: Calibration, sess: Session, logs: dict[int, list]
     stats = {}
     for i, log in logs.items():
         stats[i] = st = VCStats(cal.num_positions, channels, gamma=cal.config.vc_gamma)
-        for pos, args, kwargs, target in log:
-            if pos == cal.begin:
-                sess.clock.start_run()
-            sess.clock.set(pos)
+        for n, (pos, args, kwargs, target) in enumerate(log):
+            _place_replay(sess, cal.begin, pos, log[n - 1][0] if n else None)
             out = cal.model(*to_device(args, cal.device), **to_device(kwargs, cal.device))
             pred = sample_of(out)
             st.update(pos, pred, target.to(pred.device))

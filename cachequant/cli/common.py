@@ -137,7 +137,12 @@ def load_pipeline(spec: str, device: str, scheduler: str | None):
 
     check_model(spec)
     if spec in MODELS:
-        pipe = load_zoo(spec, scheduler=scheduler or "ddim")
+        from ..zoo import SAMPLERS
+
+        if scheduler is not None and scheduler not in SAMPLERS[spec]:
+            raise UsageError(f"--scheduler {scheduler}: {spec} was trained for {', '.join(SAMPLERS[spec])}; "
+                             "choose one of those")
+        pipe = load_zoo(spec, scheduler=scheduler)
     elif spec in TINY:
         pipe = TINY[spec]() if scheduler is None else TINY[spec](scheduler=scheduler)
     else:

@@ -22,12 +22,12 @@ import sys
 import time
 
 from ..backends.options import ATTENTION, BACKENDS
-from ..config import CACHE_DEC_FITS, CALIBRATION_MODES, SCHEDULES, WEIGHT_ROUNDINGS
+from ..config import CACHE_DEC_FITS, CALIBRATION_MODES, DPS_COSTS, SCHEDULES, WEIGHT_ROUNDINGS
 from .common import (BITS, IMAGE_SUFFIXES, UsageError, check_device, check_input_file, check_model,
                      check_output_file, int_list, kernel_options, load_pipeline, non_negative_int, positive_float,
                      positive_int, quiet_libraries, unit_interval)
 
-MODELS_HELP = ("cifar10-unet, cifar10-dit (shipped, trained on CIFAR-10), tiny-ddim, tiny-sd, tiny-sdxl, tiny-dit "
+MODELS_HELP = ("cifar10-unet, cifar10-dit, cifar10-mmdit (shipped, trained on CIFAR-10), tiny-ddim, tiny-sd, tiny-sdxl, tiny-dit "
                "(random weights, for trying things), or the folder of a saved diffusers pipeline")
 
 
@@ -48,7 +48,7 @@ def _calibration_config(args):
         return cq.CacheQuantConfig(
             interval=args.interval, schedule=args.schedule, weight_bits=wb, act_bits=ab, dec=not args.no_dec,
             cache_dec_slope=not args.cache_dec_shift_only, cache_dec_fit=args.cache_dec_fit,
-            calib_batch_size=args.batch_size, seed=args.seed,
+            dps_cost=args.dps_cost, calib_batch_size=args.batch_size, seed=args.seed,
             calibration=args.calibration, calib_select=args.calib_select, tap_lambda=args.tap_lambda, vc=args.vc,
             w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
             weight_rounding=args.weight_rounding, cache_branch=args.cache_branch, cache_layers=args.cache_layers)
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--interval", type=positive_int, default=5, help="N: one full step every N on average (1: no cache)")
     c.add_argument("--schedule", choices=SCHEDULES, default="dps", help="where the full steps go")
     c.add_argument("--bits", choices=list(BITS), default="w8a8", help="weight and activation bits (fp: cache only)")
+    c.add_argument("--dps-cost", choices=DPS_COSTS, default="float",
+                   help="what DPS minimises: the float feature's drift (float, as the paper) or the error of the "
+                        "quantized feature a cached step reuses (quant; needs --bits w8a8 or w4a8)")
     c.add_argument("--no-dec", action="store_true", help="no decoupled error correction")
     c.add_argument("--cache-dec-shift-only", action="store_true",
                    help="cache-DEC fits a per-channel shift only (slope 1): for stochastic samplers such as DDPM")

@@ -46,6 +46,7 @@ def tiny_ddim_pipeline(seed: int = 0, scheduler: str = "ddim"):
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
     "dpm": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
 }
 """Short names of the samplers the CLI and the tiny pipelines build."""
 
@@ -57,6 +58,8 @@ def make_scheduler(name: str, **overrides):
     classes = SCHEDULERS
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
+    if name == "flow-euler":  # rectified flow: no β schedule, σ from 1 to 0 (shift 1 unless overridden)
+        return getattr(diffusers, classes[name])(**{"num_train_timesteps": 1000, "shift": 1.0, **overrides})
     kw = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=1)
     if name == "pndm":
         kw["skip_prk_steps"] = True

@@ -161,9 +161,11 @@ def tiny_sana_pipeline(seed: int = 0, num_layers: int = 3) -> tuple[Any, dict]:
 
 def tiny_wan_pipeline(seed: int = 0, num_layers: int = 3) -> tuple[Any, dict]:
     """``WanPipeline`` (text-to-video): Wan blocks with self- and cross-attention, UMT5 encoder,
-    Wan VAE, FlowMatchEuler (shift 3); 5 frames of 64×64 give 2×8×8 latents. Guidance scale 1:
-    with guidance WanPipeline calls the transformer twice per step (conditional, then
-    unconditional), which the cache does not support yet."""
+    Wan VAE, FlowMatchEuler (shift 3); 5 frames of 64×64 give 2×8×8 latents. The call kwargs use
+    guidance scale 1 (one transformer call per step, the cheapest); with ``guidance_scale > 1``
+    WanPipeline calls the transformer twice per step (conditional, then unconditional), which
+    cachequant supports with one cache per branch: calibrate with the guidance you run
+    (``tests/test_families.py`` runs it at 2)."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,

@@ -1,11 +1,13 @@
-"""8-bit attention matmuls (QKᵀ and softmax·V) for diffusers ``Attention`` modules.
+"""8-bit attention matmuls (QKᵀ and softmax·V) for diffusers attention modules.
 
 The projections (to_q / to_k / to_v / to_out) are ordinary Linear layers, quantized by their own
 hooks; this processor computes attention explicitly so that the four operands of its two matmuls
 pass through ``operand(name, x)``: a per-position fake quantizer when accelerated, a range
 observer during calibration. With an identity ``operand`` it reproduces diffusers'
 ``AttnProcessor2_0`` (same reshapes, norms, residual and rescale). It is a plain object, not a
-module, so nothing of it enters the model's ``state_dict``.
+module, so nothing of it enters the model's ``state_dict``. The transformer families' own processors
+(Flux, SD3, Sana's cross-attention, Wan) are wrapped instead (:mod:`cachequant.quant.sdpa`);
+:func:`quant_processor` picks one or the other.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 from ..plan import ATTENTION_OPERANDS as OPERANDS
 from ..runtime.hooks import held, hold, release
 from .quantizer import fake_quant
+from .sdpa import sdpa_operand_processor
+from .specs import STOCK_PROCESSORS, attention_support
 
-__all__ = ["OPERANDS", "QuantAttnProcessor", "attach_quant_attention", "set_processor"]
+__all__ = ["OPERANDS", "QuantAttnProcessor", "attach_quant_attention", "quant_processor", "set_processor"]
 
 
 class QuantAttnProcessor:
@@ -80,6 +84,17 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def quant_processor(module, operand: Callable[[str, torch.Tensor], torch.Tensor]):
+    """The 8-bit attention processor for ``module`` with its current processor: diffusers' stock
+    processor re-implemented, a family's processor wrapped."""
+    why = attention_support(module)
+    if why is not None:
+        raise ValueError(f"the attention matmuls of this {type(module).__name__} cannot be quantized: {why}")
+    if type(module.processor).__name__ in STOCK_PROCESSORS:
+        return QuantAttnProcessor(operand)
+    return sdpa_operand_processor(module.processor, operand)
+
+
 ATTN = "_cachequant_attn"
 
 
@@ -114,7 +129,7 @@ def attach_quant_attention(model, names, tensors: dict[str, torch.Tensor], clock
         module = model.get_submodule(name)
         dev = next(module.parameters()).device
         hold(module, ATTN, tensors[f"attn.{name}"].to(dev))
-        procs[name] = QuantAttnProcessor(_OperandQuant(module, clock, bits))
+        procs[name] = quant_processor(module, _OperandQuant(module, clock, bits))
         undo.append(set_processor(module, procs[name]))
         undo.append(lambda m=module: release(m, ATTN))
     return procs, undo

@@ -4,7 +4,10 @@ Each observer keeps, per (position, calibration batch), the [lo, hi] range its L
 (:func:`~cachequant.quant.quantizer.activation_range`). :meth:`RangeObserver.table` combines them
 into the per-position (scale, zero point) table a plan stores: batches by an exponential moving
 average in batch order (so any split of the batches across processes gives the same result),
-positions never observed from the nearest observed one.
+positions never observed from the nearest observed one. The branches of a step (a pipeline that
+calls the model twice per step, conditional then unconditional) share one range per position: a
+later branch's call widens the range its step's first branch recorded for the same batch (their
+union), so the shared range covers both.
 """
 
 from __future__ import annotations
@@ -24,8 +27,14 @@ class RangeObserver:
     history: list[tuple[int, int, float, float]] = field(default_factory=list)
     """(position, batch, lo, hi) per observed call."""
 
-    def observe(self, x: torch.Tensor, position: int, batch: int) -> None:
+    def observe(self, x: torch.Tensor, position: int, batch: int, branch: int = 0) -> None:
+        """Records the range of ``x``; ``branch`` > 0 (a step's later call) merges it into the
+        entry its step's first branch made."""
         lo, hi = activation_range(x, self.bits)
+        if branch and self.history and self.history[-1][:2] == (position, batch):
+            _, _, lo0, hi0 = self.history[-1]
+            self.history[-1] = (position, batch, min(lo0, lo), max(hi0, hi))
+            return
         self.history.append((position, batch, lo, hi))
 
     @property

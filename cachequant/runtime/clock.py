@@ -7,10 +7,20 @@ and the scheduler's own ``step_index`` place it, ``step`` advances it), never by
 calls — so image-to-image at strength < 1, custom sigmas, interrupted runs and two pipelines
 sharing one model index the same data as the sampler does.
 
+A pipeline may call the model more than once per scheduler step: ``WanPipeline`` with guidance
+calls it for the conditional, then the unconditional prediction, as separate calls. Those calls
+share the position (and every per-position table); the *branch* numbers them within the step
+(0 = first / conditional, 1 = second / unconditional). The plan records ``calls_per_step``; a run
+that makes more or fewer calls per step than it is refused (another ``guidance_scale``).
+
 What the model's hooks read from it, without any host read of a tensor (compile-clean):
 
 * ``mode`` — ``"full"`` or ``"cached"``, a plain attribute the host sets before the call
   (``torch.compile`` specializes on it: one graph per mode);
+* ``branch`` — a plain int the denoiser's pre-hook sets at each call (from ``calls``, reset by
+  the sampler at every position). It only picks which cached feature a call stores or reuses,
+  never a table entry, so like ``mode`` it is a host value ``torch.compile`` specializes on: one
+  graph per (mode, branch), and a pipeline with one call per step sees only branch 0;
 * the position as a one-element int64 *buffer of the model* (:meth:`step_tensor`), which every
   per-position table is indexed with on the device, so that kernels and CUDA-graph replays read
   it from memory. Being a buffer, it moves with the model (``.to``, model CPU offload).
@@ -36,9 +46,13 @@ def compiling() -> bool:
 
 class StepClock:
     def __init__(self, model: nn.Module, timesteps: Iterable[float], full_steps: Iterable[int] | None,
-                 begin: int = 0):
-        """``full_steps=None``: every position runs in full (calibration's uncached passes)."""
+                 begin: int = 0, calls_per_step: int | None = 1):
+        """``full_steps=None``: every position runs in full (calibration's uncached passes).
+        ``calls_per_step=None``: any number of calls per position is accepted and counted
+        (calibration's first pass, which learns it)."""
         self.model = model
+        self.calls_per_step = calls_per_step
+        """Model calls the plan expects at every position (2: guidance as separate calls)."""
         self.timesteps = [float(t) for t in timesteps]
         self.full_steps = None if full_steps is None else frozenset(int(s) for s in full_steps)
         self.begin = int(begin)
@@ -53,9 +67,11 @@ class StepClock:
         self.cache_ready = False
         """A full call has run in this run, so a cached call has a feature to reuse."""
         self.called = False
-        """The model was called at the current position (set by the denoiser hook, write-only there)."""
+        """The model was called at the current position (set by the denoiser hook)."""
         self.calls = 0
-        """Model calls at the current position (eager calls only; for the consistency check)."""
+        """Model calls made at the current position so far (compiled calls included)."""
+        self.branch = 0
+        """Index of the current call within its position: which cached feature it stores or reuses."""
         model.register_buffer(STEP_BUFFER, torch.zeros(1, dtype=torch.int64, device=_device(model)), persistent=False)
 
     @property
@@ -91,8 +107,10 @@ class StepClock:
                 "with the strength you use, or a larger one")
         if not self.running or self.position is None or position <= self.position:
             self.cache_ready = False
-        elif self.mode == "full" and self.called:
-            self.cache_ready = True
+        else:
+            self.check_step_done()
+            if self.mode == "full" and self.called:
+                self.cache_ready = True
         self.running = True
         self._place(position, tentative=False)
 
@@ -100,6 +118,8 @@ class StepClock:
         """After the sampler's step: the next call is at ``to`` (default: the next position)."""
         nxt = (self.position if self.position is not None else self.begin) + 1 if to is None else int(to)
         if nxt >= self.num_positions:  # the run is over; any further call is an error
+            if self.running:
+                self.check_step_done()
             if self.mode == "full" and self.called:
                 self.cache_ready = True
             self.running, self.called, self.calls = False, False, 0
@@ -107,9 +127,19 @@ class StepClock:
             return
         self.set(nxt)
 
+    def check_step_done(self) -> None:
+        """Before the run leaves a position it called the model at: all ``calls_per_step`` calls
+        were made (fewer: the run uses less guidance than the plan was calibrated with)."""
+        if self.calls_per_step is not None and 0 < self.calls < self.calls_per_step:
+            raise PlanMismatchError(
+                f"this plan was calibrated with {self.calls_per_step} model calls per scheduler step (classifier-free "
+                f"guidance as separate calls, guidance_scale > 1), but this run called the model {self.calls} "
+                f"time(s) at position {self.position} (guidance_scale 1 or guidance off?). Calibrate a plan with the "
+                "guidance_scale you use (cq.calibrate(..., pipeline_kwargs={'guidance_scale': ...}))")
+
     def _place(self, position: int, tentative: bool) -> None:
         self.position, self.tentative = position, tentative
-        self.called, self.calls = False, 0
+        self.called, self.calls, self.branch = False, 0, 0
         planned_full = self.full_steps is None or position in self.full_steps
         self.mode = "full" if planned_full or not self.cache_ready else "cached"
         self.forced = not planned_full and self.mode == "full"
@@ -128,12 +158,21 @@ class StepClock:
             found = self.find(timestep)
             if found is not None and found != self.position and found >= self.begin:
                 self._place(found, tentative=False)
-        self.calls += 1
-        if self.calls > 1:
-            raise WorkflowError(
-                f"the model was called twice at sampler position {self.position} without a scheduler step in "
-                "between: another scheduler drives it (call cq.attach(pipe) on that pipeline), or the pipeline "
-                "calls the model more than once per step, which cachequant's cache does not support")
+        if self.calls_per_step is not None and self.calls >= self.calls_per_step:
+            raise PlanMismatchError(
+                f"the model was called {self.calls + 1} times at sampler position {self.position} without a scheduler "
+                f"step in between, and this plan was calibrated with {self.calls_per_step} call(s) per step: the run "
+                "uses classifier-free guidance as separate calls (guidance_scale > 1) where the calibration did not, "
+                "or more of them. Calibrate a plan with the guidance_scale you use (cq.calibrate(..., "
+                "pipeline_kwargs={'guidance_scale': ...})). If another scheduler drives the model, call "
+                "cq.attach(pipe) on that pipeline")
+
+    def begin_call(self) -> None:
+        """Numbers a model call within its position (the denoiser's pre-hook, every call, compiled
+        ones included: a read of ``calls`` that ``torch.compile`` guards on, and writes)."""
+        self.branch = self.calls
+        self.calls = self.calls + 1
+        self.called = True
 
     def find(self, timestep, start: int = 0) -> int | None:
         """The first position at or after ``start`` whose timestep equals ``timestep`` (host read)."""

@@ -35,7 +35,7 @@ class DenoiserHooks:
             if self.on_call is not None:
                 self.on_call(t)
             self.clock.check_call(t)
-        self.clock.called = True  # a write only: a compiled graph replays it without a guard
+        self.clock.begin_call()  # the call's branch within its position (compiled: one graph per branch)
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
         for fn in self.outputs:

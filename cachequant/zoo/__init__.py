@@ -10,29 +10,45 @@ from pathlib import Path
 import torch
 
 WEIGHTS = Path(__file__).parent / "weights"
-MODELS = {"cifar10-unet": "UNet2DModel", "cifar10-dit": "DiTTransformer2DModel"}
+MODELS = {"cifar10-unet": "UNet2DModel", "cifar10-dit": "DiTTransformer2DModel",
+          "cifar10-mmdit": "SD3Transformer2DModel"}
+SAMPLERS = {"cifar10-unet": ("ddim", "ddpm", "pndm", "dpm", "euler"),
+            "cifar10-dit": ("ddim", "ddpm", "pndm", "dpm", "euler"),
+            "cifar10-mmdit": ("flow-euler",)}
+"""The samplers each model was trained for, the first its default: the ε-prediction models take the
+DDPM-family samplers of their training β schedule, the flow-matching MMDiT its Euler sampler."""
 
 
 def available() -> list[str]:
     return sorted(MODELS)
 
 
-def load_pipeline(name: str, scheduler: str = "ddim", dtype: torch.dtype = torch.float32):
+def load_pipeline(name: str, scheduler: str | None = None, dtype: torch.dtype = torch.float32):
     """A ready diffusers pipeline: ``cifar10-unet`` -> DDIMPipeline (DDPMPipeline for another
-    sampler), ``cifar10-dit`` -> :class:`DiTPixelPipeline` (class labels, CFG)."""
+    sampler), ``cifar10-dit`` -> :class:`DiTPixelPipeline`, ``cifar10-mmdit`` ->
+    :class:`MMDiTPixelPipeline` (both class labels, CFG). ``scheduler``: one of ``SAMPLERS[name]``
+    (default: the first)."""
     import diffusers
 
     from ..models.tiny import make_scheduler, unconditional_pipeline
 
     if name not in MODELS:
         raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
+    scheduler = scheduler or SAMPLERS[name][0]
+    if scheduler not in SAMPLERS[name]:
+        raise ValueError(f"{name} was trained for the {', '.join(SAMPLERS[name])} sampler(s), not {scheduler!r}")
     folder = WEIGHTS / name
     if not (folder / "diffusion_pytorch_model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} has no weights; reinstall cachequant")
     model = getattr(diffusers, MODELS[name]).from_pretrained(folder, torch_dtype=dtype).eval()
-    sched = make_scheduler(scheduler, steps_offset=0) if scheduler != "pndm" else make_scheduler(scheduler)
+    sched = make_scheduler(scheduler, steps_offset=0) if scheduler not in ("pndm", "flow-euler") \
+        else make_scheduler(scheduler)
     if name == "cifar10-unet":
         pipe = unconditional_pipeline(model, sched)
+    elif name == "cifar10-mmdit":
+        from .pipelines import MMDiTPixelPipeline
+
+        pipe = MMDiTPixelPipeline(transformer=model, scheduler=sched)
     else:
         from .pipelines import DiTPixelPipeline
 

@@ -1,12 +1,16 @@
-"""Open-loop (the papers') vs closed-loop cache-DEC on a shipped model, same everything else.
+"""The papers' calibration against one of cachequant's improvements on a shipped model, same
+everything else, on the CPU: ``--compare cache-dec-fit`` (open-loop vs closed-loop cache-DEC) or
+``--compare dps-cost`` (DPS on the float feature's drift vs quantization-aware DPS).
 
-For each fit, calibrates the demo's plan (DPS, DEC, W8A8 unless --bits says otherwise), samples
+For each setting, calibrates the demo's plan (DPS, DEC, W8A8 unless --bits says otherwise), samples
 --num-images images from the same seeds as full precision, and records the PSNR against full
-precision, the calibration diagnostics (squared reuse error with each set of coefficients, on the
-closed-loop trajectories) and the calibration time.
+precision, the schedule, the calibration diagnostics (reuse errors, the closed-loop fit's squared
+errors, the DPS costs) and the calibration time.
 
-    python benchmarks/closed_loop_dec.py --model cifar10-unet --steps 100 --interval 10 \\
-        --out results/quality/closed-loop-dec-cifar10-unet.json
+    python benchmarks/calibration_variants.py --compare cache-dec-fit --model cifar10-unet --steps 100 \\
+        --interval 10 --out results/quality/closed-loop-dec-cifar10-unet.json
+    python benchmarks/calibration_variants.py --compare dps-cost --model cifar10-unet --steps 100 \\
+        --interval 10 --out results/quality/quant-dps-cifar10-unet.json
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ from cachequant.pipecall import call_pipeline, default_inputs
 from cachequant.utils.io import atomic_path
 
 
+COMPARISONS = {"cache-dec-fit": ("cache_dec_fit", ("open", "closed")), "dps-cost": ("dps_cost", ("float", "quant"))}
+"""--compare: (CacheQuantConfig field, (the papers' value, the improvement))."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", choices=list(COMPARISONS), required=True)
     ap.add_argument("--model", default="cifar10-unet")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--interval", type=int, default=10)
@@ -48,10 +57,11 @@ def main() -> None:
 
     ref = sample()
     rows = []
+    field, values = COMPARISONS[args.compare]
     for seed in args.calib_seeds:
-        for fit in ("open", "closed"):
+        for value in values:
             cfg = cq.CacheQuantConfig(interval=args.interval, schedule="dps", weight_bits=wb, act_bits=ab, dec=True,
-                                      cache_dec_fit=fit, calib_batch_size=8, num_calib_samples=16, seed=seed)
+                                      calib_batch_size=8, num_calib_samples=16, seed=seed, **{field: value})
             t0 = time.perf_counter()
             plan = cq.calibrate(pipe, cfg, args.steps, progress=False)
             calib_s = time.perf_counter() - t0
@@ -60,12 +70,14 @@ def main() -> None:
                 out = sample()
             finally:
                 cq.restore(pipe)
-            row = {"cache_dec_fit": fit, "calib_seed": seed, "psnr_db": psnr(out, ref), "calib_s": calib_s,
+            row = {field: value, "calib_seed": seed, "psnr_db": psnr(out, ref), "calib_s": calib_s,
                    "full_steps": list(plan.schedule), "cache_reuse": plan.diagnostics.get("cache_reuse"),
-                   "closed_loop": plan.diagnostics.get("cache_dec_closed_loop")}
+                   "closed_loop": plan.diagnostics.get("cache_dec_closed_loop"),
+                   "dps_quant": plan.diagnostics.get("dps_quant")}
             rows.append(row)
-            print(json.dumps({k: row[k] for k in ("cache_dec_fit", "calib_seed", "psnr_db", "calib_s")}), flush=True)
-    result = {"model": args.model, "steps": args.steps, "interval": args.interval, "bits": args.bits,
+            print(json.dumps({k: row[k] for k in (field, "calib_seed", "psnr_db", "calib_s")}), flush=True)
+    result = {"compare": args.compare, "model": args.model, "steps": args.steps, "interval": args.interval,
+              "bits": args.bits,
               "num_images": args.num_images, "sample_seed": 1234, "device": "cpu",
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
                            "cachequant": cq.__version__}, "rows": rows}
