@@ -99,6 +99,7 @@ class AutotuneResult:
     def plot(self, path: str | os.PathLike) -> Path:
         """The speed / quality frontier: cost reduction against PSNR, the budget as a line."""
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -116,6 +117,11 @@ class AutotuneResult:
                 label="frontier")
         ax.axhline(self.min_psnr, color="C3", linestyle="--", label=f"budget {self.min_psnr:g} dB")
         ax.set_xscale("log")
+        xs = [fp / c.cost(self.cost) for c in self.candidates]
+        ticks = [v for v in (1, 1.5, 2, 3, 5, 10, 15, 20, 30, 50, 100, 200, 500) if min(xs) / 1.2 <= v <= max(xs) * 1.2]
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"{self.cost.upper()} reduction vs full precision (x)")
         ax.set_ylabel("PSNR vs full precision (dB)")
         ax.legend(fontsize=8)
