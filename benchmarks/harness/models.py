@@ -46,9 +46,9 @@ TRANSFORMER_ONLY = ("flux", "sd3")
 CFG_CALLS = {"sd15": 2, "dit-xl2": 2, "flux": 1, "sd3": 2}
 """Images per image in a model call: classifier-free guidance doubles the batch; Flux.1-dev embeds
 its guidance instead."""
-TEXT = {"sd15": (77, 768, None), "flux": (512, 4096, 768), "sd3": (333, 4096, 2048)}
-"""(tokens, width, pooled width) of the random text embeddings: CLIP for SD 1.5; T5 (512 tokens) and
-CLIP-L pooled for Flux; CLIP-L + CLIP-G (77) and T5 (256) tokens, pooled 2048, for SD3."""
+TEXT = {"flux": (512, 4096, 768), "sd3": (333, 4096, 2048)}
+"""(tokens, width, pooled width) of the transformer-only workloads' random text embeddings: T5 (512
+tokens) and CLIP-L pooled for Flux; CLIP-L + CLIP-G (77) and T5 (256) tokens, pooled 2048, for SD3."""
 
 
 TINY = {  # --tiny: same code paths on small configs, for a CPU smoke test of this script
@@ -64,7 +64,7 @@ TINY = {  # --tiny: same code paths on small configs, for a CPU smoke test of th
                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
                 pos_embed_max_size=8),
 }
-TINY_TEXT = {"sd15": (77, 32, None), "flux": (8, 32, 32), "sd3": (8, 32, 32)}
+TINY_TEXT = {"flux": (8, 32, 32), "sd3": (8, 32, 32)}
 
 
 def build(model: str, sampler: str, device: str, tiny: bool = False):
@@ -103,12 +103,11 @@ def build(model: str, sampler: str, device: str, tiny: bool = False):
     return pipe
 
 
-def _embeddings(model: str, device: str, dt, tiny: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _embeddings(model: str, device: str, dt, tiny: bool) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, width, pooled = (TINY_TEXT if tiny else TEXT)[model]
     g = torch.Generator().manual_seed(1)
     emb = (torch.randn(1, tokens, width, generator=g) * 0.5).to(device, dt)
-    pool = (torch.randn(1, pooled, generator=g) * 0.5).to(device, dt) if pooled else None
-    return emb, pool
+    return emb, (torch.randn(1, pooled, generator=g) * 0.5).to(device, dt)
 
 
 def transformer_pipeline(model: str, device: str, dt, tiny: bool):

@@ -57,11 +57,11 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
                                  adapter.layout(model, site) if cached else None, site, bar)
         bar.set_description("cachequant calibrate: full-precision trajectories")
         features, logs = passes.trajectories(cal, feature_batches, log_calls=config.vc or quant_dps)
+        specs, attn, consumers = passes.quant_specs(cal) if config.quantize else ([], [], {})
         source = None
         if quant_dps:
             bar.set_description("cachequant calibrate: quantized features for DPS")
-            q_specs, q_attn, _ = passes.quant_specs(cal)
-            source = passes.quantized_features(cal, q_specs, q_attn, logs)
+            source = passes.quantized_features(cal, specs, attn, logs)
         bar.set_description("cachequant calibrate: schedule")
         schedule, cache_dec = passes.schedule_and_cache_dec(cal, features, source)
         del features, source
@@ -69,9 +69,7 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
         if cache_dec is not None:
             tensors["cache_dec"] = cache_dec
         quant = None
-        specs, attn = [], []
         if config.quantize:
-            specs, attn, consumers = passes.quant_specs(cal)
             bar.set_description("cachequant calibrate: activation ranges")
             specs = passes.activation_ranges(cal, schedule, cache_dec, specs, attn, tensors)
         if cache_dec is not None and config.cache_dec_fit == "closed":

@@ -221,16 +221,14 @@ def _schedule_and_cache_dec(cal: Calibration, features: list | None,
     T, begin = cal.num_positions, cal.begin
     cached = cfg.interval > 1 and cal.layout is not None
     kind = cfg.schedule if cached else "uniform"
-    rel = make_schedule(kind, T - begin, cfg.interval if cached else 1,
-                        _dps_view(features) if kind == "dps" else None,
-                        _dps_view(source) if kind == "dps" else None)
+    flat, flat_q = (_dps_view(features), _dps_view(source)) if kind == "dps" else (None, None)
+    rel = make_schedule(kind, T - begin, cfg.interval if cached else 1, flat, flat_q)
     diag: dict = {}
-    if source is not None and kind == "dps":
-        float_rel = make_schedule("dps", T - begin, cfg.interval, _dps_view(features))
+    if flat_q is not None:
+        float_rel = make_schedule("dps", T - begin, cfg.interval, flat)
         diag["dps_quant"] = {"schedule_float_cost": [begin + s for s in float_rel],
-                             "cost_quant": schedule_cost(_dps_view(features), rel, _dps_view(source)),
-                             "cost_quant_of_float_schedule": schedule_cost(_dps_view(features), float_rel,
-                                                                           _dps_view(source))}
+                             "cost_quant": schedule_cost(flat, rel, flat_q),
+                             "cost_quant_of_float_schedule": schedule_cost(flat, float_rel, flat_q)}
     dec = None
     if cached and features is not None:
         dim = cal.layout.channel_dim
@@ -258,7 +256,7 @@ def closed_loop_cache_dec(cal: Calibration, schedule: list[int], cache_dec: torc
     position that recomputes the feature the cache held, at a cached one it gives the fresh feature
     the model would have computed on the latents it actually had. ``fit_cache_dec`` then regresses
     the fresh feature on the reused one, as the open-loop fit does on the float trajectories."""
-    plain = [LayerSpec(s.name, s.weight_bits, s.split, False) for s in specs]
+    plain = without_quant_dec(specs)
 
     def session(full_steps, dec):
         return accelerated_session(cal, full_steps, dec, plain, attn, tensors) if plain else cal.session(full_steps, dec)
@@ -300,6 +298,11 @@ def closed_loop_cache_dec(cal: Calibration, schedule: list[int], cache_dec: torc
     return dec
 
 
+def without_quant_dec(specs: list[LayerSpec]) -> list[LayerSpec]:
+    """The same layers with quantization-DEC off (passes that run before it is fitted)."""
+    return [LayerSpec(s.name, s.weight_bits, s.split, False) for s in specs]
+
+
 def replay_features(cal: Calibration, sess: Session, logs: dict[int, list]) -> list | None:
     """Replays logged model calls ({batch: [(position, args, kwargs, ...), ...]}) through ``sess``,
     whose every position is full, and returns the cached feature per position over all batches in
@@ -334,7 +337,7 @@ def quantized_features(cal: Calibration, specs: list[LayerSpec], attn: list[str]
     full = list(range(cal.begin, cal.num_positions))
     provisional: dict[str, torch.Tensor] = {}
     ran = activation_ranges(cal, full, None, specs, attn, provisional)
-    plain = [LayerSpec(s.name, s.weight_bits, s.split, False) for s in ran]
+    plain = without_quant_dec(ran)
     return replay_features(cal, accelerated_session(cal, full, None, plain, attn, provisional), logs)
 
 
@@ -372,8 +375,9 @@ def quant_specs(cal: Calibration) -> tuple[list[LayerSpec], list[str], dict[str,
     attn, other = attention_modules(model) if cfg.quant_attention else ([], {})
     if other:
         cal.diagnostics["attention_kept_float"] = other
-        if kept_float_why(other):
-            cal.diagnostics["attention_kept_float_why"] = kept_float_why(other)
+        why = kept_float_why(other)
+        if why:
+            cal.diagnostics["attention_kept_float_why"] = why
     return specs, attn, consumers
 
 
@@ -429,7 +433,9 @@ def activation_ranges(cal: Calibration, schedule: list[int], cache_dec, specs: l
     for spec in specs:
         t = result[f"act.{spec.name}"]
         if t is None:
-            cal.diagnostics.setdefault("layers_not_run", []).append(spec.name)
+            not_run = cal.diagnostics.setdefault("layers_not_run", [])
+            if spec.name not in not_run:  # quantization-aware DPS's provisional pass may see it first
+                not_run.append(spec.name)
             tensors.pop(f"w.{spec.name}", None)
             tensors.pop(f"w.{spec.name}.codes", None)
             continue
@@ -545,7 +551,7 @@ def accelerated_session(cal: Calibration, schedule: list[int], cache_dec, specs:
 def quant_dec(cal: Calibration, schedule: list[int], cache_dec, specs: list[LayerSpec], attn: list[str],
               consumers: dict[str, int], tensors: dict[str, torch.Tensor]) -> None:
     """Fits the quantization-DEC coefficients of the cache's first consumers into ``tensors``."""
-    plain = [LayerSpec(s.name, s.weight_bits, s.split, False) for s in specs]
+    plain = without_quant_dec(specs)
     state = ObserveState()
     sess = accelerated_session(cal, schedule, cache_dec, plain, attn, tensors)
     try:
