@@ -6,13 +6,14 @@ from dataclasses import asdict, dataclass, fields
 
 SCHEDULES = ("uniform", "quadratic", "dps")
 """Where the full steps go (``cachequant.cache.schedules`` implements each)."""
-SELECTION_METHODS = ("tap", "random", "uniform-per-step", "kmeans", "dbscan", "agglomerative")
+SELECTION_METHODS = ("tap", "tap-per-step", "random", "uniform-per-step", "kmeans", "dbscan", "agglomerative")
 """Ways of choosing calibration entries from the pool (``cachequant.calibration.select``)."""
 CALIBRATION_MODES = ("trajectory",) + SELECTION_METHODS
 """``CacheQuantConfig.calibration``: every step of every trajectory, or a selection."""
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 CACHE_DEC_FITS = ("open", "closed")
 DPS_COSTS = ("float", "quant")
+VC_FITS = ("open", "closed")
 
 
 @dataclass
@@ -93,8 +94,9 @@ class CacheQuantConfig:
     calibration: str = "trajectory"
     """Which intermediate inputs calibrate the activation ranges: 'trajectory' (every step of every
     calibration trajectory) or a selection of `calib_select` entries from that pool by 'tap'
-    (Q&C temporal-aware parallel clustering), 'random', 'uniform-per-step', 'kmeans', 'dbscan',
-    'agglomerative'."""
+    (Q&C temporal-aware parallel clustering), 'tap-per-step' (TAP stratified by step: the same
+    number from every step, spread over each step's clusters), 'random', 'uniform-per-step',
+    'kmeans', 'dbscan', 'agglomerative'."""
     calib_select: int = 256
     tap_lambda: float = 0.5
     """TAP: weight of the data similarity against the temporal one (W = λ·S_data + (1−λ)·S_time)."""
@@ -103,6 +105,12 @@ class CacheQuantConfig:
     """Variance compensation (Q&C): per-step, per-channel rescaling of the predicted noise."""
     vc_gamma: float = 10.0
     """VC: weight of the channel-energy (noise-ratio) term against the MSE term (see correction/vc.py)."""
+    vc_fit: str = "open"
+    """Where VC is fitted: ``open`` — teacher-forced, the accelerated model evaluated on the
+    full-precision trajectories' inputs (Q&C's setting); ``closed`` — on the trajectories the
+    accelerated model itself follows from noise, against the full-precision model on the same
+    inputs. Why: the variance drift VC corrects comes with exposure bias, which only appears once
+    the model runs on its own outputs. Costs one more pass over the `dps_samples` trajectories."""
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -149,6 +157,10 @@ class CacheQuantConfig:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_MODES)}; got {self.calibration!r}")
         if not 0.0 <= self.tap_lambda <= 1.0:
             raise ValueError(f"tap_lambda must be in [0, 1], got {self.tap_lambda}")
+        if self.vc_fit not in VC_FITS:
+            raise ValueError(f"vc_fit must be one of {', '.join(VC_FITS)}; got {self.vc_fit!r}")
+        if self.vc_fit != "open" and not self.vc:
+            raise ValueError("vc_fit='closed' chooses how variance compensation is fitted: set vc=True as well")
         if self.vc_gamma < 0:
             raise ValueError(f"vc_gamma must be >= 0, got {self.vc_gamma}")
         for name in ("calib_batch_size", "num_calib_samples", "dps_samples", "calib_select", "tap_clusters"):

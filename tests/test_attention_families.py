@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import cachequant as cq
 from cachequant.models.tiny_families import TINY_FAMILIES
-from cachequant.quant.attention import ATTN, quant_processor, set_processor
+from cachequant.quant.attention import ATTN, _OperandQuant, quant_processor, set_processor
 from cachequant.quant.sdpa import explicit_attention
 from cachequant.quant.specs import attention_modules, attention_support
 
@@ -66,6 +66,12 @@ def test_explicit_attention_is_sdpa(kw):
     out = explicit_attention(lambda name, x: seen.setdefault(name, x), q, k, v, **args)
     ref = F.scaled_dot_product_attention(q, k, v, **args)
     torch.testing.assert_close(out, ref.nan_to_num(0.0), rtol=1e-5, atol=1e-6)
+    blocks = []  # queries in blocks of 2 rows (then 1): the rows of the whole, masks sliced with them
+    for budget in (2 * 8 * k.shape[-2], 1):
+        got = explicit_attention(lambda name, x: blocks.append(x.shape) or x if name == "p" else x, q, k, v,
+                                 max_scores=budget, **args)
+        torch.testing.assert_close(got, out, rtol=1e-6, atol=1e-7)
+    assert [b[-2] for b in blocks] == [2, 2, 2, 1] + [1] * 7
     assert list(seen) == ["q", "k", "v", "p"]
     assert torch.allclose(seen["p"].sum(-1)[seen["p"].sum(-1) > 0], torch.tensor(1.0))
     with pytest.raises(ValueError, match="dropout_p must be 0"):
@@ -124,7 +130,7 @@ def test_wan_image_to_video_cross_attention_stays_float():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_8bit_attention_calibrates_accelerates_and_restores(pipes, family):
+def test_8bit_attention_calibrates_accelerates_and_restores(pipes, family, monkeypatch):
     pipe, kw = pipes[family]
     model = pipe.transformer
     ref = _latents(pipe, kw)
@@ -150,7 +156,11 @@ def test_8bit_attention_calibrates_accelerates_and_restores(pipes, family):
     assert all(model.get_submodule(n).processor is not processors[n] for n in names)
     out = _latents(pipe, kw)
     again = _latents(pipe, kw)
+    with monkeypatch.context() as mp:  # queries in blocks of a few rows: the same rows, the same latents
+        mp.setattr(_OperandQuant, "max_scores", 64)
+        blocked = _latents(pipe, kw)
     cq.restore(pipe)
+    np.testing.assert_allclose(blocked, out, rtol=1e-5, atol=1e-5)
     # the same plan with float attention: only the attention matmuls differ
     float_attn = dataclasses.replace(plan, quant=dataclasses.replace(plan.quant, attention=()))
     cq.accelerate(pipe, float_attn)

@@ -80,6 +80,8 @@ CASES = [  # (id, arguments with {tmp}, message)
                             "{tmp}/p.cqplan"], "not both"),
     ("w8-layers-with-w8a8", ["calibrate", "--model", "tiny-ddim", "--w8-layers", "conv_in", "--out",
                              "{tmp}/p.cqplan"], "w8_layers only applies to 4-bit weights"),
+    ("vc-fit-without-vc", ["calibrate", "--model", "tiny-ddim", "--vc-fit", "closed", "--out", "{tmp}/p.cqplan"],
+     "set vc=True as well"),
     ("tap-lambda-out-of-range", ["calibrate", "--model", "tiny-ddim", "--tap-lambda", "2", "--out", "{tmp}/p.cqplan"],
      "argument --tap-lambda: expected a number in"),
     ("evaluate-zero-samples", ["evaluate", "--model", "tiny-ddim", "--num-samples", "0", "--out-dir", "{tmp}/run"],

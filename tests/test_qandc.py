@@ -69,3 +69,41 @@ def test_other_selection_methods_calibrate(make_pipe, method):
 def test_config_rejects_unknown_selection():
     with pytest.raises(ValueError, match="calibration must be one of trajectory, tap"):
         cq.CacheQuantConfig(calibration="spectral")
+
+
+def test_closed_loop_vc_is_fitted_on_the_accelerated_models_own_trajectories(make_pipe):
+    """``vc_fit="closed"``: the factors are Eq. s* on (x̂, x) where x̂ is the accelerated model's output
+    along the trajectory it follows from the calibration noise and x the float model on the same
+    inputs — recomputed here by hand from a plan without VC and compared."""
+    from cachequant.correction.vc import VCStats
+
+    pipe = make_pipe("dit", scheduler="ddim")
+    steps, labels = 6, list(range(4))
+    base = dict(interval=2, schedule="uniform", weight_bits=8, act_bits=8, dec=False, calib_batch_size=4,
+                dps_samples=4, num_calib_samples=4)
+    calib = dict(num_inference_steps=steps, progress=False, class_labels=labels)
+    closed = cq.calibrate(pipe, cq.CacheQuantConfig(**base, vc=True, vc_fit="closed"), **calib)
+    opened = cq.calibrate(pipe, cq.CacheQuantConfig(**base, vc=True), **calib)
+    plain = cq.calibrate(pipe, cq.CacheQuantConfig(**base), **calib)
+    assert closed.diagnostics["vc"]["fit"] == "closed" and opened.diagnostics["vc"]["fit"] == "open"
+
+    model, calls = pipe.transformer, []
+    cq.accelerate(pipe, plain, backend="fake")
+    h = model.register_forward_hook(lambda m, a, k, o: calls.append((a, k, o[0].detach().clone())), with_kwargs=True)
+    pipe(class_labels=labels, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
+         output_type="np")
+    h.remove()
+    cq.restore(pipe)
+    st = VCStats(steps, 4, gamma=10.0)
+    with torch.no_grad():
+        for t, (a, k, pred) in enumerate(calls):
+            st.update(t, pred, model(*a, **k)[0])
+    torch.testing.assert_close(closed.tensors["vc"], st.solve(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(closed.tensors["vc"], opened.tensors["vc"], rtol=0, atol=1e-6)  # other inputs
+
+
+def test_closed_loop_vc_needs_vc():
+    with pytest.raises(ValueError, match="set vc=True"):
+        cq.CacheQuantConfig(vc_fit="closed")
+    with pytest.raises(ValueError, match="vc_fit must be one of"):
+        cq.CacheQuantConfig(vc=True, vc_fit="loop")

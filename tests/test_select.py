@@ -46,8 +46,25 @@ def test_every_method_returns_distinct_valid_indices(method):
     feats, ts, _ = _pool(2, steps=10, per_step=20)
     idx = select(method, feats, ts, 30, clusters=10, seed=0)
     assert len(idx) == 30 and len(set(idx)) == 30 and idx.min() >= 0 and idx.max() < len(feats)
-    if method == "uniform-per-step":
+    if method in ("uniform-per-step", "tap-per-step"):
         assert np.bincount(ts[idx]).tolist() == [3] * 10
+
+
+def test_tap_per_step_covers_every_step_and_every_mode_within_it():
+    """TAP stratified by step: the same quota from every step, and inside a step one pick per
+    spectral cluster — with 4 data modes per step and 4 picks per step, every mode at every step,
+    which an equal random draw per step does not achieve."""
+    feats, ts, modes = _pool(5, steps=10, per_step=20)
+    for seed in range(3):
+        idx = select("tap-per-step", feats, ts, 40, seed=seed)
+        assert np.bincount(ts[idx]).tolist() == [4] * 10
+        assert all(set(modes[idx][ts[idx] == s]) == {0, 1, 2, 3} for s in range(10))
+    flat = [select("uniform-per-step", feats, ts, 40, seed=seed) for seed in range(3)]
+    assert not all(all(set(modes[i][ts[i] == s]) == {0, 1, 2, 3} for s in range(10)) for i in flat)
+    info: dict = {}
+    a = select("tap-per-step", feats, ts, 25, seed=1, info=info)
+    assert np.array_equal(a, select("tap-per-step", feats, ts, 25, seed=1))  # deterministic
+    assert sorted(np.bincount(ts[a]).tolist()) == [2] * 5 + [3] * 5 and info == {"clusters": 25}
 
 
 def test_bad_inputs():

@@ -104,6 +104,38 @@ def _qandc_variants() -> list[Variant]:
     return vs
 
 
+def _qandc_fair_variants() -> list[Variant]:
+    """Q&C redone at equal budgets on the DiT (N = 3, W8A8, uniform schedule, no DEC): TAP against
+    the paper's baseline (the same number of entries from every step) and TAP stratified by step,
+    with 256 and 800 entries, each with activation ranges per step and shared across steps; then VC
+    fitted teacher-forced (the paper's) and closed-loop, on the whole-pool calibration."""
+    base = dict(interval=3, schedule="uniform", dec=False)
+    vs = [Variant("fp", "full precision", None),
+          Variant("all", "every pool entry, ranges per step", dict(base))]
+    for shared in (False, True):
+        tag, label = ("-shared", "shared ranges") if shared else ("", "ranges per step")
+        extra = dict(per_step_act=False) if shared else {}
+        if shared:
+            vs.append(Variant("all-shared", "every pool entry, shared ranges", dict(base, **extra)))
+        for n in (256, 800):
+            for m, slug, name in (("uniform-per-step", "uniform", "uniform per step"), ("tap", "tap", "TAP"),
+                                  ("tap-per-step", "tap-per-step", "TAP per step")):
+                vs.append(Variant(f"{slug}-{n}{tag}", f"{name}, {n} entries, {label}",
+                                  dict(base, calibration=m, calib_select=n, **extra)))
+    vs += [Variant("vc-open", "every pool entry + VC fitted teacher-forced (Q&C)", dict(base, vc=True)),
+           Variant("vc-closed", "every pool entry + VC fitted closed-loop", dict(base, vc=True, vc_fit="closed"))]
+    return vs
+
+
+def _vc_variants() -> list[Variant]:
+    """VC under a stochastic sampler: the same rows as the fair table's VC rows."""
+    base = dict(interval=3, schedule="uniform", dec=False)
+    return [Variant("fp", "full precision", None),
+            Variant("all", "cache N=3 + W8A8, every pool entry", dict(base)),
+            Variant("vc-open", "+ VC fitted teacher-forced (Q&C)", dict(base, vc=True)),
+            Variant("vc-closed", "+ VC fitted closed-loop", dict(base, vc=True, vc_fit="closed"))]
+
+
 TABLES: dict[str, Table] = {
     "unet": Table("unet", "CIFAR-10 UNet, DDIM 100 steps", "cifar10-unet", "ddim", 100, None,
                   _cache_quant_variants([5, 10, 20], [10, 20], w4=True, dec_halves=(10,))),
@@ -115,11 +147,17 @@ TABLES: dict[str, Table] = {
                            "cifar10-mmdit", "flow-euler", 28, 1.5, _cache_quant_variants([2, 3], [2, 3], w4=False)),
     "qandc": Table("qandc", "Q&C ablations: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5", "cifar10-dit",
                    "ddim", 50, 1.5, _qandc_variants()),
+    "qandc-fair": Table("qandc-fair", "Q&C at equal budgets: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5",
+                        "cifar10-dit", "ddim", 50, 1.5, _qandc_fair_variants()),
+    "qandc-vc-ddpm250": Table("qandc-vc-ddpm250",
+                              "VC under DDPM: CIFAR-10 DiT, DDPM 250 steps, N = 3, W8A8, guidance 1.5",
+                              "cifar10-dit", "ddpm", 250, 1.5, _vc_variants()),
     "qandc-unet": Table("qandc-unet", "Q&C on the UNet: CIFAR-10 UNet, DDIM 100 steps, N = 10, W8A8", "cifar10-unet",
                         "ddim", 100, None, _qandc_unet_variants()),
 }
 
-REPORT_FILES = {"ablation": ["unet", "dit-ddpm250", "dit-ddim50", "mmdit-euler28"], "qandc": ["qandc", "qandc-unet"]}
+REPORT_FILES = {"ablation": ["unet", "dit-ddpm250", "dit-ddim50", "mmdit-euler28"],
+                "qandc": ["qandc", "qandc-unet", "qandc-fair", "qandc-vc-ddpm250"]}
 
 REPORT_TITLES = {"ablation": "CacheQuant ablation on the CIFAR-10 models",
                  "qandc": "Q&C ablations on the CIFAR-10 DiT (DDIM 50, N = 3, W8A8)"}

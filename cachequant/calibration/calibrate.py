@@ -51,12 +51,14 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     quant_dps = cached and config.dps_cost == "quant"
     total = len(feature_batches) + (n_all * (2 if config.use_quant_dec and cached else 1) if config.quantize else 0) \
         + (2 * len(feature_batches) if config.use_cache_dec and config.cache_dec_fit == "closed" else 0) \
-        + (n_all + len(feature_batches) if quant_dps else 0)
+        + (n_all + len(feature_batches) if quant_dps else 0) \
+        + (len(feature_batches) if config.vc and config.vc_fit == "closed" else 0)
     with quiet(pipe), tqdm(total=total, desc="cachequant calibrate", disable=not progress) as bar:
         cal = passes.Calibration(pipe, model, adapter, config, num_inference_steps, items, dict(pipeline_kwargs or {}),
                                  adapter.layout(model, site) if cached else None, site, bar)
         bar.set_description("cachequant calibrate: full-precision trajectories")
-        features, logs = passes.trajectories(cal, feature_batches, log_calls=config.vc or quant_dps)
+        features, logs = passes.trajectories(cal, feature_batches,
+                                              log_calls=(config.vc and config.vc_fit == "open") or quant_dps)
         specs, attn, consumers = passes.quant_specs(cal) if config.quantize else ([], [], {})
         source = None
         if quant_dps:
@@ -87,10 +89,13 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
             bar.set_description("cachequant calibrate: variance compensation")
             sess = passes.accelerated_session(cal, schedule, cache_dec, specs, attn, tensors) if config.quantize \
                 else cal.session(schedule, cache_dec)
-            try:
-                tensors["vc"] = passes.variance_compensation(cal, sess, logs)
-            finally:
-                sess.close()
+            if config.vc_fit == "closed":
+                tensors["vc"] = passes.closed_loop_variance_compensation(cal, sess, feature_batches)
+            else:
+                try:
+                    tensors["vc"] = passes.variance_compensation(cal, sess, logs)
+                finally:
+                    sess.close()
     sampler = SamplerSpec(type(pipe.scheduler).__name__, num_inference_steps, tuple(cal.timesteps), cal.begin,
                           None if cal.sigmas is None else tuple(cal.sigmas), cal.calls_per_step)
     cache = CacheSpec(adapter.cache_kind if cached else "none", site, tuple(schedule))

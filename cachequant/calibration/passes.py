@@ -606,9 +606,50 @@ def variance_compensation(cal: Calibration, sess: Session, logs: dict[int, list]
             pred = sample_of(out)
             st.update(pos, pred, target.to(pred.device))
 
+    return _solve_vc(cal, stats, "open")
+
+
+@torch.no_grad()
+def closed_loop_variance_compensation(cal: Calibration, sess: Session, batch_list: list[list]) -> torch.Tensor:
+    """VC fitted on the trajectories the accelerated model follows (``vc_fit="closed"``).
+
+    ``sess`` (the cached, quantized model, closed here) runs ``batch_list`` from noise with the
+    calibration seeds; each call's inputs and output x̂ are logged. The full-precision model is
+    then evaluated on the same logged inputs for the target x. Why: VC exists to counter exposure
+    bias — the accelerated model's inputs drift off the float trajectory and its output variance
+    drifts with them — and a teacher-forced fit (:func:`variance_compensation`) only ever shows it
+    float inputs, where that drift cannot appear."""
+    channels = int(cal.model.config.in_channels)
+    calls: list = []
+    logs: dict[int, list] = {}
+
+    def record(module, args, kwargs, out):
+        calls.append((sess.clock.position, to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))))
+
+    def take(i):
+        logs[i] = list(calls)
+        calls.clear()
+
+    handle = cal.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        cal.run(batch_list, cal.config.seed, on_end=take)
+    finally:
+        handle.remove()
+        sess.close()
+    stats = {}
+    for i, log in logs.items():  # the plain float model now: the session is closed
+        stats[i] = st = VCStats(cal.num_positions, channels, gamma=cal.config.vc_gamma)
+        for pos, args, kwargs, pred in log:
+            target = sample_of(cal.model(*to_device(args, cal.device), **to_device(kwargs, cal.device)))
+            st.update(pos, pred.to(target.device), target)
+    return _solve_vc(cal, stats, "closed")
+
+
+def _solve_vc(cal: Calibration, stats: dict[int, VCStats], fit: str) -> torch.Tensor:
     def solve(per_rank: list[dict]):
         scale = _sum_in_order(per_rank).solve()
-        return scale, {"min": float(scale.min()), "max": float(scale.max()), "batches": sum(len(p) for p in per_rank)}
+        return scale, {"fit": fit, "min": float(scale.min()), "max": float(scale.max()),
+                       "batches": sum(len(p) for p in per_rank)}
 
     scale, diag = solve_on_rank0({rank_world()[0]: stats}, solve)
     cal.diagnostics["vc"] = diag

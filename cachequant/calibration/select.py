@@ -22,6 +22,13 @@ so P subsamples of 1/20 hold far more than the selection. Ours is often small (3
 selection: every one of them was chosen and the rest drawn at random, so neither the clustering
 nor λ decided anything.
 
+``tap-per-step`` is TAP stratified by step: every step keeps the same share (as
+``uniform-per-step``), and within a step the entries are spread over the step's own spectral
+clusters (the data kernel alone: time is constant inside a step). Why: activation ranges are per
+step, so a selection must cover every step on its own; TAP's pooled draw can leave a step with one
+entry, and then that step's range rests on one sample (``results/qandc``). This keeps TAP's
+diversity argument and removes the coverage confound, so the two can be compared fairly.
+
 Alternatives for comparison: ``random``, ``uniform-per-step`` (the same number from every step:
 the reference default), and scikit-learn's ``kmeans``, ``dbscan``, ``agglomerative`` on the
 concatenated (feature, scaled time) vectors.
@@ -105,6 +112,36 @@ def tap_select(features: np.ndarray, steps: np.ndarray, num: int, *, lam: float 
     return (chosen, groups) if return_clusters else chosen
 
 
+def tap_per_step(features: np.ndarray, steps: np.ndarray, num: int, *, seed: int = 0) -> tuple[np.ndarray, int]:
+    """TAP stratified by step (module docstring): the per-step quotas of ``uniform-per-step``, each
+    filled with one entry from each of that many spectral clusters of the step's entries. Returns
+    the indices and the number of clusters formed."""
+    n = len(features)
+    feats = np.asarray(features, dtype=np.float64).reshape(n, -1)
+    steps = np.asarray(steps)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(steps == s) for s in np.unique(steps)]
+    quota = np.bincount(np.searchsorted(np.unique(steps), steps[_draw_uniform(groups, num, rng)]),
+                        minlength=len(groups))
+    chosen, clusters = [], 0
+    for j, (idx, q) in enumerate(zip(groups, quota)):
+        if q >= len(idx):
+            chosen.append(idx)
+            continue
+        if q == 0:
+            continue
+        labels = _spectral_labels(feats[idx], steps[idx].astype(np.float64), int(q), 1.0, seed + j) if q > 1 \
+            else np.zeros(len(idx), dtype=np.int64)
+        chosen.append(np.array([rng.choice(idx[labels == c]) for c in np.unique(labels)]))
+        clusters += len(np.unique(labels))
+    out = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    if len(out) < num:  # k-means may merge clusters: top up within the short steps' remaining entries
+        short = [np.setdiff1d(idx, out) for idx, q in zip(groups, quota) if (np.isin(idx, out).sum() < q)]
+        extra = _draw_uniform(short, num - len(out), rng)
+        out = np.sort(np.concatenate([out, extra]))
+    return out.astype(np.int64), clusters
+
+
 def select(method: str, features: np.ndarray, steps: np.ndarray, num: int, *, lam: float = 0.5,
            seed: int = 0, clusters: int = 100, info: dict | None = None) -> np.ndarray:
     """Indices of ``num`` calibration samples from the pool, by ``method`` (one of :data:`METHODS`).
@@ -124,6 +161,11 @@ def select(method: str, features: np.ndarray, steps: np.ndarray, num: int, *, la
             candidates = np.unique(np.concatenate(groups))
             info.update(clusters=len(groups), candidates=int(len(candidates)),
                         random_top_up=int(len(np.setdiff1d(chosen, candidates))))
+        return chosen
+    if method == "tap-per-step":
+        chosen, k = tap_per_step(features, steps, num, seed=seed)
+        if info is not None:
+            info.update(clusters=k)
         return chosen
     if method == "random":
         return np.sort(rng.choice(n, size=num, replace=False))

@@ -22,7 +22,7 @@ import sys
 import time
 
 from ..backends.options import ATTENTION, BACKENDS
-from ..config import CACHE_DEC_FITS, CALIBRATION_MODES, DPS_COSTS, SCHEDULES, WEIGHT_ROUNDINGS
+from ..config import CACHE_DEC_FITS, CALIBRATION_MODES, DPS_COSTS, SCHEDULES, VC_FITS, WEIGHT_ROUNDINGS
 from .common import (BITS, IMAGE_SUFFIXES, UsageError, check_device, check_input_file, check_model,
                      check_output_file, int_list, kernel_options, load_pipeline, non_negative_int, positive_float,
                      positive_int, quiet_libraries, unit_interval)
@@ -50,6 +50,7 @@ def _calibration_config(args):
             cache_dec_slope=not args.cache_dec_shift_only, cache_dec_fit=args.cache_dec_fit,
             dps_cost=args.dps_cost, calib_batch_size=args.batch_size, seed=args.seed,
             calibration=args.calibration, calib_select=args.calib_select, tap_lambda=args.tap_lambda, vc=args.vc,
+            vc_fit=args.vc_fit,
             w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
             weight_rounding=args.weight_rounding, cache_branch=args.cache_branch, cache_layers=args.cache_layers)
     except ValueError as e:
@@ -330,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="entries selected from the pool (a --calibration other than trajectory)")
     c.add_argument("--tap-lambda", type=unit_interval, default=0.5, help="TAP: weight of data against time similarity")
     c.add_argument("--vc", action="store_true", help="variance compensation (Q&C)")
+    c.add_argument("--vc-fit", choices=VC_FITS, default="open",
+                   help="with --vc: fit it teacher-forced on the float trajectories (open, as Q&C) or on the "
+                        "trajectories the accelerated model follows (closed)")
     c.add_argument("--prompts", help="text-conditioned models: a text file, one prompt per line (or PartiPrompts.tsv)")
     c.add_argument("--class-labels", type=int_list, help="class-conditional models: comma-separated class ids")
     c.add_argument("--num-samples", type=positive_int, default=None,

@@ -19,7 +19,7 @@ import torch
 from ..plan import ATTENTION_OPERANDS as OPERANDS
 from ..runtime.hooks import held, hold, release
 from .quantizer import fake_quant
-from .sdpa import sdpa_operand_processor
+from .sdpa import explicit_attention, sdpa_operand_processor
 from .specs import STOCK_PROCESSORS, attention_support
 
 __all__ = ["OPERANDS", "QuantAttnProcessor", "attach_quant_attention", "quant_processor", "set_processor"]
@@ -66,12 +66,8 @@ class QuantAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        op = self.operand
-        scores = op("q", query) @ op("k", key).transpose(-1, -2) * (head_dim**-0.5)
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(dim=-1)
-        hidden_states = op("p", probs) @ op("v", value)
+        hidden_states = explicit_attention(self.operand, query, key, value, attention_mask, scale=head_dim**-0.5,
+                                           max_scores=getattr(self.operand, "max_scores", None))
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -101,6 +97,10 @@ ATTN = "_cachequant_attn"
 class _OperandQuant:
     """The accelerated operand function: fake-quantize operand ``k`` with its range at the
     current position, read from the (4, 2, T) table held on the attention module."""
+
+    max_scores = 1 << 28
+    """Score elements computed at once (``explicit_attention``): 512 MiB of fp16 scores. The
+    quantizer is elementwise with a static range, so blocking over queries changes nothing."""
 
     def __init__(self, module, clock, bits: int):
         self.module, self.clock, self.bits = module, clock, bits

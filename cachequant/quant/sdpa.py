@@ -37,11 +37,19 @@ Operand = Callable[[str, torch.Tensor], torch.Tensor]
 
 def explicit_attention(operand: Operand, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                       scale: float | None = None, *, enable_gqa: bool = False) -> torch.Tensor:
+                       scale: float | None = None, *, enable_gqa: bool = False,
+                       max_scores: int | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (same signature after ``operand``) as two explicit
     matmuls whose operands q, k, p (softmax probabilities) and v pass through ``operand``. Masks
     follow SDPA: a boolean mask marks the keys to attend, a float mask is added to the scores; a
-    row with every key masked gives zeros (SDPA's math path)."""
+    row with every key masked gives zeros (SDPA's math path).
+
+    ``max_scores`` bounds the score elements held at once: the queries are taken in blocks of rows
+    so that one block's B·H·rows·S scores fit. Softmax is per row, so the blocks compute exactly the
+    rows of the whole; only pass it when ``operand`` treats "p" elementwise (a quantizer with a
+    static range), not when it must see the whole tensor (a range observer). Why: the full L×S
+    probabilities of every head are 1 GiB in fp16 for one Flux image at 1024² (4,608 tokens, 24
+    heads) and do not fit at all for video-length token counts."""
     if dropout_p:
         raise ValueError("8-bit attention is an inference path: dropout_p must be 0")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -49,9 +57,22 @@ def explicit_attention(operand: Operand, query: torch.Tensor, key: torch.Tensor,
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    scores = q @ k.transpose(-1, -2) * scale
+    L, S = q.shape[-2], k.shape[-2]
     if is_causal:
-        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+    rows = L if max_scores is None else max(1, max_scores // max(1, q.shape[:-2].numel() * S))
+    if rows >= L:
+        return _attend(operand, q, k, v, attn_mask, scale)
+    per_row = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == L
+    return torch.cat([_attend(operand, q[..., i:i + rows, :], k, v,
+                              attn_mask[..., i:i + rows, :] if per_row else attn_mask, scale)
+                      for i in range(0, L, rows)], dim=-2)
+
+
+def _attend(operand: Operand, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask) · v for already-transformed q, k, v; p through ``operand``."""
+    scores = q @ k.transpose(-1, -2) * scale
     boolean = attn_mask is not None and attn_mask.dtype == torch.bool
     if boolean:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -76,7 +97,8 @@ class _ExplicitSDPA(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.calls += 1
-            return explicit_attention(self.operand, *args, **kwargs)
+            return explicit_attention(self.operand, *args, max_scores=getattr(self.operand, "max_scores", None),
+                                      **kwargs)
         if isinstance(func, FunctionType) and getattr(torch.Tensor, func.__name__, None) is func:
             # a Tensor method written in Python (unflatten, split, ...) is called as a method: the
             # same call, which torch.compile traces (it cannot trace their ``super()`` call when

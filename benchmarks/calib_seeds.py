@@ -1,0 +1,156 @@
+"""An ablation table's variants over several calibration seeds, judged by PSNR / SSIM against full
+precision from the same sampling seeds: the spread a single calibration hides, small enough for a
+CPU (FID needs thousands of samples; `ablation.py` on a GPU does that).
+
+    python benchmarks/calib_seeds.py --table qandc-fair --calib-seeds 0 1 2 --num-samples 16 \\
+        --device cpu --work /tmp/qandc-fair --versus all --out results/qandc/fair-cpu.json
+
+Each seed drives ``benchmarks/ablation.py sample`` in its own work folder (``<work>/seed<S>``;
+resumable: a finished variant is not sampled again), so every variant is exactly the table's with
+``--calib-seed S``: the seed draws the calibration trajectories and any selection from them. The
+sampling seeds (and full precision) are the same for every calibration seed, so differences between
+variants are paired: ``--versus SLUG`` adds, per variant, the mean and spread over seeds of its PSNR
+minus that variant's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harness.env import environment  # noqa: E402
+from harness.io import write_json  # noqa: E402
+from harness.render import calibration_coverage  # noqa: E402
+from harness.sampling import resolve_samples  # noqa: E402
+from harness.tables import TABLES  # noqa: E402
+
+
+def _images(work: Path, vdir: Path) -> tuple[np.ndarray, dict]:
+    sdir = resolve_samples(work, vdir)
+    if sdir is None:
+        raise SystemExit(f"{vdir} has no samples: see its error.json")
+    with np.load(sdir / "samples.npz") as z:
+        images = z["images"].astype(np.float64) / 255
+    return images, json.loads((sdir / "info.json").read_text())
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarise(rows: list[dict], slugs: list[str], versus: str | None) -> list[dict]:
+    """Per variant over seeds: PSNR / SSIM mean ± spread, coverage, calibration time, and the paired
+    PSNR difference to ``versus`` (same calibration seed)."""
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    out = []
+    for s in slugs:
+        mine = [by[(s, k)] for k in seeds if (s, k) in by]
+        if not mine:
+            continue
+        psnr_m, psnr_s = _spread([r["psnr_vs_fp"] for r in mine])
+        row = {"variant": s, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine],
+               "psnr": [r["psnr_vs_fp"] for r in mine], "psnr_mean": psnr_m, "psnr_std": psnr_s,
+               "ssim_mean": _spread([r["ssim_vs_fp"] for r in mine])[0],
+               "entries_min": min((r["entries_min"] for r in mine if r["entries_min"] is not None), default=None),
+               "entries_low_max": max((r["entries_low"] for r in mine if r["entries_low"] is not None), default=None),
+               "calibration_seconds_mean": _spread([r["calibration_seconds"] or 0.0 for r in mine])[0]}
+        if versus and s != versus:
+            diffs = [by[(s, k)]["psnr_vs_fp"] - by[(versus, k)]["psnr_vs_fp"] for k in seeds
+                     if (s, k) in by and (versus, k) in by]
+            if diffs:
+                row["delta_psnr_mean"], row["delta_psnr_std"] = _spread(diffs)
+        out.append(row)
+    return out
+
+
+def markdown(summary: list[dict], versus: str | None) -> list[str]:
+    head = "| variant | PSNR vs FP (dB), mean ± spread | per seed | SSIM | fewest entries per step | calibration (s) |"
+    sep = "|---|---|---|---|---|---|"
+    if versus:
+        head += f" Δ PSNR vs `{versus}` (paired) |"
+        sep += "---|"
+    lines = [head, sep]
+    for r in summary:
+        line = (f"| {r['label']} (`{r['variant']}`) | {r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} | "
+                f"{' / '.join(f'{p:.2f}' for p in r['psnr'])} | {r['ssim_mean']:.4f} | "
+                f"{'–' if r['entries_min'] is None else r['entries_min']} | {r['calibration_seconds_mean']:.0f} |")
+        if versus:
+            d = r.get("delta_psnr_mean")
+            line += " – |" if d is None else f" {d:+.2f} ± {r['delta_psnr_std']:.2f} |"
+        lines.append(line)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", choices=list(TABLES), required=True)
+    p.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", required=True, help="work folder (one sub-folder per calibration seed; resumable)")
+    p.add_argument("--only", help="comma-separated variant slugs (default: every variant of the table)")
+    p.add_argument("--versus", help="a variant slug: paired PSNR differences against it")
+    p.add_argument("--steps", type=int, default=None, help="override the table's step count (smoke tests only)")
+    p.add_argument("--model", default=None, help="override the table's model (smoke tests only)")
+    p.add_argument("--out", default=None, help="JSON with every (variant, seed) row and the summary")
+    a = p.parse_args(argv)
+    table = TABLES[a.table]
+    slugs = [s for s in a.only.split(",") if s] if a.only else [v.slug for v in table.variants]
+    for s in slugs + ([a.versus] if a.versus else []):
+        try:
+            table.variant(s)  # an unknown slug fails before any sampling
+        except KeyError as e:
+            p.error(str(e.args[0]))
+    if a.versus and a.versus not in slugs:
+        slugs.append(a.versus)
+    slugs = [s for s in slugs if s != "fp"]
+    if len(set(a.calib_seeds)) != len(a.calib_seeds):
+        p.error(f"--calib-seeds must be distinct, got {a.calib_seeds}")
+    from cachequant.metrics import psnr, ssim
+
+    rows = []
+    for seed in a.calib_seeds:
+        work = Path(a.work) / f"seed{seed}"
+        cmd = [sys.executable, str(ROOT / "benchmarks/ablation.py"), "sample", "--table", a.table,
+               "--only", ",".join(slugs), "--num-samples", str(a.num_samples), "--batch-size", str(a.num_samples),
+               "--device", a.device, "--work", str(work), "--calib-seed", str(seed), "--quiet"]
+        cmd += (["--steps", str(a.steps)] if a.steps else []) + (["--model", a.model] if a.model else [])
+        print("$", " ".join(cmd[1:]), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            print(f"seed {seed}: some variants failed (their error.json says why); the others are reported",
+                  file=sys.stderr, flush=True)
+        fp, _ = _images(work, work / a.table / "fp")
+        for s in slugs:
+            vdir = work / a.table / s
+            if resolve_samples(work, vdir) is None:
+                continue
+            im, info = _images(work, vdir)
+            rows.append({"variant": s, "label": table.variant(s).label, "seed": seed, "psnr_vs_fp": psnr(im, fp),
+                         "ssim_vs_fp": ssim(im, fp), "calibration_seconds": info.get("calibration_seconds"),
+                         **calibration_coverage(info)})
+    summary = summarise(rows, slugs, a.versus)
+    print(f"\n{table.title}: {a.num_samples} samples, calibration seeds {', '.join(map(str, a.calib_seeds))}, "
+          f"{a.device}; PSNR / SSIM vs full precision (same sampling seeds)\n")
+    print("\n".join(markdown(summary, a.versus)))
+    if a.out:
+        write_json(Path(a.out), {"command": " ".join(sys.argv), "table": a.table, "num_samples": a.num_samples,
+                                 "calib_seeds": a.calib_seeds, "environment": environment(a.device), "rows": rows,
+                                 "summary": summary}, indent=1, default=None)
+        print(f"written {a.out}")
+    missing = {s for s in slugs} - {r["variant"] for r in rows}
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

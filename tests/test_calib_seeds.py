@@ -1,0 +1,44 @@
+"""benchmarks/calib_seeds.py: the per-seed rows become paired means and spreads; bad arguments are
+refused before any sampling."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def script():
+    from conftest import load_benchmark
+
+    yield load_benchmark("calib_seeds")
+    sys.modules.pop("calib_seeds", None)
+
+
+def _row(variant, seed, psnr, entries=32):
+    return {"variant": variant, "label": variant.upper(), "seed": seed, "psnr_vs_fp": psnr, "ssim_vs_fp": 0.9,
+            "calibration_seconds": 10.0, "entries_min": entries, "entries_low": 0}
+
+
+def test_summary_pairs_differences_by_calibration_seed(script):
+    rows = [_row("all", 0, 26.0), _row("all", 1, 27.0), _row("all", 2, 25.0),
+            _row("tap", 0, 25.0), _row("tap", 1, 26.0), _row("tap", 2, 24.0, entries=5)]
+    (base, tap), = [script.summarise(rows, ["all", "tap"], "all")]
+    assert base["psnr_mean"] == pytest.approx(26.0) and base["psnr_std"] == pytest.approx(1.0)
+    assert "delta_psnr_mean" not in base
+    # the seeds move both variants together: the paired difference has no spread at all
+    assert tap["delta_psnr_mean"] == pytest.approx(-1.0) and tap["delta_psnr_std"] == pytest.approx(0.0)
+    assert tap["entries_min"] == 5 and tap["seeds"] == [0, 1, 2]
+    lines = script.markdown([base, tap], "all")
+    assert lines[-1].startswith("| TAP (`tap`) | 25.00 ± 1.00 | 25.00 / 26.00 / 24.00 |")
+    assert lines[-1].endswith("| -1.00 ± 0.00 |") and lines[-2].endswith("| – |")
+
+
+def test_bad_arguments_fail_before_sampling(script, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--table", "qandc-fair", "--work", str(tmp_path), "--only", "all,tap-999"])
+    assert "no variant 'tap-999'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--table", "qandc-fair", "--work", str(tmp_path), "--calib-seeds", "0", "0"])
+    assert not any(tmp_path.iterdir())
