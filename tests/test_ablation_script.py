@@ -78,8 +78,9 @@ def test_sample_resume_failure_and_report(ablation, tmp_path, monkeypatch):
     assert (out / "qandc.md").is_file() and (out / "ablation.png").stat().st_size > 1000
 
 
-def _fake_features(sdir, device, batch_size, quiet):
+def _fake_features(sdir, device, batch_size, quiet, resize):
     """Stand-in for the Inception network (its weights are not in CI): a fixed projection of the pixels."""
+    assert resize == "torch"  # the reference's convention (a file without the field: torch)
     images = np.load(sdir / "samples.npz")["images"].reshape(4, -1).astype(np.float64) / 255
     return (images @ np.random.default_rng(0).standard_normal((images.shape[1], 16))).astype(np.float32)
 

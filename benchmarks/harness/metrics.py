@@ -19,20 +19,21 @@ from .tables import Table, Variant, gather_table
 from .timing import sync
 
 
-def features_of(sdir: Path, device: str, batch_size: int, quiet: bool) -> np.ndarray:
+def features_of(sdir: Path, device: str, batch_size: int, quiet: bool, resize: str = "torch") -> np.ndarray:
     """Inception pool3 features of a sample folder, computed once (GPU, batched) and kept next to
-    the samples: shared variants and reruns reuse them."""
+    the samples: shared variants and reruns reuse them. ``resize``: the reference statistics'
+    convention (``cachequant.metrics.fid.RESIZES``); each has its own file."""
     from cachequant.metrics.fid import inception_features
     from cachequant.utils.io import atomic_path
 
-    path = sdir / "inception.npz"
+    path = sdir / ("inception.npz" if resize == "torch" else f"inception-{resize}.npz")
     shash = file_hash(sdir / "samples.npz")
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             if str(z["samples_sha1"]) == shash:
                 return z["features"]
     images = np.load(sdir / "samples.npz", allow_pickle=False)["images"]
-    feats = inception_features(images, device=device, batch_size=batch_size, progress=not quiet)
+    feats = inception_features(images, device=device, batch_size=batch_size, progress=not quiet, resize=resize)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, features=feats, samples_sha1=np.array(shash))
@@ -116,7 +117,7 @@ class MetricsRunner:
 
     def __init__(self, work: Path, table: Table, ref_stats: str, device: str, inception_batch: int = 500,
                  workers: int | None = None, force: bool = False, quiet: bool = False, fid_bootstrap: int = 20):
-        from cachequant.metrics.fid import load_reference
+        from cachequant.metrics.fid import load_reference, reference_resize
         from cachequant.utils.cpus import usable_cpus
 
         self.work, self.table, self.device = work, table, device
@@ -124,8 +125,10 @@ class MetricsRunner:
         self.fid_bootstrap = fid_bootstrap
         self.tdir = work / table.name
         self.ref = load_reference(ref_stats)
+        self.resize = reference_resize(self.ref)
         self.ref_id = {"path": str(ref_stats), "source": str(self.ref.get("source", "")),
-                       "count": int(self.ref.get("count", 0)), "sha1": file_hash(Path(ref_stats))}
+                       "count": int(self.ref.get("count", 0)), "sha1": file_hash(Path(ref_stats)),
+                       "resize": self.resize}
         self.pr = PRReference(self.ref["features"], device)
         cpus = usable_cpus()
         self.workers = max(1, min(workers or max(1, cpus // 2), cpus))
@@ -161,7 +164,7 @@ class MetricsRunner:
             return False
         try:
             t0 = time.time()
-            feats = features_of(sdir, self.device, self.inception_batch, self.quiet)
+            feats = features_of(sdir, self.device, self.inception_batch, self.quiet, self.resize)
             sync(self.device)
             t1 = time.time()
             p, r, n = self.pr(feats)

@@ -99,11 +99,12 @@ def run_evaluate(args) -> int:
                      "weight_storage_bytes": weight_storage_bits(model) / 8,
                      "sampling_seconds_this_run": t_sample, "world_size": world}
     if args.ref_stats:
-        from ..metrics.fid import frechet_distance, inception_features, load_reference
+        from ..metrics.fid import frechet_distance, inception_features, load_reference, reference_resize
         from ..metrics.prdc import precision_recall
 
         ref = load_reference(args.ref_stats)
-        feats = inception_features(images, device=device, batch_size=200, progress=not args.quiet)
+        metrics["fid_resize"] = resize = reference_resize(ref)
+        feats = inception_features(images, device=device, batch_size=200, progress=not args.quiet, resize=resize)
         metrics["fid"] = frechet_distance(*_stats(feats), ref["mu"], ref["sigma"])
         metrics["fid_reference"] = str(ref.get("source", args.ref_stats))
         n = min(len(feats), len(ref["features"]))
@@ -165,7 +166,8 @@ def run_ref_stats(args) -> int:
     out = check_output_file(args.out, "--out", (".npz",))
     check_device(args.device)
     images = read_images(args.data, args.limit)
-    feats = inception_features(images, device=args.device, batch_size=200, progress=not args.quiet)
-    save_reference(out, feats, source=f"{Path(args.data).name} ({len(images)} images)")
+    feats = inception_features(images, device=args.device, batch_size=200, progress=not args.quiet,
+                               resize=args.fid_resize)
+    save_reference(out, feats, source=f"{Path(args.data).name} ({len(images)} images)", resize=args.fid_resize)
     print(f"reference statistics of {len(images)} images written to {args.out}")
     return 0

