@@ -74,6 +74,19 @@ def summarise(rows: list[dict], slugs: list[str], versus: str | None) -> list[di
     return out
 
 
+def paired(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """PSNR of A minus PSNR of B per calibration seed both have, with mean and spread."""
+    by = {(r["variant"], r["seed"]): r["psnr_vs_fp"] for r in rows}
+    out = []
+    for a, b in pairs:
+        seeds = sorted(k for (v, k) in by if v == a and (b, k) in by)
+        if seeds:
+            d = [by[(a, k)] - by[(b, k)] for k in seeds]
+            m, sd = _spread(d)
+            out.append({"a": a, "b": b, "seeds": seeds, "delta_psnr": d, "mean": m, "std": sd})
+    return out
+
+
 def markdown(summary: list[dict], versus: str | None) -> list[str]:
     head = "| variant | PSNR vs FP (dB), mean ± spread | per seed | SSIM | fewest entries per step | calibration (s) |"
     sep = "|---|---|---|---|---|---|"
@@ -101,19 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="work folder (one sub-folder per calibration seed; resumable)")
     p.add_argument("--only", help="comma-separated variant slugs (default: every variant of the table)")
     p.add_argument("--versus", help="a variant slug: paired PSNR differences against it")
+    p.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
+                   help="more paired comparisons: PSNR of variant A minus variant B, per calibration seed")
     p.add_argument("--steps", type=int, default=None, help="override the table's step count (smoke tests only)")
     p.add_argument("--model", default=None, help="override the table's model (smoke tests only)")
     p.add_argument("--out", default=None, help="JSON with every (variant, seed) row and the summary")
     a = p.parse_args(argv)
     table = TABLES[a.table]
     slugs = [s for s in a.only.split(",") if s] if a.only else [v.slug for v in table.variants]
-    for s in slugs + ([a.versus] if a.versus else []):
+    pairs = []
+    for spec in a.pairs:
+        x, sep, y = spec.partition(":")
+        if not sep or not x or not y:
+            p.error(f"--pairs entries look like tap-800:uniform-800; got {spec!r}")
+        pairs.append((x, y))
+    for s in slugs + ([a.versus] if a.versus else []) + [v for pair in pairs for v in pair]:
         try:
             table.variant(s)  # an unknown slug fails before any sampling
         except KeyError as e:
             p.error(str(e.args[0]))
-    if a.versus and a.versus not in slugs:
-        slugs.append(a.versus)
+    for extra in ([a.versus] if a.versus else []) + [v for pair in pairs for v in pair]:
+        if extra not in slugs:
+            slugs.append(extra)
     slugs = [s for s in slugs if s != "fp"]
     if len(set(a.calib_seeds)) != len(a.calib_seeds):
         p.error(f"--calib-seeds must be distinct, got {a.calib_seeds}")
@@ -143,10 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{table.title}: {a.num_samples} samples, calibration seeds {', '.join(map(str, a.calib_seeds))}, "
           f"{a.device}; PSNR / SSIM vs full precision (same sampling seeds)\n")
     print("\n".join(markdown(summary, a.versus)))
+    diffs = paired(rows, pairs)
+    if diffs:
+        print("\n| A − B (paired by calibration seed) | Δ PSNR (dB), mean ± spread | per seed |\n|---|---|---|")
+        for d in diffs:
+            print(f"| `{d['a']}` − `{d['b']}` | {d['mean']:+.2f} ± {d['std']:.2f} | "
+                  f"{' / '.join(f'{x:+.2f}' for x in d['delta_psnr'])} |")
     if a.out:
         write_json(Path(a.out), {"command": " ".join(sys.argv), "table": a.table, "num_samples": a.num_samples,
                                  "calib_seeds": a.calib_seeds, "environment": environment(a.device), "rows": rows,
-                                 "summary": summary}, indent=1, default=None)
+                                 "summary": summary, "paired": diffs}, indent=1, default=None)
         print(f"written {a.out}")
     missing = {s for s in slugs} - {r["variant"] for r in rows}
     return 1 if missing else 0

@@ -30,6 +30,8 @@ def test_summary_pairs_differences_by_calibration_seed(script):
     # the seeds move both variants together: the paired difference has no spread at all
     assert tap["delta_psnr_mean"] == pytest.approx(-1.0) and tap["delta_psnr_std"] == pytest.approx(0.0)
     assert tap["entries_min"] == 5 and tap["seeds"] == [0, 1, 2]
+    (d,) = script.paired(rows, [("tap", "all"), ("tap", "missing")])
+    assert d["delta_psnr"] == [-1.0, -1.0, -1.0] and d["std"] == 0.0
     lines = script.markdown([base, tap], "all")
     assert lines[-1].startswith("| TAP (`tap`) | 25.00 ± 1.00 | 25.00 / 26.00 / 24.00 |")
     assert lines[-1].endswith("| -1.00 ± 0.00 |") and lines[-2].endswith("| – |")
@@ -41,4 +43,7 @@ def test_bad_arguments_fail_before_sampling(script, tmp_path, capsys):
     assert "no variant 'tap-999'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.main(["--table", "qandc-fair", "--work", str(tmp_path), "--calib-seeds", "0", "0"])
+    with pytest.raises(SystemExit):
+        script.main(["--table", "qandc-fair", "--work", str(tmp_path), "--pairs", "tap-256/uniform-256"])
+    assert "--pairs entries look like" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -107,7 +107,8 @@ def _qandc_variants() -> list[Variant]:
 def _qandc_fair_variants() -> list[Variant]:
     """Q&C redone at equal budgets on the DiT (N = 3, W8A8, uniform schedule, no DEC): TAP against
     the paper's baseline (the same number of entries from every step) and TAP stratified by step,
-    with 256 and 800 entries, each with activation ranges per step and shared across steps; then VC
+    with 256 and 800 entries, each with activation ranges per step and shared across steps (and a
+    random selection with per-step ranges, which the range-search aliasing may have hurt); then VC
     fitted teacher-forced (the paper's) and closed-loop, on the whole-pool calibration."""
     base = dict(interval=3, schedule="uniform", dec=False)
     vs = [Variant("fp", "full precision", None),
@@ -119,9 +120,10 @@ def _qandc_fair_variants() -> list[Variant]:
             vs.append(Variant("all-shared", "every pool entry, shared ranges", dict(base, **extra)))
         for n in (256, 800):
             for m, slug, name in (("uniform-per-step", "uniform", "uniform per step"), ("tap", "tap", "TAP"),
-                                  ("tap-per-step", "tap-per-step", "TAP per step")):
-                vs.append(Variant(f"{slug}-{n}{tag}", f"{name}, {n} entries, {label}",
-                                  dict(base, calibration=m, calib_select=n, **extra)))
+                                  ("tap-per-step", "tap-per-step", "TAP per step"), ("random", "random", "random")):
+                if not (shared and m == "random"):
+                    vs.append(Variant(f"{slug}-{n}{tag}", f"{name}, {n} entries, {label}",
+                                      dict(base, calibration=m, calib_select=n, **extra)))
     vs += [Variant("vc-open", "every pool entry + VC fitted teacher-forced (Q&C)", dict(base, vc=True)),
            Variant("vc-closed", "every pool entry + VC fitted closed-loop", dict(base, vc=True, vc_fit="closed"))]
     return vs
