@@ -261,23 +261,7 @@ def closed_loop_cache_dec(cal: Calibration, schedule: list[int], cache_dec: torc
     def session(full_steps, dec):
         return accelerated_session(cal, full_steps, dec, plain, attn, tensors) if plain else cal.session(full_steps, dec)
 
-    sess = session(schedule, cache_dec)
-    calls: list = []
-    logs: dict[int, list] = {}
-
-    def record(module, args, kwargs, out):
-        calls.append((sess.clock.position, to_cpu(args), to_cpu(kwargs)))
-
-    def take(i):
-        logs[i] = list(calls)
-        calls.clear()
-
-    handle = cal.model.register_forward_hook(record, with_kwargs=True)
-    try:
-        cal.run(batch_list, cal.config.seed, on_end=take)
-    finally:
-        handle.remove()
-        sess.close()
+    logs = own_trajectory_calls(cal, session(schedule, cache_dec), batch_list)
     features = replay_features(cal, session(list(range(cal.begin, cal.num_positions)), None), logs)
     result = None
     if rank_world()[0] == 0:
@@ -296,6 +280,31 @@ def closed_loop_cache_dec(cal: Calibration, schedule: list[int], cache_dec: torc
     dec, diag = broadcast(result)
     cal.diagnostics["cache_dec_closed_loop"] = diag
     return dec
+
+
+def own_trajectory_calls(cal: Calibration, sess: Session, batch_list: list[list],
+                         outputs: bool = False) -> dict[int, list]:
+    """Runs ``batch_list`` from noise through ``sess`` (the accelerated model; closed here) with
+    the calibration seeds and returns {batch: [(position, args, kwargs[, output]) per model call]},
+    on the CPU: the trajectories the accelerated model itself follows, for the closed-loop fits."""
+    calls: list = []
+    logs: dict[int, list] = {}
+
+    def record(module, args, kwargs, out):
+        calls.append((sess.clock.position, to_cpu(args), to_cpu(kwargs))
+                     + ((to_cpu(sample_of(out)),) if outputs else ()))
+
+    def take(i):
+        logs[i] = list(calls)
+        calls.clear()
+
+    handle = cal.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        cal.run(batch_list, cal.config.seed, on_end=take)
+    finally:
+        handle.remove()
+        sess.close()
+    return logs
 
 
 def without_quant_dec(specs: list[LayerSpec]) -> list[LayerSpec]:
@@ -620,22 +629,7 @@ def closed_loop_variance_compensation(cal: Calibration, sess: Session, batch_lis
     drifts with them — and a teacher-forced fit (:func:`variance_compensation`) only ever shows it
     float inputs, where that drift cannot appear."""
     channels = int(cal.model.config.in_channels)
-    calls: list = []
-    logs: dict[int, list] = {}
-
-    def record(module, args, kwargs, out):
-        calls.append((sess.clock.position, to_cpu(args), to_cpu(kwargs), to_cpu(sample_of(out))))
-
-    def take(i):
-        logs[i] = list(calls)
-        calls.clear()
-
-    handle = cal.model.register_forward_hook(record, with_kwargs=True)
-    try:
-        cal.run(batch_list, cal.config.seed, on_end=take)
-    finally:
-        handle.remove()
-        sess.close()
+    logs = own_trajectory_calls(cal, sess, batch_list, outputs=True)
     stats = {}
     for i, log in logs.items():  # the plain float model now: the session is closed
         stats[i] = st = VCStats(cal.num_positions, channels, gamma=cal.config.vc_gamma)
