@@ -66,10 +66,8 @@ def summarise(rows: list[dict], slugs: list[str], versus: str | None) -> list[di
                "entries_low_max": max((r["entries_low"] for r in mine if r["entries_low"] is not None), default=None),
                "calibration_seconds_mean": _spread([r["calibration_seconds"] or 0.0 for r in mine])[0]}
         if versus and s != versus:
-            diffs = [by[(s, k)]["psnr_vs_fp"] - by[(versus, k)]["psnr_vs_fp"] for k in seeds
-                     if (s, k) in by and (versus, k) in by]
-            if diffs:
-                row["delta_psnr_mean"], row["delta_psnr_std"] = _spread(diffs)
+            for d in paired(rows, [(s, versus)]):
+                row["delta_psnr_mean"], row["delta_psnr_std"] = d["mean"], d["std"]
         out.append(row)
     return out
 
@@ -176,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "calib_seeds": a.calib_seeds, "environment": environment(a.device), "rows": rows,
                                  "summary": summary, "paired": diffs}, indent=1, default=None)
         print(f"written {a.out}")
-    missing = {s for s in slugs} - {r["variant"] for r in rows}
+    missing = set(slugs) - {r["variant"] for r in rows}
     return 1 if missing else 0
 
 
