@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="override the table's step count (local smoke tests only)")
     s.add_argument("--model", default=None, help="override the table's model, e.g. tiny-ddim (tests only)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    s.add_argument("--backend", default="fake", choices=["fake", "int8", "fp8", "auto"],
+    s.add_argument("--backend", default="fake", choices=["fake", "int8", "fp8", "auto", "fp8-emulated"],
                    help="quantized-layer execution; the tables use the fake-quant reference (8-bit attention "
                         "matmuls included, as in the reference work)")
     s.add_argument("--kernel-attention", default="8bit", choices=["8bit", "sdpa"],

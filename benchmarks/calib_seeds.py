@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,22 @@ def markdown(summary: list[dict], versus: str | None) -> list[str]:
     return lines
 
 
+def reuse_plans(src: Path, dst: Path, slugs: list[str]) -> list[str]:
+    """Copies each variant's calibrated plan (and its calibration record) from ``src`` where ``dst``
+    has none; the sampler then reuses it when the configuration matches (else it calibrates anew).
+    Returns the variants copied."""
+    copied = []
+    for s in slugs:
+        plan, record = src / s / "plan.cqplan", src / s / "calibration.json"
+        if not (plan.is_file() and record.is_file()) or (dst / s / "plan.cqplan").exists():
+            continue
+        (dst / s).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(record, dst / s / "calibration.json")
+        shutil.copyfile(plan, dst / s / "plan.cqplan")
+        copied.append(s)
+    return copied
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", choices=list(TABLES), required=True)
@@ -114,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versus", help="a variant slug: paired PSNR differences against it")
     p.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
                    help="more paired comparisons: PSNR of variant A minus variant B, per calibration seed")
+    p.add_argument("--backend", default="fake", choices=["fake", "fp8-emulated", "int8", "fp8", "auto"],
+                   help="how the quantized layers compute (ablation.py sample --backend); default: the reference")
+    p.add_argument("--kernel-attention", default="8bit", choices=["8bit", "sdpa"],
+                   help="with a backend other than fake: the plans' 8-bit attention matmuls or float SDPA")
+    p.add_argument("--plans-from", default=None,
+                   help="another run's --work folder: start each variant from its calibrated plan (a plan does "
+                        "not depend on the backend), so that only sampling is repeated")
     p.add_argument("--steps", type=int, default=None, help="override the table's step count (smoke tests only)")
     p.add_argument("--model", default=None, help="override the table's model (smoke tests only)")
     p.add_argument("--out", default=None, help="JSON with every (variant, seed) row and the summary")
@@ -146,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                "--only", ",".join(slugs), "--num-samples", str(a.num_samples), "--batch-size", str(a.num_samples),
                "--device", a.device, "--work", str(work), "--calib-seed", str(seed), "--quiet"]
         cmd += (["--steps", str(a.steps)] if a.steps else []) + (["--model", a.model] if a.model else [])
+        cmd += ["--backend", a.backend, "--kernel-attention", a.kernel_attention]
+        if a.plans_from:
+            reuse_plans(Path(a.plans_from) / f"seed{seed}" / a.table, work / a.table, slugs)
         print("$", " ".join(cmd[1:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
             print(f"seed {seed}: some variants failed (their error.json says why); the others are reported",
@@ -171,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{' / '.join(f'{x:+.2f}' for x in d['delta_psnr'])} |")
     if a.out:
         write_json(Path(a.out), {"command": " ".join(sys.argv), "table": a.table, "num_samples": a.num_samples,
+                                 "backend": a.backend,
+                                 **({"kernel_attention": a.kernel_attention} if a.backend != "fake" else {}),
                                  "calib_seeds": a.calib_seeds, "environment": environment(a.device), "rows": rows,
                                  "summary": summary, "paired": diffs}, indent=1, default=None)
         print(f"written {a.out}")

@@ -47,3 +47,20 @@ def test_bad_arguments_fail_before_sampling(script, tmp_path, capsys):
         script.main(["--table", "qandc-fair", "--work", str(tmp_path), "--pairs", "tap-256/uniform-256"])
     assert "--pairs entries look like" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_plans_are_reused_across_backends_without_overwriting(script, tmp_path):
+    """--plans-from copies a variant's plan and calibration record where the new work folder has
+    none (the plan does not depend on the backend), never over one it has, and skips incomplete ones."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for slug, files in (("w8a8", ("plan.cqplan", "calibration.json")), ("half", ("plan.cqplan",)),
+                        ("mine", ("plan.cqplan", "calibration.json"))):
+        (src / slug).mkdir(parents=True)
+        for f in files:
+            (src / slug / f).write_text(f"{slug}/{f}")
+    (dst / "mine").mkdir(parents=True)
+    (dst / "mine" / "plan.cqplan").write_text("kept")
+    assert script.reuse_plans(src, dst, ["w8a8", "half", "mine", "absent"]) == ["w8a8"]
+    assert (dst / "w8a8" / "plan.cqplan").read_text() == "w8a8/plan.cqplan"
+    assert (dst / "w8a8" / "calibration.json").read_text() == "w8a8/calibration.json"
+    assert not (dst / "half").exists() and (dst / "mine" / "plan.cqplan").read_text() == "kept"

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-BACKENDS = ("auto", "fake", "int8", "fp8")
+BACKENDS = ("auto", "fake", "int8", "fp8", "fp8-emulated")
 """``fake``: the float reference (any device); ``int8`` / ``fp8``: Triton kernels (and cuBLASLt for
 FP8 GEMMs on Hopper) on a CUDA GPU (``fp8`` from compute capability 8.9); ``auto``: ``fp8`` on a GPU
-of capability ≥ 8.9, ``int8`` from 8.0, each layer tuned (see ``tune``), else ``fake``."""
+of capability ≥ 8.9, ``int8`` from 8.0, each layer tuned (see ``tune``), else ``fake``;
+``fp8-emulated``: the ``fp8`` backend's arithmetic (e4m3 codes and scales) in float ops on any
+device, to measure the quality FP8 gives without a GPU that runs it."""
 ATTENTION = ("sdpa", "8bit")
 """With a kernel backend: fused float SDPA for the attention matmuls (fast), or the plan's 8-bit
 attention matmuls (what the reference computes)."""

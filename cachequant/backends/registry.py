@@ -48,12 +48,14 @@ def register_backend(name: str, factory: Callable[[Any], Backend]) -> None:
 def _builtins() -> None:
     if "fake" in _FACTORIES:
         return
+    from .emulated import EmulatedFP8Backend
     from .reference import ReferenceBackend
     from .triton import TritonBackend
 
     register_backend("fake", ReferenceBackend)
     register_backend("int8", lambda options: TritonBackend("int8", options))
     register_backend("fp8", lambda options: TritonBackend("fp8", options))
+    register_backend("fp8-emulated", EmulatedFP8Backend)
 
 
 def _probe(name: str) -> Backend:
