@@ -108,6 +108,9 @@ def test_plan_cache_reuses_stored_plans_only_for_the_same_model(tmp_path, capsys
     assert "bench_plan_loaded" not in first.info and len(list(tmp_path.glob("*.cqplan"))) == 1
     again = models.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 2, 8)
     assert again.info["bench_plan_loaded"] and again.schedule == first.schedule
+    # a plan without a cache (interval 1: the fp16 and quant-only rows) is reused as well
+    models.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 1, 8)
+    assert models.PlanCache(str(tmp_path)).get(pipe, "dit-xl2", 4, 1, 8).info["bench_plan_loaded"]
     assert torch.equal(again.tensors[next(iter(first.tensors))], first.tensors[next(iter(first.tensors))])
     with torch.no_grad():
         next(models.denoiser(pipe).parameters()).add_(1.0)

@@ -194,7 +194,8 @@ class PlanCache:
                 try:
                     plan = cq.load_plan(path)
                     plan.fingerprint.check(denoiser(pipe))
-                    site = adapter_for(denoiser(pipe)).resolve_site(denoiser(pipe), cfg)
+                    # a plan without caching (interval 1) has no cache site
+                    site = adapter_for(denoiser(pipe)).resolve_site(denoiser(pipe), cfg) if interval > 1 else {}
                     if plan.cache.site != site:
                         raise cq.PlanError(f"its cache site {plan.cache.site} is not this version's {site}")
                     plan.info["bench_plan_loaded"] = str(path)
