@@ -36,7 +36,7 @@ from harness.render import calibration_coverage  # noqa: E402
 from harness.sampling import resolve_samples  # noqa: E402
 from harness.tables import TABLES  # noqa: E402
 
-import cachequant.quant.quantizer as quantizer  # noqa: E402
+from cachequant.quant import quantizer  # noqa: E402
 
 
 def strided_error_sample(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

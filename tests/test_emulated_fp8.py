@@ -17,7 +17,7 @@ import cachequant as cq  # noqa: E402
 from cachequant.backends.emulated import EmulatedFP8Backend  # noqa: E402
 from cachequant.backends.options import KernelOptions  # noqa: E402
 from cachequant.backends.pack import FP8_MAX, packed  # noqa: E402
-from test_kernels import CUDA, DEV, SHAPES, T, Layer, _tiny_unet_plan  # noqa: E402
+from test_kernels import CUDA, SHAPES, T, Layer, _tiny_unet_plan  # noqa: E402
 
 
 def _emulate(layer: Layer, fp8_gemm: str | None = None) -> EmulatedFP8Backend:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import cachequant.quant.quantizer as quantizer
+from cachequant.quant import quantizer
 from cachequant.quant.quantizer import activation_range
 
 

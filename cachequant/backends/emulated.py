@@ -64,7 +64,8 @@ class EmulatedFP8Backend:
     def forward(self, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
         p = packed(module)
         w = held(module, _DECODED)
-        act_s = p["act_s"].index_select(1, hook.clock.step_tensor())  # (parts, 1): this step's scales
+        step = hook.clock.step_tensor()
+        act_s = p["act_s"].index_select(1, step)  # (parts, 1): this step's scales
         conv = isinstance(module, nn.Conv2d)
         dim = 1 if conv else x.dim() - 1
         c = hook.pack.split
@@ -79,7 +80,6 @@ class EmulatedFP8Backend:
             return linear_op(module, xq, w, bias).to(x.dtype)
         # quantization-DEC (Eq. 9) as in the kernels' epilogue: a_t scales the cached part's product
         # only (the whole product when the input is not split), the bias and b_t are added after
-        step = hook.clock.step_tensor()
         a, b = p["dec_a"].index_select(0, step)[0], p["dec_b"].index_select(0, step)[0]
         c = c or xq.shape[dim]
         o_c = linear_op(module, xq.narrow(dim, 0, c), w[:, :c], None)
@@ -93,6 +93,7 @@ class EmulatedFP8Backend:
 
 def _channel_shape(o: torch.Tensor, conv: bool) -> tuple[int, ...]:
     return (1, -1) + (1,) * (o.dim() - 2) if conv else (-1,)
+
 
 def _e4m3(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``e4m3(x / s) · s``: the value an FP8 kernel multiplies, saturated at ±448."""
