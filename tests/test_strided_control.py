@@ -6,10 +6,10 @@ from __future__ import annotations
 import sys
 
 import pytest
-import torch
 
 from cachequant.quant import quantizer
 from cachequant.quant.quantizer import activation_range
+from test_quant import _outlier_tokens  # the aliasing test's activations: three outlier channels
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +19,6 @@ def script():
     yield load_benchmark("strided_search_control")
     for name in ("strided_search_control", "calib_seeds", "ablation"):
         sys.modules.pop(name, None)
-
-
-def _outlier_tokens(entries: int) -> torch.Tensor:
-    x = torch.randn(entries, 256, 240, generator=torch.Generator().manual_seed(1))
-    x[..., [7, 100, 201]] *= 40.0
-    return x
 
 
 def test_the_control_brings_the_entry_count_dependence_back(script, monkeypatch):
