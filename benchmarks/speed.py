@@ -84,7 +84,10 @@ def profile_run(pipe, kw: dict, device: str) -> dict:
     busy = sum(us for _, us in kernels) / 1e3
     return {"wall_ms": wall * 1e3, "gpu_kernel_ms": busy, "gpu_idle_fraction": max(0.0, 1 - busy / (wall * 1e3)),
             "kernels": len(kernels), "ms_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
-            "top_other_kernels": top_kernels(kernels, OTHER)}
+            "top_other_kernels": top_kernels(kernels, OTHER),
+            # per category too: a compiled model's fused kernels are named after the ops they hold, so
+            # a category (matched on names) can hold kernels of another kind; the names show which
+            "top_kernels_by_category": {cat: top_kernels(kernels, cat, 6) for cat in by_cat if cat != OTHER}}
 
 
 def top_kernels(kernels: list[tuple[str, float]], category: str, n: int = 12) -> list[dict]:

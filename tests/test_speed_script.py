@@ -43,7 +43,7 @@ def test_speed_benchmark_tiny_rows(tmp_path):
     assert all(r["warmup_profile"]["sampled_s"] >= 0 for r in res["rows"])  # --profile-warmup: every row
     prof = rows["fp16 eager"]["profile"]  # no CUDA kernels on the CPU: the structure, not the shares
     assert prof["wall_ms"] > 0 and prof["kernels"] == 0 and 0 <= prof["gpu_idle_fraction"] <= 1
-    assert prof["top_other_kernels"] == []
+    assert prof["top_other_kernels"] == [] and prof["top_kernels_by_category"] == {}
     rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed_report.py"), str(out)],
                          capture_output=True, text=True, timeout=60)
     assert rep.returncode == 0 and "Profile of one image" in rep.stdout and "| fp16 eager |" in rep.stdout, rep.stderr
