@@ -56,6 +56,9 @@ def run_sample(args) -> int:
     import torch
 
     table = TABLES[args.table]
+    if args.fp8_gemm and args.backend not in ("fp8", "fp8-emulated", "auto"):
+        raise SystemExit(f"--fp8-gemm {args.fp8_gemm} picks FP8 weight scales: it needs --backend fp8, fp8-emulated "
+                         f"or auto, not {args.backend}")
     steps = args.steps or table.steps
     model = args.model or table.model
     work = Path(args.work)
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --backend int8/fp8: keep the plans' 8-bit attention matmuls (default: the tables "
                         "then compute what the reference computes, at kernel speed for the linear / conv layers) "
                         "or run fused float SDPA")
+    s.add_argument("--fp8-gemm", default=None, choices=["cublaslt", "triton"],
+                   help="with --backend fp8 / fp8-emulated: per-tensor weight scales (cuBLASLt, what Hopper runs by "
+                        "default) or per-output-channel ones (the Triton FP8 GEMM); recorded in the run key")
     s.add_argument("--matmul-tf32", action="store_true",
                    help="float matmuls in TF32 on the GPU (cuDNN convolutions use TF32 by default anyway): the fp32 "
                         "DiT tables are matmul-bound, so this ~halves their GPU time; recorded in the run key")

@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="how the quantized layers compute (ablation.py sample --backend); default: the reference")
     p.add_argument("--kernel-attention", default="8bit", choices=["8bit", "sdpa"],
                    help="with a backend other than fake: the plans' 8-bit attention matmuls or float SDPA")
+    p.add_argument("--fp8-gemm", default=None, choices=["cublaslt", "triton"],
+                   help="with --backend fp8 / fp8-emulated: per-tensor (cuBLASLt) or per-channel (Triton) FP8 weight "
+                        "scales (ablation.py sample --fp8-gemm)")
     p.add_argument("--plans-from", default=None,
                    help="another run's --work folder: start each variant from its calibrated plan (a plan does "
                         "not depend on the backend), so that only sampling is repeated")
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                "--device", a.device, "--work", str(work), "--calib-seed", str(seed), "--quiet"]
         cmd += (["--steps", str(a.steps)] if a.steps else []) + (["--model", a.model] if a.model else [])
         cmd += ["--backend", a.backend, "--kernel-attention", a.kernel_attention]
+        cmd += ["--fp8-gemm", a.fp8_gemm] if a.fp8_gemm else []
         if a.plans_from:
             reuse_plans(Path(a.plans_from) / f"seed{seed}" / a.table, work / a.table, slugs)
         print("$", " ".join(cmd[1:]), flush=True)
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(Path(a.out), {"command": " ".join(sys.argv), "table": a.table, "num_samples": a.num_samples,
                                  "backend": a.backend,
                                  **({"kernel_attention": a.kernel_attention} if a.backend != "fake" else {}),
+                                 **({"fp8_gemm": a.fp8_gemm} if a.fp8_gemm else {}),
                                  "calib_seeds": a.calib_seeds, "environment": environment(a.device), "rows": rows,
                                  "summary": summary, "paired": diffs}, indent=1, default=None)
         print(f"written {a.out}")

@@ -267,3 +267,24 @@ def test_carry_variant_moves_fp_between_sessions(ablation, tmp_path):
         carry.import_variants(w2, damaged)
     with pytest.raises(SystemExit, match="no finished samples"):
         carry.export_variant(w2, "unet", "w8a8", parts)
+
+
+def test_fp8_weight_scales_are_part_of_the_run_key_and_need_an_fp8_backend(ablation, tmp_path):
+    """Per-tensor and per-channel FP8 weight scales give different samples: their run keys differ
+    (so a resumed run never mixes them), and --fp8-gemm without an FP8 backend is refused before
+    anything is sampled."""
+    from harness.sampling import run_key
+
+    table = ablation.TABLES["dit-ddim50"]
+    variant = table.variant("w8a8")
+    args = ablation.build_parser().parse_args(["sample", "--table", "dit-ddim50", "--work", str(tmp_path),
+                                               "--num-samples", "16", "--backend", "fp8-emulated"])
+    keys = {}
+    for gemm in (None, "cublaslt", "triton"):
+        args.fp8_gemm = gemm
+        keys[gemm] = run_key(table, variant, args, 50, table.model)
+    assert len({json.dumps(k, sort_keys=True) for k in keys.values()}) == 3
+    assert "fp8_gemm" not in keys[None] and keys["triton"]["fp8_gemm"] == "triton"
+    with pytest.raises(SystemExit, match="--fp8-gemm triton .* needs --backend fp8"):
+        _sample(ablation, tmp_path / "work", "w8a8", "--fp8-gemm", "triton")
+    assert not (tmp_path / "work").exists()

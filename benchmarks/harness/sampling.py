@@ -41,6 +41,8 @@ def run_key(table: Table, variant: Variant, args, steps: int, model: str) -> dic
             "backend": getattr(args, "backend", "fake"),
             # kernel backends only (the reference path always runs the plan's attention)
             **({"kernel_attention": args.kernel_attention} if getattr(args, "backend", "fake") != "fake" else {}),
+            # per-tensor or per-channel FP8 weight scales: different weights, different samples
+            **({"fp8_gemm": args.fp8_gemm} if getattr(args, "fp8_gemm", None) else {}),
             # TF32 matmuls change every float matmul's rounding, so samples of the two settings never mix
             **({"matmul_tf32": True} if getattr(args, "matmul_tf32", False) else {})}
 
@@ -155,7 +157,8 @@ def sample_variant(pipe, table: Table, variant: Variant, args, steps: int, model
     kw = {} if table.guidance_scale is None else {"guidance_scale": table.guidance_scale}
     _, model_mod = denoiser_of(pipe)
     if plan is not None:
-        cq.accelerate(pipe, plan, backend=args.backend, attention=args.kernel_attention)
+        cq.accelerate(pipe, plan, backend=args.backend, attention=args.kernel_attention,
+                      fp8_gemm=getattr(args, "fp8_gemm", None))
     try:
         with torch.inference_mode():
             with count_ops(model_mod) as ops:  # one image, as `cachequant evaluate` counts
