@@ -74,6 +74,17 @@ def _cache_quant_variants(intervals_cache: list[int], intervals_joint: list[int]
     return vs
 
 
+def _float_attention_variants(intervals: list[int]) -> list[Variant]:
+    """W8A8 with the attention matmuls (QKᵀ, softmax·V) left in float, alone and with DPS + DEC:
+    what the 8-bit attention costs, against the rows that quantize them (the default)."""
+    vs = [Variant("w8a8-fattn", "quant only W8A8, float attention matmuls",
+                  dict(interval=1, schedule="uniform", dec=False, quant_attention=False))]
+    for n in intervals:
+        vs.append(Variant(f"dps-dec-n{n}-fattn", f"+ DPS + DEC (N={n}, W8A8), float attention matmuls",
+                          dict(interval=n, schedule="dps", dec=True, quant_attention=False)))
+    return vs
+
+
 def _qandc_main(n: int) -> list[Variant]:
     """Q&C's main rows at cache interval ``n``, W8A8; the baseline is uniform caching + W8A8 with
     the default calibration (``CacheQuantConfig.calibration = "trajectory"``: every step of every
@@ -146,7 +157,8 @@ TABLES: dict[str, Table] = {
     "dit-ddim50": Table("dit-ddim50", "CIFAR-10 DiT, DDIM 50 steps, guidance 1.5", "cifar10-dit", "ddim", 50, 1.5,
                         _cache_quant_variants([2, 3, 5], [2, 3], w4=False)),
     "mmdit-euler28": Table("mmdit-euler28", "CIFAR-10 MMDiT (rectified flow), Euler 28 steps, guidance 1.5",
-                           "cifar10-mmdit", "flow-euler", 28, 1.5, _cache_quant_variants([2, 3], [2, 3], w4=False)),
+                           "cifar10-mmdit", "flow-euler", 28, 1.5,
+                           _cache_quant_variants([2, 3], [2, 3], w4=False) + _float_attention_variants([3])),
     "qandc": Table("qandc", "Q&C ablations: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5", "cifar10-dit",
                    "ddim", 50, 1.5, _qandc_variants()),
     "qandc-fair": Table("qandc-fair", "Q&C at equal budgets: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5",
