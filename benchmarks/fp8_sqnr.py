@@ -39,10 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cachequant.backends.pack import FP8_MAX  # noqa: E402
+from cachequant.quant.gptq import gptq_columns  # noqa: E402
 from cachequant.quant.quantizer import activation_range, fake_quant, params_from_range, weight_qparams  # noqa: E402
 from cachequant.utils.io import atomic_path  # noqa: E402
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # fractions of the absolute maximum mapped to ±448
 
 
@@ -97,29 +98,14 @@ def model_weights(name: str) -> dict[str, torch.Tensor]:
 
 def gptq_e4m3(weight: torch.Tensor, hessian: torch.Tensor, scale: float, damp: float = 0.01,
               block: int = 128) -> torch.Tensor:
-    """GPTQ (Frantar et al. 2022, Alg. 1, lazy block updates) with e4m3 as the grid: each input
-    column is rounded to e4m3 at ``scale`` and its error, weighted by the inverse Hessian's Cholesky
-    row, pushed onto the columns not yet rounded. Returns the dequantized weights (float64)."""
-    w = weight.detach().double().clone()
-    k = w.shape[1]
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    out = torch.zeros_like(w)
-    for i0 in range(0, k, block):
-        i1 = min(i0 + block, k)
-        wb, hb = w[:, i0:i1].clone(), hinv[i0:i1, i0:i1]
-        err = torch.zeros_like(wb)
-        for j in range(i1 - i0):
-            q = e4m3(wb[:, j], scale).double()
-            out[:, i0 + j] = q
-            e = (wb[:, j] - q) / hb[j, j]
-            wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
-            err[:, j] = e
-        w[:, i1:] -= err @ hinv[i0:i1, i1:]
-    return out
+    """GPTQ (Frantar et al. 2022, Alg. 1) with e4m3 at ``scale`` as the grid: the error feedback of
+    :func:`~cachequant.quant.gptq.gptq_columns`, only the rounding differs. Dequantized weights
+    (float64)."""
+    def to_grid(col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = e4m3(col, scale).double()
+        return q, q
+
+    return gptq_columns(weight.detach().double(), hessian, to_grid, damp, block)
 
 
 def capture_dit(steps: int = 20) -> tuple[dict, dict, dict]:

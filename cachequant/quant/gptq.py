@@ -13,13 +13,15 @@ L_p range search chose; GPTQ only decides which grid point each weight rounds to
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .quantizer import qrange
 
-__all__ = ["HessianAccumulator", "gptq_codes", "gptq_round", "hessian_from"]
+__all__ = ["HessianAccumulator", "gptq_codes", "gptq_columns", "gptq_round", "hessian_from"]
 
 
 class HessianAccumulator:
@@ -92,11 +94,28 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     updates"); ``damp`` × mean(diag H) is added to the diagonal for a stable Cholesky. Inputs that
     never vary (zero diagonal) are pinned to their round-to-nearest value.
     """
+    s = scale.reshape(-1).double()
+    z = zero_point.reshape(-1).double()
+    qmin, qmax = qrange(bits)
+
+    def to_grid(col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = torch.clamp(torch.round(col / s) + z, qmin, qmax)
+        return c, (c - z) * s
+
+    return gptq_columns(weight, hessian, to_grid, damp, block).float()
+
+
+@torch.no_grad()
+def gptq_columns(weight: torch.Tensor, hessian: torch.Tensor,
+                 to_grid: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """GPTQ's column loop for any grid, in float64: ``to_grid(column)`` returns what to keep for
+    the column (codes, or values) and its dequantized value, whose difference to the column is the
+    error pushed onto the columns not yet rounded. Returns the kept values, shaped as ``weight``.
+    :func:`gptq_codes` passes an integer grid; an FP8 grid (e4m3 at a fixed scale) fits the same
+    loop, since only the rounding changes."""
     shape = weight.shape
     w = weight.detach().reshape(shape[0], -1).double().clone()
-    s = scale.reshape(-1, 1).double()
-    z = zero_point.reshape(-1, 1).double()
-    qmin, qmax = qrange(bits)
     k = w.shape[1]
     if hessian.shape != (k, k):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {k} input columns")
@@ -107,9 +126,6 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
-    def code(col: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(col / s[:, 0]) + z[:, 0], qmin, qmax)
-
     out = torch.zeros_like(w)
     for i0 in range(0, k, block):
         i1 = min(i0 + block, k)
@@ -118,11 +134,10 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         hb = hinv[i0:i1, i0:i1]
         for j in range(i1 - i0):
             col = wb[:, j]
-            c = code(col)
-            out[:, i0 + j] = c
-            qc = (c - z[:, 0]) * s[:, 0]
+            kept, qc = to_grid(col)
+            out[:, i0 + j] = kept
             e = (col - qc) / hb[j, j]
             wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
             errb[:, j] = e
         w[:, i1:] -= errb @ hinv[i0:i1, i1:]
-    return out.reshape(shape).float()
+    return out.reshape(shape)
