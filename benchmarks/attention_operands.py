@@ -32,12 +32,22 @@ from harness.env import environment  # noqa: E402
 from harness.io import write_json  # noqa: E402
 
 import cachequant as cq  # noqa: E402
+from cachequant.backends.pack import FP8_MAX  # noqa: E402
 from cachequant.metrics import psnr, ssim  # noqa: E402
 from cachequant.metrics.sampling import sample_indices  # noqa: E402
 from cachequant.plan import ATTENTION_OPERANDS  # noqa: E402
 from cachequant.quant import attention  # noqa: E402
 
-SETTINGS = {"none": (), **{f"only {o}": (o,) for o in ATTENTION_OPERANDS}, "all": ATTENTION_OPERANDS}
+SETTINGS = {"none": (), **{f"only {o}": (o,) for o in ATTENTION_OPERANDS}, "all": ATTENTION_OPERANDS,
+            "q, k, v 8-bit, p e4m3": ("q", "k", "v", "p:e4m3")}
+"""Which operands go through the plan's quantizer; ``"p:e4m3"`` rounds the probabilities to e4m3 at
+the fixed scale 1/448 instead (p ≤ 1 maps into e4m3's range; what an FP8 attention kernel does with
+them), a float grid whose relative step is the same for small and large probabilities."""
+
+
+def e4m3_probabilities(x: torch.Tensor) -> torch.Tensor:
+    scale = 1.0 / FP8_MAX
+    return (x.float() / scale).clamp(0, FP8_MAX).to(torch.float8_e4m3fn).float().mul(scale).to(x.dtype)
 
 
 def sample(pipe, n: int, steps: int, guidance_scale: float | None) -> np.ndarray:
@@ -57,6 +67,8 @@ def operand_images(pipe, plan, draw: Callable[[], np.ndarray],
     try:
         for name, quantized in settings.items():
             def call(self, operand, x, quantized=quantized):
+                if f"{operand}:e4m3" in quantized:
+                    return e4m3_probabilities(x)
                 return real_call(self, operand, x) if operand in quantized else x
             attention._OperandQuant.__call__ = call
             out[name] = draw()
