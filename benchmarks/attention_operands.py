@@ -3,7 +3,8 @@ probabilities p, or v.
 
 A calibrated plan quantizes all four operands of QKᵀ and softmax·V with their per-step ranges.
 This samples the same images with the plan's layers quantized and, in turn, only one attention
-operand quantized (the other three in float), none, and all four, and reports the PSNR / SSIM of
+operand quantized (the other three in float), none, all four, and all four with the
+probabilities on an e4m3 grid instead of their uniform 8-bit range, and reports the PSNR / SSIM of
 each against full precision from the same sampling seeds. The selection exists only inside this
 process (the operand quantizer is wrapped here, nothing in the package changes)::
 
