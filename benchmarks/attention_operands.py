@@ -33,6 +33,7 @@ from harness.env import environment  # noqa: E402
 from harness.io import write_json  # noqa: E402
 
 import cachequant as cq  # noqa: E402
+from cachequant.backends.emulated import e4m3_round  # noqa: E402
 from cachequant.backends.pack import FP8_MAX  # noqa: E402
 from cachequant.metrics import psnr, ssim  # noqa: E402
 from cachequant.metrics.sampling import sample_indices  # noqa: E402
@@ -47,8 +48,7 @@ them), a float grid whose relative step is the same for small and large probabil
 
 
 def e4m3_probabilities(x: torch.Tensor) -> torch.Tensor:
-    scale = 1.0 / FP8_MAX
-    return (x.float() / scale).clamp(0, FP8_MAX).to(torch.float8_e4m3fn).float().mul(scale).to(x.dtype)
+    return e4m3_round(x.float().clamp(min=0), 1.0 / FP8_MAX).to(x.dtype)
 
 
 def sample(pipe, n: int, steps: int, guidance_scale: float | None) -> np.ndarray:

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cachequant.backends.emulated import e4m3_round  # noqa: E402
 from cachequant.backends.pack import FP8_MAX  # noqa: E402
 from cachequant.quant.gptq import gptq_columns  # noqa: E402
 from cachequant.quant.quantizer import activation_range, fake_quant, params_from_range, weight_qparams  # noqa: E402
@@ -51,9 +52,8 @@ def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:
     return float(10 * torch.log10(x.pow(2).mean() / (x - xq).pow(2).mean().clamp_min(1e-30)))
 
 
-def e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Quantize-dequantize through float8_e4m3fn with saturation at ±448 (the backends' arithmetic)."""
-    return torch.clamp(x / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+e4m3 = e4m3_round
+"""Quantize-dequantize through float8_e4m3fn at a scale, saturated at ±448: the FP8 backends' rounding."""
 
 
 def weight_row(w: torch.Tensor) -> dict:

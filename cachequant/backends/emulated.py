@@ -71,10 +71,10 @@ class EmulatedFP8Backend:
         c = hook.pack.split
         xf = x.float()
         if c:
-            xq = torch.cat([_e4m3(xf.narrow(dim, 0, c), act_s[0]),
-                            _e4m3(xf.narrow(dim, c, xf.shape[dim] - c), act_s[1])], dim)
+            xq = torch.cat([e4m3_round(xf.narrow(dim, 0, c), act_s[0]),
+                            e4m3_round(xf.narrow(dim, c, xf.shape[dim] - c), act_s[1])], dim)
         else:
-            xq = _e4m3(xf, act_s[0])
+            xq = e4m3_round(xf, act_s[0])
         bias = p["bias"]
         if not hook.dec_active():
             return linear_op(module, xq, w, bias).to(x.dtype)
@@ -95,6 +95,6 @@ def _channel_shape(o: torch.Tensor, conv: bool) -> tuple[int, ...]:
     return (1, -1) + (1,) * (o.dim() - 2) if conv else (-1,)
 
 
-def _e4m3(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def e4m3_round(x: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
     """``e4m3(x / s) · s``: the value an FP8 kernel multiplies, saturated at ±448."""
     return torch.clamp(x / s, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
