@@ -136,7 +136,9 @@ def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, fp8_gemm=
                         cublaslt_layers=rep.get("cublaslt_layers", 0))
             if "float_layers" in rep:
                 info.update(tuned_layers=rep["tuned_layers"], float_layers=len(rep["float_layers"]),
-                            float_layer_names=sorted(rep["float_layers"]))
+                            float_layer_names=sorted(rep["float_layers"]),
+                            # why each stays in fp16: both timings and the tuned shape
+                            float_layer_reasons=dict(sorted(rep["float_layers"].items())))
         if compile:
             # compile the model's own forward, under cachequant's hooks on its submodules and inside
             # the CUDA-graph hook, which then captures the compiled kernels

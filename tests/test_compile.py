@@ -97,3 +97,54 @@ def test_regional_compilation(sd_plan):
     np.testing.assert_array_equal(sd(pipe), eager)
     cq.restore(pipe)
     torch._dynamo.reset()
+
+
+def test_compiled_cached_transformer_settles_before_the_graph_capture():
+    """``enable_cuda_graphs`` captures a key's third call (``WARMUP_CALLS`` eager calls first):
+    under torch.compile no call from there on may compile, since a freshly compiled Triton kernel
+    autotunes on its first launch, which invalidates a capture. The first full call of a cached
+    transformer fills the empty feature cache that dynamo guards on, so its next full call
+    recompiles; this counts compilations per (mode, branch) on the tiny SD3 pipeline, cache only."""
+    from cachequant.backends.graphs import WARMUP_CALLS
+    from cachequant.models.tiny_families import TINY_FAMILIES
+
+    pipe, kw = TINY_FAMILIES["tiny-sd3"]()
+    plan = cq.calibrate(pipe, cq.CacheQuantConfig(interval=3, schedule="uniform", weight_bits=None, act_bits=None,
+                                                  calib_batch_size=2, dps_samples=2),
+                        6, prompts=PROMPTS, pipeline_kwargs=kw, progress=False)
+    cq.accelerate(pipe, plan)
+    model = pipe.transformer
+    clock = session_of(model).clock
+    compiled, calls = [0], []
+
+    def counting(gm, example_inputs):
+        compiled[0] += 1
+        return gm.forward
+
+    def before(mod, args, kwargs):
+        calls.append([(clock.mode, clock.forced, clock.branch), compiled[0]])
+
+    def after(mod, args, kwargs, out):
+        calls[-1][1] = compiled[0] - calls[-1][1]
+
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend=counting)
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        for _ in range(2):
+            pipe(prompt=PROMPTS[:1], num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                 output_type="latent", **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.__dict__.pop("forward", None)
+        cq.restore(pipe)
+    seen: dict = {}
+    late = []
+    for key, n in calls:
+        i = seen[key] = seen.get(key, -1) + 1
+        if i >= WARMUP_CALLS and n:
+            late.append((key, i, n))
+    assert {k[0] for k in seen} == {"full", "cached"} and compiled[0] >= 2
+    assert not late, f"compiled at or after the capture call (key, call index, graphs): {late}"

@@ -24,6 +24,14 @@ from torch import nn
 
 
 GRAPH_HOOK = "cachequant.cuda_graphs"
+WARMUP_CALLS = 2
+"""Eager calls of a graph's inputs before its capture. Under ``torch.compile`` a call that changes
+what dynamo guards on recompiles on the next call: the first full call fills the empty feature
+cache, so the second full call runs newly compiled code, whose Triton kernels autotune on their
+first launch — inside a capture that launches benchmarks and invalidates the graph (measured with
+SD3-medium cache-only + compile: ``cudaErrorStreamCaptureInvalidated``). Two warm-ups let that
+settle before the capture (the third call of its key); ``tests/test_compile.py`` checks that no
+call from the third on compiles."""
 
 
 def _is_tensor(x: Any) -> bool:
@@ -84,7 +92,8 @@ class CudaGraphHook(ModelHook):
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            eager(*sargs, **skw)  # warm-up: Triton compiles, cuBLAS/cuDNN pick algorithms
+            for _ in range(WARMUP_CALLS):  # Triton compiles, cuBLAS/cuDNN pick algorithms, dynamo settles
+                eager(*sargs, **skw)
         torch.cuda.current_stream(self.device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
