@@ -4,7 +4,8 @@ probabilities p, or v.
 A calibrated plan quantizes all four operands of QKᵀ and softmax·V with their per-step ranges.
 This samples the same images with the plan's layers quantized and, in turn, only one attention
 operand quantized (the other three in float), none, all four, and all four with the
-probabilities on an e4m3 grid instead of their uniform 8-bit range, and reports the PSNR / SSIM of
+probabilities on an e4m3 grid instead of their uniform 8-bit range (what a plan calibrated with
+``attention_probs="e4m3"`` computes, from the same ranges), and reports the PSNR / SSIM of
 each against full precision from the same sampling seeds. The selection exists only inside this
 process (the operand quantizer is wrapped here, nothing in the package changes)::
 
@@ -33,8 +34,7 @@ from harness.env import environment  # noqa: E402
 from harness.io import write_json  # noqa: E402
 
 import cachequant as cq  # noqa: E402
-from cachequant.backends.emulated import e4m3_round  # noqa: E402
-from cachequant.backends.pack import FP8_MAX  # noqa: E402
+from cachequant.quant.quantizer import E4M3_MAX, e4m3_round  # noqa: E402
 from cachequant.metrics import psnr, ssim  # noqa: E402
 from cachequant.metrics.sampling import sample_indices  # noqa: E402
 from cachequant.plan import ATTENTION_OPERANDS  # noqa: E402
@@ -48,7 +48,8 @@ them), a float grid whose relative step is the same for small and large probabil
 
 
 def e4m3_probabilities(x: torch.Tensor) -> torch.Tensor:
-    return e4m3_round(x.float().clamp(min=0), 1.0 / FP8_MAX).to(x.dtype)
+    """What a plan calibrated with ``attention_probs="e4m3"`` does to the probabilities."""
+    return e4m3_round(x.float(), 1.0 / E4M3_MAX).to(x.dtype)
 
 
 def sample(pipe, n: int, steps: int, guidance_scale: float | None) -> np.ndarray:
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheduler", default=None, help="the zoo sampler (default: the model's first)")
     p.add_argument("--plan", required=True, help="a .cqplan calibrated for this model and sampler")
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument("--guidance-scale", type=lambda v: None if v.lower() == "none" else float(v), default=1.5,
+                   help="classifier-free guidance; 'none' for pipelines without it (the CIFAR UNet's DDIMPipeline)")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cachequant.backends.emulated import e4m3_round  # noqa: E402
+from cachequant.quant.quantizer import e4m3_round  # noqa: E402
 from cachequant.backends.pack import FP8_MAX  # noqa: E402
 from cachequant.quant.gptq import gptq_columns  # noqa: E402
 from cachequant.quant.quantizer import activation_range, fake_quant, params_from_range, weight_qparams  # noqa: E402

@@ -139,6 +139,9 @@ def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, fp8_gemm=
                             float_layer_names=sorted(rep["float_layers"]),
                             # why each stays in fp16: both timings and the tuned shape
                             float_layer_reasons=dict(sorted(rep["float_layers"].items())))
+                if compile:  # compiled code reads the GEMM-alone decisions
+                    info.update(float_layers_compiled=len(rep["float_layers_compiled"]),
+                                float_layer_reasons_compiled=dict(sorted(rep["float_layers_compiled"].items())))
         if compile:
             # compile the model's own forward, under cachequant's hooks on its submodules and inside
             # the CUDA-graph hook, which then captures the compiled kernels

@@ -117,7 +117,7 @@ def _add_quant(sess: Session, plan: Plan, backend, options: KernelOptions) -> No
                     f"the plan quantizes the attention matmuls of {name}, whose processor is now {proc} (attention "
                     "slicing, fused projections, IP-Adapter?): set the default processor back "
                     "(model.set_default_attn_processor()), or calibrate a plan with this processor")
-        sess.add_attention(list(q.attention), plan.tensors, q.act_bits)
+        sess.add_attention(list(q.attention), plan.tensors, q.act_bits, plan.config.attention_probs)
 
 
 def _drop_float_weights(sess: Session, modules: list[nn.Module]) -> int:
@@ -176,7 +176,8 @@ def kernel_report(pipe: Any) -> dict:
     """Which backend runs the quantized layers, the layers left on the reference path (why), the
     weight bytes held (packed 8-bit copies and float originals), and with per-layer tuning, the
     layers measured so far (``tuned_layers``) and those that run their float op (``float_layers``,
-    with both timings: tuning happens on each layer's first eager call at a new input shape)."""
+    with both timings: tuning happens on each layer's first eager call at a new input shape; and
+    ``float_layers_compiled``, those that run it under torch.compile)."""
     from .backends.pack import PACK
 
     sess = _session(pipe)
@@ -194,6 +195,11 @@ def kernel_report(pipe: Any) -> dict:
         rep["tuned_layers"] = len(measured)
         rep["float_layers"] = {name: f"its float op is faster: {r['float_us']} µs vs {r['kernel_us']} µs 8-bit "
                                      f"({r['key']})" for name, r in measured.items() if r["choice"] == "float"}
+        # under torch.compile the quantize fuses into the input's producer and the decision is the
+        # 8-bit GEMM alone against the float op (LayerTuner.lookup(compiled=True))
+        rep["float_layers_compiled"] = {
+            name: f"its float op is faster: {r['float_us']} µs vs {r.get('gemm_us', r['kernel_us'])} µs 8-bit GEMM "
+                  f"({r['key']})" for name, r in measured.items() if r.get("compiled_choice", r["choice"]) == "float"}
     return rep
 
 

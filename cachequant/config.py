@@ -13,6 +13,7 @@ CALIBRATION_MODES = ("trajectory",) + SELECTION_METHODS
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 CACHE_DEC_FITS = ("open", "closed")
 DPS_COSTS = ("float", "quant")
+ATTENTION_PROBS = ("uniform", "e4m3")
 VC_FITS = ("open", "closed")
 
 
@@ -83,6 +84,16 @@ class CacheQuantConfig:
     block, so their error is amplified; False (the default) keeps them in float."""
     quant_attention: bool = True
     """Also quantize the attention matmuls (QKᵀ and softmax·V) to act_bits."""
+    attention_probs: str = "uniform"
+    """The grid of the softmax probabilities P, the left operand of P·V, when the attention matmuls
+    are quantized: ``uniform`` — a per-step 8-bit affine range like every other activation;
+    ``e4m3`` — FP8 e4m3 at the fixed scale 1/448 (P ∈ [0, 1] onto e4m3's [0, 448]), what an FP8
+    attention kernel feeds its P·V. Why: the probabilities' range is set by the rare peaked rows
+    (max 0.4–0.8) while most are near 1/tokens, so a uniform step of 0.0015–0.003 rounds the typical
+    probability (≈ 0.004 at 257 tokens) to one or two codes; e4m3 keeps 3 mantissa bits at every
+    magnitude (down to 2⁻⁹/448). On the CIFAR MMDiT's W8A8 plan the 8-bit P alone cost 10.7 dB PSNR
+    and P on e4m3 gave back 9.9 of them (``results/quality/README.md``). The reference path only
+    (the kernel path runs fp16 attention). Old plans read as ``uniform``."""
     per_step_act: bool = True
     """One activation range per timestep (the method); False = one range for all steps (baseline)."""
     calib_batch_size: int = 8
@@ -157,6 +168,11 @@ class CacheQuantConfig:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_MODES)}; got {self.calibration!r}")
         if not 0.0 <= self.tap_lambda <= 1.0:
             raise ValueError(f"tap_lambda must be in [0, 1], got {self.tap_lambda}")
+        if self.attention_probs not in ATTENTION_PROBS:
+            raise ValueError(f"attention_probs must be one of {', '.join(ATTENTION_PROBS)}; got {self.attention_probs!r}")
+        if self.attention_probs != "uniform" and (not self.quant_attention or self.act_bits is None):
+            raise ValueError(f"attention_probs={self.attention_probs!r} sets the grid of the 8-bit attention's "
+                             "probabilities: it needs quant_attention=True and quantization (act_bits=8)")
         if self.vc_fit not in VC_FITS:
             raise ValueError(f"vc_fit must be one of {', '.join(VC_FITS)}; got {self.vc_fit!r}")
         if self.vc_fit != "open" and not self.vc:

@@ -134,8 +134,9 @@ class Session:
         self.layers.update(hooks)
         self.undo.extend(undo)
 
-    def add_attention(self, names: list[str], tensors: dict[str, torch.Tensor], bits: int) -> None:
-        procs, undo = attach_quant_attention(self.model, names, tensors, self.clock, bits)
+    def add_attention(self, names: list[str], tensors: dict[str, torch.Tensor], bits: int,
+                      probs: str = "uniform") -> None:
+        procs, undo = attach_quant_attention(self.model, names, tensors, self.clock, bits, probs)
         self.processors.update(procs)
         self.undo.extend(undo)
 

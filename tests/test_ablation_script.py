@@ -288,3 +288,24 @@ def test_fp8_weight_scales_are_part_of_the_run_key_and_need_an_fp8_backend(ablat
     with pytest.raises(SystemExit, match="--fp8-gemm triton .* needs --backend fp8"):
         _sample(ablation, tmp_path / "work", "w8a8", "--fp8-gemm", "triton")
     assert not (tmp_path / "work").exists()
+
+
+def test_a_config_field_at_its_later_added_default_leaves_run_keys_unchanged(ablation, tmp_path):
+    """Adding a CacheQuantConfig field must not orphan samples made before it existed: while the
+    field is at its default it stays out of the run key (``harness.sampling.LATER_FIELDS``), and a
+    variant that sets it gets a key of its own."""
+    from harness.sampling import LATER_FIELDS, key_hash, run_key
+
+    import cachequant as cq
+
+    table = ablation.TABLES["mmdit-euler28"]
+    args = ablation.build_parser().parse_args(["sample", "--table", "mmdit-euler28", "--work", str(tmp_path),
+                                               "--num-samples", "16"])
+    plain = run_key(table, table.variant("w8a8"), args, 28, table.model)
+    e4m3 = run_key(table, table.variant("w8a8-pe4m3"), args, 28, table.model)
+    defaults = cq.CacheQuantConfig().to_dict()
+    assert all(defaults[k] == v for k, v in LATER_FIELDS.items())
+    assert not set(LATER_FIELDS) & set(plain["config"])
+    assert e4m3["config"]["attention_probs"] == "e4m3"
+    assert {k: v for k, v in e4m3["config"].items() if k != "attention_probs"} == plain["config"]
+    assert key_hash(plain) != key_hash(e4m3)

@@ -82,6 +82,8 @@ CASES = [  # (id, arguments with {tmp}, message)
                              "{tmp}/p.cqplan"], "w8_layers only applies to 4-bit weights"),
     ("vc-fit-without-vc", ["calibrate", "--model", "tiny-ddim", "--vc-fit", "closed", "--out", "{tmp}/p.cqplan"],
      "set vc=True as well"),
+    ("e4m3-probs-without-quantization", ["calibrate", "--model", "tiny-ddim", "--bits", "fp", "--attention-probs",
+                                         "e4m3", "--out", "{tmp}/p.cqplan"], "needs quant_attention=True and quantization"),
     ("tap-lambda-out-of-range", ["calibrate", "--model", "tiny-ddim", "--tap-lambda", "2", "--out", "{tmp}/p.cqplan"],
      "argument --tap-lambda: expected a number in"),
     ("evaluate-zero-samples", ["evaluate", "--model", "tiny-ddim", "--num-samples", "0", "--out-dir", "{tmp}/run"],

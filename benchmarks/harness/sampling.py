@@ -34,10 +34,23 @@ def full_config(variant: Variant, calib: dict) -> dict | None:
     return cq.CacheQuantConfig(**{**calib, **variant.config}).to_dict()
 
 
+LATER_FIELDS = {"attention_probs": "uniform"}
+"""CacheQuantConfig fields added after run keys were first written, with their defaults: left out
+of a key while at the default, so that samples made before a field existed (resumed work folders,
+variants carried between device sessions) keep their keys."""
+
+
+def _keyed_config(config: dict | None) -> dict | None:
+    if config is None:
+        return None
+    return {k: v for k, v in config.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
 def run_key(table: Table, variant: Variant, args, steps: int, model: str) -> dict:
     """Everything the images of a variant depend on; equal keys = identical samples (shared)."""
     return {"model": model, "scheduler": table.scheduler, "steps": steps, "guidance_scale": table.guidance_scale,
-            "num_samples": args.num_samples, "seed": args.seed, "config": full_config(variant, calib_settings(args)),
+            "num_samples": args.num_samples, "seed": args.seed,
+            "config": _keyed_config(full_config(variant, calib_settings(args))),
             "backend": getattr(args, "backend", "fake"),
             # kernel backends only (the reference path always runs the plan's attention)
             **({"kernel_attention": args.kernel_attention} if getattr(args, "backend", "fake") != "fake" else {}),

@@ -85,6 +85,18 @@ def _float_attention_variants(intervals: list[int]) -> list[Variant]:
     return vs
 
 
+def _e4m3_probs_variants(intervals: list[int]) -> list[Variant]:
+    """W8A8 with the attention's softmax probabilities on e4m3 (``attention_probs="e4m3"``), alone
+    and with DPS + DEC: against the rows with the uniform 8-bit range (the default) and those with
+    float attention, how much of the 8-bit attention's cost the float grid gives back."""
+    vs = [Variant("w8a8-pe4m3", "quant only W8A8, attention probabilities on e4m3",
+                  dict(interval=1, schedule="uniform", dec=False, attention_probs="e4m3"))]
+    for n in intervals:
+        vs.append(Variant(f"dps-dec-n{n}-pe4m3", f"+ DPS + DEC (N={n}, W8A8), attention probabilities on e4m3",
+                          dict(interval=n, schedule="dps", dec=True, attention_probs="e4m3")))
+    return vs
+
+
 def _qandc_main(n: int) -> list[Variant]:
     """Q&C's main rows at cache interval ``n``, W8A8; the baseline is uniform caching + W8A8 with
     the default calibration (``CacheQuantConfig.calibration = "trajectory"``: every step of every
@@ -155,10 +167,11 @@ TABLES: dict[str, Table] = {
     "dit-ddpm250": Table("dit-ddpm250", "CIFAR-10 DiT, DDPM 250 steps, guidance 1.5", "cifar10-dit", "ddpm", 250, 1.5,
                          _cache_quant_variants([2, 3, 5], [2, 3], w4=False, shift_dec=(2, 3))),
     "dit-ddim50": Table("dit-ddim50", "CIFAR-10 DiT, DDIM 50 steps, guidance 1.5", "cifar10-dit", "ddim", 50, 1.5,
-                        _cache_quant_variants([2, 3, 5], [2, 3], w4=False)),
+                        _cache_quant_variants([2, 3, 5], [2, 3], w4=False) + _e4m3_probs_variants([3])),
     "mmdit-euler28": Table("mmdit-euler28", "CIFAR-10 MMDiT (rectified flow), Euler 28 steps, guidance 1.5",
                            "cifar10-mmdit", "flow-euler", 28, 1.5,
-                           _cache_quant_variants([2, 3], [2, 3], w4=False) + _float_attention_variants([3])),
+                           _cache_quant_variants([2, 3], [2, 3], w4=False) + _float_attention_variants([3])
+                           + _e4m3_probs_variants([3])),
     "qandc": Table("qandc", "Q&C ablations: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5", "cifar10-dit",
                    "ddim", 50, 1.5, _qandc_variants()),
     "qandc-fair": Table("qandc-fair", "Q&C at equal budgets: CIFAR-10 DiT, DDIM 50 steps, N = 3, W8A8, guidance 1.5",

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..quant.layer import linear_op
+from ..quant.quantizer import e4m3_round
 from ..runtime.hooks import held, hold, release
 from .pack import FP8_MAX, PACK, pack_layer, packed, unsupported_reason
 
@@ -94,7 +95,3 @@ class EmulatedFP8Backend:
 def _channel_shape(o: torch.Tensor, conv: bool) -> tuple[int, ...]:
     return (1, -1) + (1,) * (o.dim() - 2) if conv else (-1,)
 
-
-def e4m3_round(x: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
-    """``e4m3(x / s) · s``: the value an FP8 kernel multiplies, saturated at ±448."""
-    return torch.clamp(x / s, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..quant.layer import ACT, QDEC
+from ..quant.quantizer import E4M3_MAX as FP8_MAX  # largest finite float8_e4m3fn
 from ..runtime.hooks import held, hold, release
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 PACK = "_cachequant_k_"
 FIELDS = ("w", "w_s", "w_z", "w_sum", "act_s", "act_z", "bias", "dec_a", "dec_b")
 

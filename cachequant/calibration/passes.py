@@ -550,7 +550,7 @@ def accelerated_session(cal: Calibration, schedule: list[int], cache_dec, specs:
     sess = cal.session(schedule, cache_dec)
     try:
         sess.add_quant(specs, cal.config.act_bits, tensors, make_backend("fake", KernelOptions()))
-        sess.add_attention(attn, tensors, cal.config.act_bits)
+        sess.add_attention(attn, tensors, cal.config.act_bits, cal.config.attention_probs)
     except BaseException:
         sess.close()
         raise

@@ -22,7 +22,8 @@ import sys
 import time
 
 from ..backends.options import ATTENTION, BACKENDS
-from ..config import CACHE_DEC_FITS, CALIBRATION_MODES, DPS_COSTS, SCHEDULES, VC_FITS, WEIGHT_ROUNDINGS
+from ..config import (ATTENTION_PROBS, CACHE_DEC_FITS, CALIBRATION_MODES, DPS_COSTS, SCHEDULES, VC_FITS,
+                      WEIGHT_ROUNDINGS)
 from ..metrics.fid import RESIZES
 from .common import (BITS, IMAGE_SUFFIXES, UsageError, check_device, check_input_file, check_model,
                      check_output_file, int_list, kernel_options, load_pipeline, non_negative_int, positive_float,
@@ -51,7 +52,7 @@ def _calibration_config(args):
             cache_dec_slope=not args.cache_dec_shift_only, cache_dec_fit=args.cache_dec_fit,
             dps_cost=args.dps_cost, calib_batch_size=args.batch_size, seed=args.seed,
             calibration=args.calibration, calib_select=args.calib_select, tap_lambda=args.tap_lambda, vc=args.vc,
-            vc_fit=args.vc_fit,
+            vc_fit=args.vc_fit, attention_probs=args.attention_probs,
             w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
             weight_rounding=args.weight_rounding, cache_branch=args.cache_branch, cache_layers=args.cache_layers)
     except ValueError as e:
@@ -231,7 +232,9 @@ def cmd_info(args) -> int:
           + (f", runs start at position {s.begin}" if s.begin else ""))
     print(f"  cache      {plan.cache.kind}, interval {c.interval}, schedule {c.schedule}, site {plan.cache.site}")
     print(f"  full steps {list(plan.cache.schedule)} ({len(plan.cache.schedule)}/{s.num_calls - s.begin})")
-    print(f"  quant      {bits}" + ("" if q is None else f", {len(q.layers)} layers, {len(q.attention)} attention modules"))
+    probs = "" if q is None or not q.attention else f" (softmax probabilities: {plan.config.attention_probs})"
+    print(f"  quant      {bits}" + ("" if q is None else f", {len(q.layers)} layers, {len(q.attention)} attention modules")
+          + probs)
     print(f"  DEC        cache {'on' if 'cache_dec' in plan.tensors else 'off'}, quant layers "
           f"{[layer.name for layer in q.layers if layer.dec] if q else []}")
     print(f"  VC         {'on' if plan.vc else 'off'}")
@@ -326,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--w8-layers", default="",
                    help="with --bits w4a8: comma-separated module-name globs kept at 8-bit weights "
                         "(e.g. 'time_embedding.*,*.time_emb_proj'); the first and last layer always are")
+    c.add_argument("--attention-probs", choices=ATTENTION_PROBS, default="uniform",
+                   help="grid of the 8-bit attention's softmax probabilities: a per-step 8-bit range, or e4m3 "
+                        "at the fixed scale 1/448 (much closer to float on the MMDiT)")
     c.add_argument("--calibration", default="trajectory", choices=CALIBRATION_MODES,
                    help="which intermediate inputs calibrate the activation ranges (Q&C: tap)")
     c.add_argument("--calib-select", type=positive_int, default=256,

@@ -18,7 +18,7 @@ import torch
 
 from ..plan import ATTENTION_OPERANDS as OPERANDS
 from ..runtime.hooks import held, hold, release
-from .quantizer import fake_quant
+from .quantizer import E4M3_MAX, e4m3_round, fake_quant
 from .sdpa import explicit_attention, sdpa_operand_processor
 from .specs import STOCK_PROCESSORS, attention_support
 
@@ -96,16 +96,20 @@ ATTN = "_cachequant_attn"
 
 class _OperandQuant:
     """The accelerated operand function: fake-quantize operand ``k`` with its range at the
-    current position, read from the (4, 2, T) table held on the attention module."""
+    current position, read from the (4, 2, T) table held on the attention module; with
+    ``probs="e4m3"`` the softmax probabilities ``p`` are rounded to e4m3 at the fixed scale 1/448
+    instead (``CacheQuantConfig.attention_probs``)."""
 
     max_scores = 1 << 28
     """Score elements computed at once (``explicit_attention``): 512 MiB of fp16 scores. The
     quantizer is elementwise with a static range, so blocking over queries changes nothing."""
 
-    def __init__(self, module, clock, bits: int):
-        self.module, self.clock, self.bits = module, clock, bits
+    def __init__(self, module, clock, bits: int, probs: str = "uniform"):
+        self.module, self.clock, self.bits, self.probs = module, clock, bits, probs
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == "p" and self.probs == "e4m3":
+            return e4m3_round(x.float(), 1.0 / E4M3_MAX).to(x.dtype)
         sz = held(self.module, ATTN)[OPERANDS.index(name)].index_select(1, self.clock.step_tensor())[:, 0]
         return fake_quant(x.float(), sz[0], sz[1], self.bits).to(x.dtype)
 
@@ -122,14 +126,16 @@ def set_processor(module, processor) -> Callable[[], None]:
     return undo
 
 
-def attach_quant_attention(model, names, tensors: dict[str, torch.Tensor], clock, bits: int) -> tuple[dict, list]:
-    """8-bit attention on the named modules; returns {name: processor} and the undo callables."""
+def attach_quant_attention(model, names, tensors: dict[str, torch.Tensor], clock, bits: int,
+                           probs: str = "uniform") -> tuple[dict, list]:
+    """8-bit attention on the named modules (``probs``: the grid of the softmax probabilities, see
+    ``CacheQuantConfig.attention_probs``); returns {name: processor} and the undo callables."""
     procs, undo = {}, []
     for name in names:
         module = model.get_submodule(name)
         dev = next(module.parameters()).device
         hold(module, ATTN, tensors[f"attn.{name}"].to(dev))
-        procs[name] = quant_processor(module, _OperandQuant(module, clock, bits))
+        procs[name] = quant_processor(module, _OperandQuant(module, clock, bits, probs))
         undo.append(set_processor(module, procs[name]))
         undo.append(lambda m=module: release(m, ATTN))
     return procs, undo

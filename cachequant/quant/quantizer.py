@@ -18,6 +18,8 @@ __all__ = [
     "quantize_codes",
     "weight_qparams",
     "activation_range",
+    "E4M3_MAX",
+    "e4m3_round",
 ]
 
 _SEARCH_STEPS = 80  # shrink factors 1.0, 0.99, ..., 0.21
@@ -50,6 +52,16 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize then dequantize ``x`` (the reference path every kernel is tested against)."""
     return (quantize_codes(x, scale, zero_point, bits) - zero_point) * scale
+
+
+E4M3_MAX = 448.0
+"""The largest finite float8_e4m3fn value."""
+
+
+def e4m3_round(x: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+    """``e4m3(x / s) · s``: the value an FP8 kernel multiplies, saturated at ±448. A float grid:
+    its relative step (1/8 to 1/16) is the same at every magnitude, unlike the affine grids above."""
+    return torch.clamp(x / s, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s
 
 
 def _lp_error(x: torch.Tensor, xq: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
