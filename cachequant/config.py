@@ -92,8 +92,9 @@ class CacheQuantConfig:
     (max 0.4–0.8) while most are near 1/tokens, so a uniform step of 0.0015–0.003 rounds the typical
     probability (≈ 0.004 at 257 tokens) to one or two codes; e4m3 keeps 3 mantissa bits at every
     magnitude (down to 2⁻⁹/448). On the CIFAR MMDiT's W8A8 plan the 8-bit P alone cost 10.7 dB PSNR
-    and P on e4m3 gave back 9.9 of them (``results/quality/README.md``). The reference path only
-    (the kernel path runs fp16 attention). Old plans read as ``uniform``."""
+    and P on e4m3 gave back 9.9 of them (``results/quality/README.md``). Wherever the attention
+    matmuls run 8-bit: the reference path, and the kernel backends with ``attention="8bit"`` (by
+    default they run fp16 attention). Old plans read as ``uniform``."""
     per_step_act: bool = True
     """One activation range per timestep (the method); False = one range for all steps (baseline)."""
     calib_batch_size: int = 8

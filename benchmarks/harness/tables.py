@@ -167,7 +167,7 @@ TABLES: dict[str, Table] = {
     "dit-ddpm250": Table("dit-ddpm250", "CIFAR-10 DiT, DDPM 250 steps, guidance 1.5", "cifar10-dit", "ddpm", 250, 1.5,
                          _cache_quant_variants([2, 3, 5], [2, 3], w4=False, shift_dec=(2, 3))),
     "dit-ddim50": Table("dit-ddim50", "CIFAR-10 DiT, DDIM 50 steps, guidance 1.5", "cifar10-dit", "ddim", 50, 1.5,
-                        _cache_quant_variants([2, 3, 5], [2, 3], w4=False) + _e4m3_probs_variants([3])),
+                        _cache_quant_variants([2, 3, 5], [2, 3], w4=False)),
     "mmdit-euler28": Table("mmdit-euler28", "CIFAR-10 MMDiT (rectified flow), Euler 28 steps, guidance 1.5",
                            "cifar10-mmdit", "flow-euler", 28, 1.5,
                            _cache_quant_variants([2, 3], [2, 3], w4=False) + _float_attention_variants([3])

@@ -23,7 +23,7 @@ from torch import nn
 from ..quant.layer import linear_op
 from ..quant.quantizer import e4m3_round
 from ..runtime.hooks import held, hold, release
-from .pack import FP8_MAX, PACK, pack_layer, packed, unsupported_reason
+from .pack import PACK, pack_layer, packed, unsupported_reason
 
 _DECODED = "_cachequant_emu_w"
 
