@@ -39,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cachequant.quant.quantizer import e4m3_round  # noqa: E402
-from cachequant.backends.pack import FP8_MAX  # noqa: E402
 from cachequant.quant.gptq import gptq_columns  # noqa: E402
+from cachequant.quant.quantizer import E4M3_MAX as FP8_MAX  # noqa: E402
 from cachequant.quant.quantizer import activation_range, fake_quant, params_from_range, weight_qparams  # noqa: E402
+from cachequant.quant.quantizer import e4m3_round as e4m3  # noqa: E402  (the FP8 backends' rounding)
 from cachequant.utils.io import atomic_path  # noqa: E402
 
 SCALE_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # fractions of the absolute maximum mapped to ±448
@@ -50,10 +50,6 @@ SCALE_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # fractions of the a
 
 def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:
     return float(10 * torch.log10(x.pow(2).mean() / (x - xq).pow(2).mean().clamp_min(1e-30)))
-
-
-e4m3 = e4m3_round
-"""Quantize-dequantize through float8_e4m3fn at a scale, saturated at ±448: the FP8 backends' rounding."""
 
 
 def weight_row(w: torch.Tensor) -> dict:

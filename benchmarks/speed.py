@@ -135,9 +135,8 @@ def row_cq(pipe, model, steps, interval, kind, graphs, plans, wbits=8, fp8_gemm=
             info.update(backend=rep["backend"], kernel_layers=rep["kernel_layers"], fake_layers=len(rep["fake_layers"]),
                         cublaslt_layers=rep.get("cublaslt_layers", 0))
             if "float_layers" in rep:
+                # by name, why each stays in fp16: both timings and the tuned shape
                 info.update(tuned_layers=rep["tuned_layers"], float_layers=len(rep["float_layers"]),
-                            float_layer_names=sorted(rep["float_layers"]),
-                            # why each stays in fp16: both timings and the tuned shape
                             float_layer_reasons=dict(sorted(rep["float_layers"].items())))
                 if compile:  # compiled code reads the GEMM-alone decisions
                     info.update(float_layers_compiled=len(rep["float_layers_compiled"]),
