@@ -11,13 +11,23 @@ pooled projection (``cachequant.zoo.pipelines.class_condition``, shared with sam
 bf16 autocast, AdamW with warm-up, EMA, random horizontal flips; 10 % of labels are dropped in
 training (null class 10) for classifier-free guidance. Resumes from ``--resume`` (a checkpoint written by this script) and stops
 cleanly at ``--time-limit-min``, writing the checkpoint and the fp16 EMA export.
+
+The checkpoint (``OUT/ckpt/``) is ``torch.save`` of model, EMA, optimizer and the loss curve, split
+into pieces of at most 15 MiB with a SHA-256 manifest: a leased GPU returns only files of at most
+16 MiB, and carries at most 64 MiB in, so a run continues on a fresh machine from pieces that went
+out and came back (``--resume OUT/ckpt``). The optimizer's moments are stored in bf16, which halves
+that traffic; loading casts them back to the parameters' fp32. It is rewritten every
+``--save-every-min`` minutes (into a sibling folder, renamed over the old one), so a machine taken
+back mid-run loses at most that much training.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import shutil
 import sys
 import time
 import zipfile
@@ -70,6 +80,70 @@ def load_cifar(path: str, limit: int | None = None) -> tuple[torch.Tensor, torch
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
+PIECE_BYTES = 15 << 20
+"""Checkpoint piece size: the device returns files of at most 16 MiB."""
+
+
+def save_checkpoint(state: dict, folder: Path, piece_bytes: int = PIECE_BYTES) -> Path:
+    """``torch.save(state)`` as pieces of ``piece_bytes`` plus ``manifest.json`` (SHA-256 of each
+    piece and of the whole), built in a sibling folder and renamed over ``folder``: a save that is
+    killed leaves the previous checkpoint whole."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pieces = []
+    for start in range(0, len(data), piece_bytes):
+        name, chunk = f"piece{len(pieces):02d}.bin", data[start:start + piece_bytes]
+        (tmp / name).write_bytes(chunk)
+        pieces.append({"name": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
+    manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pieces": pieces}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
+    """A checkpoint folder written by :func:`save_checkpoint` (pieces checked against the manifest),
+    or a single ``.pt`` file of the earlier format."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location=device, weights_only=True)
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise SystemExit(f"--resume {path}: neither a checkpoint file nor a folder with manifest.json")
+    manifest = json.loads(mpath.read_text())
+    chunks = []
+    for p in manifest["pieces"]:
+        f = path / p["name"]
+        if not f.is_file():
+            raise SystemExit(f"--resume {path}: piece {p['name']} is missing; copy every piece the manifest lists")
+        chunk = f.read_bytes()
+        if hashlib.sha256(chunk).hexdigest() != p["sha256"]:
+            raise SystemExit(f"--resume {path}: piece {p['name']} does not match the manifest (damaged or from "
+                             "another checkpoint)")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise SystemExit(f"--resume {path}: the joined pieces do not match the manifest")
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+def compact_optimizer_state(state: dict) -> dict:
+    """Adam's moments in bf16 (8 mantissa bits are plenty for running averages; the step counts
+    stay as they are). ``Optimizer.load_state_dict`` casts them back to the parameters' dtype."""
+    out = {k: v for k, v in state.items() if k != "state"}
+    out["state"] = {i: {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0
+                        else v for k, v in s.items()} for i, s in state["state"].items()}
+    return out
+
+
 def export_fp16(model, out_dir: Path) -> None:
     """The EMA model as diffusers config + fp16 safetensors."""
     model = model.to(torch.float16)
@@ -90,6 +164,7 @@ def main() -> int:
     ap.add_argument("--time-limit-min", type=float, default=8.0)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images (tests)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--save-every-min", type=float, default=5.0, help="checkpoint interval (minutes)")
     ap.add_argument("--export", default=None, help="folder for the fp16 EMA export")
     args = ap.parse_args()
     t_start = time.time()
@@ -103,20 +178,29 @@ def main() -> int:
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     acp = sched.alphas_cumprod.to(dev)
+    torch.backends.cudnn.benchmark = True
     model = build(args.model).to(dev).train()
     ema = build(args.model).to(dev).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step, wall = 0, 0.0
+    cuda = dev == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=cuda)
+    step, wall, curve, images, runs = 0, 0.0, [], 0, []
     if args.resume:
-        ck = torch.load(args.resume, map_location=dev, weights_only=True)
+        ck = load_checkpoint(args.resume, dev)
+        if ck.get("kind", args.model) != args.model:
+            raise SystemExit(f"--resume {args.resume} holds a {ck['kind']} checkpoint, not --model {args.model}")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
-        step, wall = int(ck["step"]), float(ck["wall"])
+        step, wall, curve = int(ck["step"]), float(ck["wall"]), list(ck.get("curve", []))
+        images, runs = int(ck.get("images", step * ck.get("batch", args.batch))), list(ck.get("runs", []))
+    channels_last = cuda and args.model == "unet"  # cuDNN's bf16 convolutions want NHWC
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {n_params / 1e6:.2f} M parameters, resuming at step {step}", flush=True)
     fwd = torch.compile(model) if args.compile else model
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
 
     def flow_loss(x0, y):
         sigma = torch.sigmoid(torch.randn(x0.shape[0], device=dev))  # logit-normal (0, 1), as SD3
@@ -144,36 +228,61 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    losses = []
+
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+
+    def this_run(seconds: float) -> dict:
+        """Each invocation's settings: a resumed model's card lists every segment of its training."""
+        return {"from_step": start_step, "to_step": step, "batch": args.batch, "lr": args.lr, "ema": args.ema,
+                "compile": args.compile, "seconds": round(seconds, 1), "device": device_name,
+                "torch": str(torch.__version__)}
+
+    def checkpoint(seconds: float) -> None:
+        save_checkpoint({"kind": args.model, "model": model.state_dict(), "ema": ema.state_dict(),
+                         "opt": compact_optimizer_state(opt.state_dict()), "step": step, "wall": seconds,
+                         "batch": args.batch, "curve": curve, "images": images,
+                         "runs": runs + ([this_run(time.time() - t0)] if step > start_step else [])},
+                        out / "ckpt")
+
+    t0 = last_save = time.time()
+    losses, start_step = [], step
     while step < args.iters and (time.time() - t_start) < args.time_limit_min * 60:
         idx = torch.randint(0, imgs.shape[0], (args.batch,), device=dev)
         x0 = imgs[idx].float() / 127.5 - 1.0
         flip = torch.rand(args.batch, device=dev) < 0.5
         x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         loss = loss_fn(x0, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model_params, 1.0)
         opt.step()
         with torch.no_grad():
             d = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm.detach(), 1 - d)
+            torch._foreach_lerp_(ema_params, [p.detach() for p in model_params], 1 - d)
         losses.append(loss.item() if step % 50 == 0 else None)
         step += 1
+        images += args.batch
         if step % 500 == 0:
             recent = [l for l in losses[-500:] if l is not None]
-            print(f"step {step} loss {np.mean(recent):.4f} {step / (time.time() - t0 + 1e-9):.1f} it/s (this run)", flush=True)
+            seconds = wall + time.time() - t0
+            curve.append([step, float(np.mean(recent)), round(seconds, 1)])
+            print(f"step {step} loss {np.mean(recent):.4f} {(step - start_step) / (time.time() - t0 + 1e-9):.1f} it/s "
+                  f"(this run), {images / 1e6:.2f} M images", flush=True)
+            if time.time() - last_save > args.save_every_min * 60:
+                checkpoint(seconds)
+                last_save = time.time()
     wall += time.time() - t0
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "wall": wall}, out / "ckpt.pt")
+    checkpoint(wall)
+    if step > start_step:  # an export-only call (--iters at or below the checkpoint's step) trains nothing
+        runs.append(this_run(time.time() - t0))
     recent = [l for l in losses[-2000:] if l is not None]
-    info = {"model": args.model, "params": n_params, "iterations": step, "batch": args.batch,
-            "train_seconds": wall, "final_loss": float(np.mean(recent)) if recent else None,
-            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
+    info = {"model": args.model, "params": n_params, "iterations": step, "images_seen": images,
+            "train_seconds": wall, "final_loss": float(np.mean(recent)) if recent else None, "runs": runs,
+            "curve": curve}
     (out / "train_info.json").write_text(json.dumps(info, indent=2))
     if args.export:
         export_fp16(ema, Path(args.export))

@@ -5,7 +5,8 @@
 #  - installs the carried wheels (.whl/) into /tmp/site,
 #  - collects the carried Inception parts (.inc/p1, p2a, p2b) and joins them, SHA-256 checked,
 #  - makes the reference statistics of the CIFAR-10 test set once both are there,
-#  - imports variants carried from an earlier session (.carry/, benchmarks/device/carry_variant.py).
+#  - imports variants carried from an earlier session (.carry/, benchmarks/device/carry_variant.py),
+#  - gathers training-checkpoint pieces carried in (.ckpt/MODEL/, benchmarks/device/train.sh).
 set -u
 C=${CQ_DEVICE_DIR:-/root/cqp}; mkdir -p $C
 for m in cifar10-dit cifar10-unet cifar10-mmdit; do
@@ -36,5 +37,9 @@ REF=(); if [ -f $C/ref-test.npz ]; then REF=(--ref-stats $C/ref-test.npz); fi
 if ls .carry/*.manifest.json >/dev/null 2>&1; then
   python3 benchmarks/device/carry_variant.py import --work $C/abl --parts .carry
 fi
+# training checkpoints carried in pieces, over as many calls as they need (benchmarks/device/train.sh)
+for d in .ckpt/*/; do
+  [ -f "$d/manifest.json" ] && mkdir -p $C/ckpt-in/$(basename $d) && cp $d/* $C/ckpt-in/$(basename $d)/
+done 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 ls $C

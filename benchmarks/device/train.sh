@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Trains one zoo model on the leased device for MINUTES (continuing from the newest checkpoint it
+# finds), then measures it: 10k-sample FID against the CIFAR-10 test set (in the tables' resize convention
+# and, on the same samples, in TF's), a sample grid and, once, the data floor. Longer than one call: run it detached and wait on it (benchmarks/device/README.md).
+#
+#   bash benchmarks/device/detached.sh start train-unet bash benchmarks/device/train.sh unet 18
+#
+# Resumes from, in this order: this machine's own checkpoint ($C/train/MODEL/ckpt), or pieces
+# carried in from an earlier lease (.ckpt/MODEL/, gathered into $C/ckpt-in/MODEL by setup.sh over
+# as many calls as they need). Needs $C/train.zip (carry .data/train.zip once); the FID needs the
+# Inception network and $C/ref-test.npz (setup.sh makes them from the carried .inc parts and
+# .data/test.zip) and waits up to CQ_WAIT_REF_S (300) for them. The model's evaluate arguments
+# come from CQ_EVAL_ARGS (default: the UNet's DDIM 100). If the compiled run fails, the rest of the
+# time trains without torch.compile.
+set -u
+model=${1:?usage: train.sh MODEL MINUTES [train_cifar.py args]} minutes=${2:?usage: train.sh MODEL MINUTES}
+shift 2
+C=${CQ_DEVICE_DIR:-/root/cqp}
+W=$C/train/$model R=$C/train/repo J=${JOB_DIR:-$W}
+[ -f $C/train.zip ] || { echo "no $C/train.zip: carry .data/train.zip in this call" >&2; exit 2; }
+mkdir -p $W && rm -rf $R && mkdir -p $R && cp -r cachequant scripts benchmarks $R/
+export PYTHONPATH=/tmp/site:$R
+
+resume_args() {
+  if [ -f $W/ckpt/manifest.json ]; then echo --resume $W/ckpt
+  elif [ -f $C/ckpt-in/$model/manifest.json ]; then echo --resume $C/ckpt-in/$model; fi
+}
+train() {
+  python3 $R/scripts/train_cifar.py --model $model --data $C/train.zip --out $W --batch 512 --lr 3e-4 \
+    --warmup 1000 --ema 0.9999 --export $R/cachequant/zoo/weights/cifar10-$model $(resume_args) "$@"
+}
+t0=$SECONDS
+if ! train --compile --time-limit-min $minutes "$@"; then
+  left=$(python3 -c "print(max(0.5, $minutes - ($SECONDS - $t0) / 60))")
+  echo "compiled training failed; training on without torch.compile for $left min"
+  train --time-limit-min $left "$@" || exit 1
+fi
+cp $W/train_info.json $J/train_info-$model.json
+
+for _ in $(seq $(( ${CQ_WAIT_REF_S:-300} / 5 ))); do [ -f $C/ref-test.npz ] && break; sleep 5; done
+cd $R
+python3 scripts/sample_grid.py --model cifar10-$model --steps 100 --out $J/samples-cifar10-$model.png
+if [ -f $C/ref-test.npz ]; then
+  export CACHEQUANT_INCEPTION=$C/default_1.pt
+  python3 -m cachequant evaluate --model cifar10-$model ${CQ_EVAL_ARGS:---steps 100} --device cuda \
+    --num-samples 10000 --batch-size 2500 --ref-stats $C/ref-test.npz --out-dir $W/eval --quiet \
+    && cp $W/eval/metrics.json $J/fid-$model.json
+  # the same samples against TF-resized reference statistics: the cross-check of the FID convention
+  [ -f $C/ref-test-tf.npz ] || python3 -m cachequant ref-stats --data $C/test.zip --device cuda --fid-resize tf \
+    --out $C/ref-test-tf.npz
+  python3 -m cachequant evaluate --model cifar10-$model ${CQ_EVAL_ARGS:---steps 100} --device cuda \
+    --num-samples 10000 --batch-size 2500 --ref-stats $C/ref-test-tf.npz --out-dir $W/eval --quiet \
+    && cp $W/eval/metrics.json $J/fid-$model-tf.json
+  [ -f $C/fid-floor.json ] || python3 benchmarks/fid_floor.py --train $C/train.zip --test $C/test.zip \
+    --device cuda --out $C/fid-floor.json
+  cp $C/fid-floor.json $J/ 2>/dev/null
+else
+  echo "no reference statistics after ${CQ_WAIT_REF_S:-300} s: no FID this time"
+fi
