@@ -103,8 +103,12 @@ def _add_quant(sess: Session, plan: Plan, backend, options: KernelOptions) -> No
                 backend.release(module)
         sess.undo.append(unpack)
         sess.undo.extend(backend.prepare_model(model, any(isinstance(m, nn.Conv2d) for m, _ in on)))
+        if hasattr(backend, "group_layers"):  # optional: backends that share work between layers
+            sess.undo.extend(backend.group_layers(model, on))
+        shared = {id(g): g.label for g in getattr(backend, "shared", {}).values()}
         report.update(kernel_layers=len(on), attention=options.attention,
-                      cublaslt_layers=sum(h.pack.gemm == "cublaslt" for _, h in on))
+                      cublaslt_layers=sum(h.pack.gemm == "cublaslt" for _, h in on),
+                      shared_quantize=sorted(shared.values()))
         if not options.keep_float_weights:
             report["float_weight_bytes_dropped"] = _drop_float_weights(sess, [m for m, _ in on])
     sess.report = report
@@ -177,7 +181,9 @@ def kernel_report(pipe: Any) -> dict:
     weight bytes held (packed 8-bit copies and float originals), and with per-layer tuning, the
     layers measured so far (``tuned_layers``) and those that run their float op (``float_layers``,
     with both timings: tuning happens on each layer's first eager call at a new input shape; and
-    ``float_layers_compiled``, those that run it under torch.compile)."""
+    ``float_layers_compiled``, those that run it under torch.compile). Layers that share one
+    quantize pass with their siblings (``shared_quantize``) are decided as a group in eager code:
+    their ``float_layers`` entries give the group's timings and key."""
     from .backends.pack import PACK
 
     sess = _session(pipe)
@@ -197,9 +203,11 @@ def kernel_report(pipe: Any) -> dict:
                                      f"({r['key']})" for name, r in measured.items() if r["choice"] == "float"}
         # under torch.compile the quantize fuses into the input's producer and the decision is the
         # 8-bit GEMM alone against the float op (LayerTuner.lookup(compiled=True))
+        # (a layer that shares its quantize with its siblings in eager code runs alone there: "alone")
+        alone = {name: r.get("alone", r) for name, r in measured.items()}
         rep["float_layers_compiled"] = {
             name: f"its float op is faster: {r['float_us']} µs vs {r.get('gemm_us', r['kernel_us'])} µs 8-bit GEMM "
-                  f"({r['key']})" for name, r in measured.items() if r.get("compiled_choice", r["choice"]) == "float"}
+                  f"({r['key']})" for name, r in alone.items() if r.get("compiled_choice", r["choice"]) == "float"}
     return rep
 
 

@@ -415,3 +415,10 @@ def test_speed_benchmark_transformer_only_workloads(tmp_path, model):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--model", model,
                           "--sampler", "ddim", "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not fit" in bad.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_linear_shapes_refuses_a_machine_without_a_gpu():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear_shapes.py"), "--shapes", "sd3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs a CUDA GPU with FP8" in r.stderr

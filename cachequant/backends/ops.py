@@ -28,20 +28,38 @@ def _run(x2d: Tensor, y2d: Tensor, w: Tensor, step: Tensor, act_s: Tensor, act_z
         launch_fused(x2d, w, y2d, step, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b, m_out, n, c, split, T,
                      geom, kh, kw, fp8)
         return
-    from ..kernels.triton_gemm import gemm as triton_gemm
+    q = quantize_rows(x2d, step, act_s, act_z, c, 0 if gemm == "cublaslt" else split, fp8, rows)
+    gemm_from_codes(q, y2d, w, step, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b, c, m_out, split, fp8, w4,
+                    gemm, kh, kw, geom, table, split_k)
+
+
+def quantize_rows(x2d: Tensor, step: Tensor, act_s: Tensor, act_z: Tensor, c: int, split: int, fp8: bool,
+                  rows: tuple | None = None) -> Tensor:
+    """The activation-quantize pass: (rows, C) codes, int8, or e4m3 bytes as uint8 (NHWC rows for a
+    conv input given with ``rows``)."""
     from ..kernels.triton_quantize import quantize
 
     m_in = x2d.shape[0] if rows is None else x2d.shape[0] * rows[0]
     q = torch.empty((m_in, c), device=x2d.device, dtype=torch.uint8 if fp8 else torch.int8)
+    quantize(x2d, q, step, act_s, act_z, split, act_s.shape[1], fp8, rows)
+    return q
+
+
+def gemm_from_codes(q: Tensor, y2d: Tensor, w: Tensor, step: Tensor, act_s: Tensor, act_z: Tensor, w_s: Tensor,
+                    w_z: Optional[Tensor], w_sum: Optional[Tensor], bias: Optional[Tensor], dec_a: Optional[Tensor],
+                    dec_b: Optional[Tensor], c: int, m_out: int, split: int, fp8: bool, w4: bool, gemm: str, kh: int,
+                    kw: int, geom: tuple, table: Optional[str], split_k: Optional[int]) -> None:
+    """The 8-bit GEMM on codes from :func:`quantize_rows`, its epilogue folding in dequantization,
+    zero-point corrections, bias and quantization-DEC."""
     if gemm == "cublaslt":
         # y = (codes · W8ᵀ) · s_t · s_w + bias in one tensor-wise cuBLASLt call (one weight scale per
         # layer, see pack.py); s_t is gathered on the device at the clock's position
-        quantize(x2d, q, step, act_s, act_z, 0, T, True, rows)
         cublaslt_fp8(q.view(torch.float8_e4m3fn), w, act_s[0].index_select(0, step), w_s, bias, y2d)
         return
-    quantize(x2d, q, step, act_s, act_z, split, T, fp8, rows)
-    triton_gemm(q, w, y2d, step, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b, m_out, n, c, split, T, geom, kh,
-                kw, fp8, w4=w4, table=table, split_k_forced=split_k)
+    from ..kernels.triton_gemm import gemm as triton_gemm
+
+    triton_gemm(q, w, y2d, step, act_s, act_z, w_s, w_z, w_sum, bias, dec_a, dec_b, m_out, w.shape[0], c, split,
+                act_s.shape[1], geom, kh, kw, fp8, w4=w4, table=table, split_k_forced=split_k)
 
 
 def cublaslt_fp8(q: Tensor, w: Tensor, s_act: Tensor, w_s: Tensor, bias: Optional[Tensor], y2d: Tensor) -> None:

@@ -37,6 +37,10 @@ class KernelOptions:
     algo: str = "two-pass"
     """``two-pass``: a quantize pass, then the 8-bit GEMM on codes; ``fused``: quantization in the
     GEMM prologue (kept for comparison, slower on Hopper)."""
+    share_quantize: bool = True
+    """Kernel backends, eager and CUDA-graph calls: sibling layers that read the same tensor with the
+    same activation range (an attention's q, k and v projections) share one quantize pass; their
+    outputs are unchanged (:mod:`cachequant.backends.groups`)."""
     channels_last: bool = True
     """Run the model NHWC so that the implicit-GEMM convolutions read and write without copies."""
     nhwc_group_norm: bool = True
@@ -63,7 +67,7 @@ class KernelOptions:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.fp8_gemm is not None and self.fp8_gemm not in FP8_GEMMS:
             raise ValueError(f"fp8_gemm must be one of {', '.join(FP8_GEMMS)} (or None); got {self.fp8_gemm!r}")
-        for name in ("keep_float_weights", "channels_last", "nhwc_group_norm"):
+        for name in ("keep_float_weights", "share_quantize", "channels_last", "nhwc_group_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.tune is not None and not isinstance(self.tune, bool):

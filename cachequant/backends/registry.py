@@ -7,7 +7,9 @@ A backend turns a quantized layer's data (:mod:`cachequant.quant.layer`) into ar
 * ``prepare(module, hook)`` / ``release(module)`` — lay the data out for it, and drop that;
 * ``forward(module, hook, x)`` — the layer's output;
 * ``prepare_model(model, has_conv)`` — model-wide changes it wants (memory format...), with their
-  undos.
+  undos;
+* optionally ``group_layers(model, layers)`` — work shared between the prepared layers (one
+  quantize pass for an attention's q, k and v: :mod:`cachequant.backends.groups`), with its undos.
 
 A backend is made per accelerated model from a :class:`~cachequant.backends.options.KernelOptions`
 (``factory(options)``). The built-in ones (``fake``, ``int8``, ``fp8``) are registered here,

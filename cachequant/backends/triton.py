@@ -20,6 +20,8 @@ from torch import nn
 from ..runtime.clock import compiling
 from ..runtime.hooks import add_hook, release, remove_hook
 from .autotune import LayerTuner, cache_file, layer_key
+from .groups import SharedQuantize, find_groups
+from .ops import gemm_from_codes, quantize_rows
 from .ops import qlinear as _define_ops  # noqa: F401  (torch.ops.cachequant.*; Triton loads at first run)
 from .pack import FP8_MAX, PACK, default_fp8_gemm, pack_layer, packed, unsupported_reason
 
@@ -47,6 +49,8 @@ class TritonBackend:
         """Measure each layer's kernel against its float op at its real input, keep the faster
         (:mod:`cachequant.backends.autotune`); the tuner is made once the device is known."""
         self.tuner: LayerTuner | None = None
+        self.shared: dict[str, SharedQuantize] = {}
+        """Layer name -> its group of layers sharing one quantize pass (``group_layers``)."""
 
     def available(self, device: torch.device) -> str | None:
         if not triton_available():
@@ -78,7 +82,21 @@ class TritonBackend:
     def release(self, module: nn.Module) -> None:
         release(module, PACK)
 
+    def group_layers(self, model: nn.Module, layers: list[tuple[nn.Module, object]]) -> list[Callable[[], None]]:
+        """Groups the sibling layers that can share one quantize pass (:mod:`.groups`)."""
+        if not self.options.share_quantize:
+            return []
+        for group in find_groups(model, layers, _shareable):
+            for name in group.names:
+                self.shared[name] = group
+        return [self.shared.clear]
+
     def forward(self, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
+        group = self.shared.get(hook.name) if self.shared else None
+        if group is not None and not compiling():
+            if self.tuner is not None and module.weight.numel() and self._group_choice(group, x) == "float":
+                return hook.fn_ref.original_forward(x)
+            return self._shared_kernel(group, module, hook, x)
         if self.tuner is not None and module.weight.numel() and self._choice(module, hook, x) == "float":
             return hook.fn_ref.original_forward(x)
         return self.kernel(module, hook, x)
@@ -105,6 +123,56 @@ class TritonBackend:
                                   lambda: hook.fn_ref.original_forward(x), gemm_only)
         tuner.last[hook.name] = (sig, choice)
         return choice
+
+    def _group_choice(self, group: SharedQuantize, x: torch.Tensor) -> str | None:
+        """The tuner's decision for a group as a whole: one quantize pass plus every member's GEMM,
+        against every member's float op. Each member's own record is measured too, because under
+        torch.compile the members run (and are chosen) one by one."""
+        tuner = self.tuner
+        decs = tuple(hook.dec_active() for _, hook in group.members)
+        sig = (x.shape, x.dtype, x.stride(), decs)
+        if group.last is not None and group.last[0] == sig:
+            return group.last[1]
+        key = "shared|" + "+".join(layer_key(self.name, h.pack.gemm, m, h.pack.split, d, x)
+                                   for (m, h), d in zip(group.members, decs))
+        if not tuner.can_measure(x):
+            choice = tuner.lookup(key)
+            if choice is None:
+                return None
+        else:
+            for module, hook in group.members:
+                self._choice(module, hook, x)
+
+            def kernel():
+                for module, hook in group.members:
+                    self._shared_kernel(group, module, hook, x)
+
+            def float_op():
+                for _, hook in group.members:
+                    hook.fn_ref.original_forward(x)
+
+            choice = tuner.choose(group.label, key, kernel, float_op)
+            for _, hook in group.members:  # the group's record; the layer's own one for compiled code
+                tuner.layers[hook.name] = {**tuner.layers[group.label], "shared_quantize": group.label,
+                                           "alone": tuner.layers[hook.name]}
+        group.last = (sig, choice)
+        return choice
+
+    def _shared_kernel(self, group: SharedQuantize, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
+        """The layer's GEMM on the codes its group quantized once: the same result as :meth:`kernel`."""
+        p = packed(module)
+        info = hook.pack
+        dec = hook.dec_active()
+        c = x.shape[-1]
+        step = hook.clock.step_tensor()
+        fp8 = info.kind == "fp8"
+        q = group.codes(hook.name, x, lambda: quantize_rows(x.reshape(-1, c).contiguous(), step, p["act_s"],
+                                                            p["act_z"], c, 0, fp8))
+        y = torch.empty((q.shape[0], p["w"].shape[0]), device=x.device, dtype=x.dtype)
+        gemm_from_codes(q, y, p["w"], step, p["act_s"], p["act_z"], p["w_s"], p["w_z"], p["w_sum"], p["bias"],
+                        p["dec_a"] if dec else None, p["dec_b"] if dec else None, c, q.shape[0], info.split, fp8,
+                        info.w4, info.gemm, 1, 1, (1, 1, 1, 1, 1, 0, 1), info.table, info.split_k)
+        return y.view(*x.shape[:-1], -1)
 
     def kernel(self, module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
         p = packed(module)
@@ -136,6 +204,19 @@ class TritonBackend:
                     add_hook(mod, NHWCGroupNorm(), GROUP_NORM_HOOK)
                     undo.append(lambda m=mod: remove_hook(m, GROUP_NORM_HOOK))
         return undo
+
+
+def _shareable(members: list) -> bool:
+    """Linear layers of one kind and GEMM on one input part, with the same input width and the same
+    activation scales and zero points at every step: their codes of one tensor are identical."""
+    infos = [hook.pack for _, hook in members]
+    if any(not isinstance(m, nn.Linear) for m, _ in members) or len({m.in_features for m, _ in members}) != 1:
+        return False
+    if any(i.conv is not None or i.algo != "two-pass" or i.split or (i.kind, i.gemm) != (infos[0].kind, infos[0].gemm)
+           for i in infos):
+        return False
+    ops = [packed(m) for m, _ in members]
+    return all(torch.equal(o["act_s"], ops[0]["act_s"]) and torch.equal(o["act_z"], ops[0]["act_z"]) for o in ops[1:])
 
 
 def _fp8_rows(x: torch.Tensor, p: dict, hook) -> tuple[torch.Tensor, torch.Tensor]:
