@@ -47,7 +47,10 @@ def _images(pipe):
     return pipe(class_labels=[3], num_inference_steps=2, generator=g, guidance_scale=1.0, output_type="np").images
 
 
-def test_shared_quantize_computes_the_same_images_with_fewer_passes(dit_plan, monkeypatch):
+@pytest.mark.parametrize("backend", ["int8", pytest.param("fp8", marks=pytest.mark.skipif(
+    DEV != "cuda", reason="Triton's interpreter has no fp8 arithmetic; runs on the GPU (device)"))])
+def test_shared_quantize_computes_the_same_images_with_fewer_passes(dit_plan, monkeypatch, backend):
+    """On a Hopper GPU the fp8 case runs the cuBLASLt GEMMs, as the SD3 / Flux rows do."""
     from cachequant.kernels import triton_quantize
 
     pipe, plan = dit_plan
@@ -56,7 +59,7 @@ def test_shared_quantize_computes_the_same_images_with_fewer_passes(dit_plan, mo
     monkeypatch.setattr(triton_quantize, "quantize", lambda *a, **k: passes.append(1) or real(*a, **k))
     out, counts = {}, {}
     for share in (False, True):
-        cq.accelerate(pipe, plan, backend="int8", share_quantize=share)
+        cq.accelerate(pipe, plan, backend=backend, share_quantize=share)
         rep = cq.kernel_report(pipe)
         passes.clear()
         out[share] = _images(pipe)
