@@ -105,10 +105,9 @@ def _add_quant(sess: Session, plan: Plan, backend, options: KernelOptions) -> No
         sess.undo.extend(backend.prepare_model(model, any(isinstance(m, nn.Conv2d) for m, _ in on)))
         if hasattr(backend, "group_layers"):  # optional: backends that share work between layers
             sess.undo.extend(backend.group_layers(model, on))
-        shared = {id(g): g.label for g in getattr(backend, "shared", {}).values()}
         report.update(kernel_layers=len(on), attention=options.attention,
                       cublaslt_layers=sum(h.pack.gemm == "cublaslt" for _, h in on),
-                      shared_quantize=sorted(shared.values()))
+                      shared_quantize=sorted({g.label for g in getattr(backend, "shared", {}).values()}))
         if not options.keep_float_weights:
             report["float_weight_bytes_dropped"] = _drop_float_weights(sess, [m for m, _ in on])
     sess.report = report

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains one zoo model on the leased device for MINUTES (continuing from the newest checkpoint it
-# finds), then measures it: 10k-sample FID against the CIFAR-10 test set (in the tables' resize convention
-# and, on the same samples, in TF's), a sample grid and, once, the data floor. Longer than one call: run it detached and wait on it (benchmarks/device/README.md).
+# finds), then measures it: 10k-sample FID against the CIFAR-10 test set (in the tables' resize
+# convention and, on the same samples, in TF's), a sample grid and, once, the data floor. Longer
+# than one call: run it detached and wait on it (benchmarks/device/README.md).
 #
 #   bash benchmarks/device/detached.sh start train-unet bash benchmarks/device/train.sh unet 18
 #

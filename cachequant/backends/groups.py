@@ -6,8 +6,8 @@ are identical. Run separately, each layer pays its own quantize pass.
 
 On an H100, at SD3-medium's image-stream shape (8192×1536×1536,
 ``results/speed/h100-linear-shapes.json``), that pass costs 9.8 µs. Each projection's 8-bit layer
-then takes 59.4 µs against 58.4 µs in fp16, so ``backend="auto"`` keeps all three in fp16.
-Quantized once, the three cost 9.8 + 3 × 41.4 µs against 3 × 58.4 µs in fp16. The outputs are
+then takes 58.5 µs against 58.4 µs in fp16, so ``backend="auto"`` keeps all three in fp16.
+Quantized once, the three take 139.8 µs against 175.8 µs for three fp16 layers. The outputs are
 bit-identical to the separate layers': the same codes feed the same GEMMs.
 
 Eager and CUDA-graph calls only. Under torch.compile each layer's quantize is traced as torch ops
