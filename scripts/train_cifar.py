@@ -263,7 +263,7 @@ def main() -> int:
         with torch.no_grad():
             d = min(args.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, [p.detach() for p in model_params], 1 - d)
-        losses.append(loss.item() if step % 50 == 0 else None)
+        losses.append(loss.item() if (step - start_step) % 50 == 0 else None)  # a resumed run logs its first
         step += 1
         images += args.batch
         if step % 500 == 0:
