@@ -34,7 +34,6 @@ from harness.env import environment  # noqa: E402
 from harness.io import write_json  # noqa: E402
 
 import cachequant as cq  # noqa: E402
-from cachequant.quant.quantizer import E4M3_MAX, e4m3_round  # noqa: E402
 from cachequant.metrics import psnr, ssim  # noqa: E402
 from cachequant.metrics.sampling import sample_indices  # noqa: E402
 from cachequant.plan import ATTENTION_OPERANDS  # noqa: E402
@@ -45,11 +44,6 @@ SETTINGS = {"none": (), **{f"only {o}": (o,) for o in ATTENTION_OPERANDS}, "all"
 """Which operands go through the plan's quantizer; ``"p:e4m3"`` rounds the probabilities to e4m3 at
 the fixed scale 1/448 instead (p ≤ 1 maps into e4m3's range; what an FP8 attention kernel does with
 them), a float grid whose relative step is the same for small and large probabilities."""
-
-
-def e4m3_probabilities(x: torch.Tensor) -> torch.Tensor:
-    """What a plan calibrated with ``attention_probs="e4m3"`` does to the probabilities."""
-    return e4m3_round(x.float(), 1.0 / E4M3_MAX).to(x.dtype)
 
 
 def sample(pipe, n: int, steps: int, guidance_scale: float | None) -> np.ndarray:
@@ -70,7 +64,7 @@ def operand_images(pipe, plan, draw: Callable[[], np.ndarray],
         for name, quantized in settings.items():
             def call(self, operand, x, quantized=quantized):
                 if f"{operand}:e4m3" in quantized:
-                    return e4m3_probabilities(x)
+                    return attention.e4m3_probabilities(x)  # attention_probs="e4m3"
                 return real_call(self, operand, x) if operand in quantized else x
             attention._OperandQuant.__call__ = call
             out[name] = draw()

@@ -237,12 +237,15 @@ def main() -> int:
                 "compile": args.compile, "seconds": round(seconds, 1), "device": device_name,
                 "torch": str(torch.__version__)}
 
+    def all_runs() -> list[dict]:
+        """The earlier runs and this one, if it trained (an export-only call trains nothing)."""
+        return runs + ([this_run(time.time() - t0)] if step > start_step else [])
+
     def checkpoint(seconds: float) -> None:
         save_checkpoint({"kind": args.model, "model": model.state_dict(), "ema": ema.state_dict(),
                          "opt": compact_optimizer_state(opt.state_dict()), "step": step, "wall": seconds,
                          "batch": args.batch, "curve": curve, "images": images,
-                         "runs": runs + ([this_run(time.time() - t0)] if step > start_step else [])},
-                        out / "ckpt")
+                         "runs": all_runs()}, out / "ckpt")
 
     t0 = last_save = time.time()
     losses, start_step = [], step
@@ -277,8 +280,7 @@ def main() -> int:
                 last_save = time.time()
     wall += time.time() - t0
     checkpoint(wall)
-    if step > start_step:  # an export-only call (--iters at or below the checkpoint's step) trains nothing
-        runs.append(this_run(time.time() - t0))
+    runs = all_runs()
     recent = [l for l in losses[-2000:] if l is not None]
     info = {"model": args.model, "params": n_params, "iterations": step, "images_seen": images,
             "train_seconds": wall, "final_loss": float(np.mean(recent)) if recent else None, "runs": runs,

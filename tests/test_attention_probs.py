@@ -108,7 +108,8 @@ def test_a_plan_from_before_the_option_reads_as_uniform(dit):
 
 
 def test_the_operand_study_uses_the_plans_e4m3_grid():
-    """``benchmarks/attention_operands.py``'s "p e4m3" setting is what the plan option computes."""
+    """``benchmarks/attention_operands.py``'s "p e4m3" setting calls the helper the plan option's
+    operand quantizer computes with."""
     import sys
 
     from conftest import load_benchmark
@@ -117,6 +118,6 @@ def test_the_operand_study_uses_the_plans_e4m3_grid():
         script = load_benchmark("attention_operands")
         op = _OperandQuant(None, None, 8, probs="e4m3")
         p = torch.softmax(torch.randn(3, 5, 40), -1)
-        assert torch.equal(script.e4m3_probabilities(p), op("p", p))
+        assert torch.equal(script.attention.e4m3_probabilities(p), op("p", p))
     finally:
         sys.modules.pop("attention_operands", None)

@@ -43,15 +43,14 @@ cd $R
 python3 scripts/sample_grid.py --model cifar10-$model --steps 100 --out $J/samples-cifar10-$model.png
 if [ -f $C/ref-test.npz ]; then
   export CACHEQUANT_INCEPTION=$C/default_1.pt
-  python3 -m cachequant evaluate --model cifar10-$model ${CQ_EVAL_ARGS:---steps 100} --device cuda \
-    --num-samples 10000 --batch-size 2500 --ref-stats $C/ref-test.npz --out-dir $W/eval --quiet \
-    && cp $W/eval/metrics.json $J/fid-$model.json
-  # the same samples against TF-resized reference statistics: the cross-check of the FID convention
+  # the same samples against TF-resized reference statistics too: the cross-check of the FID convention
   [ -f $C/ref-test-tf.npz ] || python3 -m cachequant ref-stats --data $C/test.zip --device cuda --fid-resize tf \
     --out $C/ref-test-tf.npz
-  python3 -m cachequant evaluate --model cifar10-$model ${CQ_EVAL_ARGS:---steps 100} --device cuda \
-    --num-samples 10000 --batch-size 2500 --ref-stats $C/ref-test-tf.npz --out-dir $W/eval --quiet \
-    && cp $W/eval/metrics.json $J/fid-$model-tf.json
+  for conv in "" -tf; do
+    python3 -m cachequant evaluate --model cifar10-$model ${CQ_EVAL_ARGS:---steps 100} --device cuda \
+      --num-samples 10000 --batch-size 2500 --ref-stats $C/ref-test$conv.npz --out-dir $W/eval --quiet \
+      && cp $W/eval/metrics.json $J/fid-$model$conv.json
+  done
   [ -f $C/fid-floor.json ] || python3 benchmarks/fid_floor.py --train $C/train.zip --test $C/test.zip \
     --device cuda --out $C/fid-floor.json
   cp $C/fid-floor.json $J/ 2>/dev/null

@@ -94,6 +94,12 @@ def quant_processor(module, operand: Callable[[str, torch.Tensor], torch.Tensor]
 ATTN = "_cachequant_attn"
 
 
+def e4m3_probabilities(p: torch.Tensor) -> torch.Tensor:
+    """The softmax probabilities on e4m3 at the fixed scale 1/448 (P ∈ [0, 1] onto e4m3's
+    [0, 448]): ``CacheQuantConfig.attention_probs = "e4m3"``."""
+    return e4m3_round(p.float(), 1.0 / E4M3_MAX).to(p.dtype)
+
+
 class _OperandQuant:
     """The accelerated operand function: fake-quantize operand ``k`` with its range at the
     current position, read from the (4, 2, T) table held on the attention module; with
@@ -109,7 +115,7 @@ class _OperandQuant:
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if name == "p" and self.probs == "e4m3":
-            return e4m3_round(x.float(), 1.0 / E4M3_MAX).to(x.dtype)
+            return e4m3_probabilities(x)
         sz = held(self.module, ATTN)[OPERANDS.index(name)].index_select(1, self.clock.step_tensor())[:, 0]
         return fake_quant(x.float(), sz[0], sz[1], self.bits).to(x.dtype)
 
