@@ -47,6 +47,14 @@ class CacheQuantConfig:
     """With weight_bits = 4: more layers that keep 8-bit weights, as ``fnmatch`` patterns over module
     names (e.g. ``"time_embedding.*"``), on top of the adapter's first and last layer. Mixed precision
     for the layers a W4 model is most sensitive to (``benchmarks/w4_sensitivity.py`` measures them)."""
+    float_layers: tuple[str, ...] = ()
+    """Layers left unquantized (weights and input stay float), as ``fnmatch`` patterns over module
+    names (e.g. ``"up_blocks.0.resnets.*.conv_shortcut"``), on top of what the model's description
+    keeps in float: mixed precision for the layers whose 8-bit input costs the most.
+    ``benchmarks/act_sensitivity.py`` ranks them by the output SQNR of their input's quantization
+    error. It pays where one layer dominates the error; where the error is spread over many layers,
+    as on the retrained CIFAR UNet (``results/quality/README.md``), a handful of float layers buys
+    nothing. A pattern that matches no layer is an error."""
     dec: bool = True
     """Decoupled error correction, both halves (see cache_dec / quant_dec to ablate one)."""
     cache_dec: bool | None = None
@@ -144,6 +152,13 @@ class CacheQuantConfig:
         self.w8_layers = tuple(self.w8_layers)
         if self.w8_layers and self.weight_bits != 4:
             raise ValueError("w8_layers only applies to 4-bit weights (weight_bits=4): every layer is already 8-bit")
+        if isinstance(self.float_layers, str) or not all(isinstance(p, str) and p for p in self.float_layers):
+            raise ValueError(f"float_layers must be a sequence of non-empty module-name patterns, got "
+                             f"{self.float_layers!r}")
+        self.float_layers = tuple(self.float_layers)
+        if self.float_layers and self.weight_bits is None:
+            raise ValueError("float_layers needs quantization (weight_bits / act_bits set): without it every "
+                             "layer is float already")
         if not isinstance(self.quant_modulation, bool):
             raise ValueError(f"quant_modulation must be True or False, got {self.quant_modulation!r}")
         if self.dps_cost not in DPS_COSTS:
@@ -201,6 +216,7 @@ class CacheQuantConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["w8_layers"] = list(d["w8_layers"])
+        d["float_layers"] = list(d["float_layers"])
         if d["dit_span"] is not None:
             d["dit_span"] = list(d["dit_span"])
         return d

@@ -156,6 +156,38 @@ def test_w8_layers_mixed_precision_round_trips_and_rejects_typos(make_pipe, tmp_
         cq.CacheQuantConfig(weight_bits=4, w8_layers="mid_block.*")
 
 
+def test_float_layers_stay_float_round_trip_and_reject_typos(make_pipe, tmp_path):
+    pipe = make_pipe("ddim")
+    cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", calib_batch_size=2,
+                              float_layers=("up_blocks.0.resnets.*.conv1", "conv_out"))
+    plan = cq.calibrate(pipe, cfg, num_inference_steps=3, progress=False, num_samples=2)
+    names = {layer.name for layer in plan.quant.layers}
+    kept = {"up_blocks.0.resnets.0.conv1", "up_blocks.0.resnets.1.conv1", "conv_out"}
+    assert not names & kept and "up_blocks.0.resnets.0.conv2" in names
+    assert kept <= set(plan.diagnostics["layers_kept_float"])
+    plan.save(tmp_path / "p.cqplan")
+    again = cq.load_plan(tmp_path / "p.cqplan")
+    assert again.config.float_layers == ("up_blocks.0.resnets.*.conv1", "conv_out")
+    cq.accelerate(pipe, again)
+    hooked = set(quant_hooks(pipe.unet))
+    assert not hooked & kept and "up_blocks.0.resnets.0.conv2" in hooked
+    # a float layer computes its float op; a quantized neighbour does not
+    x = torch.randn(1, pipe.unet.conv_out.in_channels, 8, 8)
+    conv = pipe.unet.conv_out
+    assert torch.equal(conv(x), conv._conv_forward(x, conv.weight, conv.bias))
+    q = pipe.unet.get_submodule("up_blocks.0.resnets.0.conv2")
+    xq = torch.randn(1, q.in_channels, 8, 8)
+    assert not torch.equal(q(xq), q._conv_forward(xq, q.weight, q.bias))
+    cq.restore(pipe)
+    with pytest.raises(ValueError, match="float_layers pattern.*match no Linear"):
+        cq.calibrate(pipe, cq.CacheQuantConfig(interval=1, float_layers=("up_blcks.*",)),
+                     num_inference_steps=3, progress=False, num_samples=2)
+    with pytest.raises(ValueError, match="needs quantization"):
+        cq.CacheQuantConfig(weight_bits=None, act_bits=None, float_layers=("conv_out",))
+    with pytest.raises(ValueError, match="sequence of non-empty"):
+        cq.CacheQuantConfig(float_layers="conv_out")
+
+
 def test_attention_matmuls_are_quantized(make_pipe):
     pipe = make_pipe("dit")
     cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", calib_batch_size=2)

@@ -34,7 +34,7 @@ def full_config(variant: Variant, calib: dict) -> dict | None:
     return cq.CacheQuantConfig(**{**calib, **variant.config}).to_dict()
 
 
-LATER_FIELDS = {"attention_probs": "uniform"}
+LATER_FIELDS = {"attention_probs": "uniform", "float_layers": []}
 """CacheQuantConfig fields added after run keys were first written, with their defaults: left out
 of a key while at the default, so that samples made before a field existed (resumed work folders,
 variants carried between device sessions) keep their keys."""

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import CacheQuantConfig
 from ..models.adapters import adapter_for
 from ..pipecall import conditioning, denoiser_of
+from ..quant.specs import check_layer_patterns
 from ..plan import CacheSpec, Fingerprint, Plan, QuantSpec, SamplerSpec
 from ..session import check_attachable
 from ..version import __version__
@@ -40,6 +41,8 @@ def calibrate(pipe: Any, config: CacheQuantConfig, num_inference_steps: int, pro
     attr, model = denoiser_of(pipe)
     adapter = adapter_for(model)
     check_attachable(model)
+    if config.quantize:  # a typo in a layer pattern fails before any work
+        check_layer_patterns(model, {"w8_layers": config.w8_layers, "float_layers": config.float_layers})
     cached = config.interval > 1
     site = adapter.resolve_site(model, config) if cached else {}
     items = calibration_inputs(pipe, prompts, class_labels, num_samples or config.num_calib_samples)

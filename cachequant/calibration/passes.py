@@ -44,7 +44,7 @@ from ..models.adapters import Adapter
 from ..pipecall import call_pipeline, conditioning, sample_of
 from ..plan import LayerSpec
 from ..quant.quantizer import weight_qparams
-from ..quant.specs import attention_modules, kept_float_why, layer_specs
+from ..quant.specs import attention_modules, kept_float_why, layer_specs, user_float_layers
 from ..session import Session
 from .inputs import batches
 from .observe import (ObserveState, attach_attention_observers, attach_hessians, attach_quant_dec_stats,
@@ -378,6 +378,7 @@ def quant_specs(cal: Calibration) -> tuple[list[LayerSpec], list[str], dict[str,
     specs = layer_specs(model, cfg.weight_bits, adapter.keep_8bit(model), adapter.concat_splits(model, cal.site),
                         cfg.w8_layers, frozenset(consumers))
     floats = set() if cfg.quant_modulation else adapter.keep_float(model)
+    floats |= user_float_layers(specs, cfg.float_layers)
     if floats:
         specs = [s for s in specs if s.name not in floats]
         cal.diagnostics["layers_kept_float"] = sorted(floats)

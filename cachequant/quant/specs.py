@@ -31,20 +31,31 @@ KEPT_FLOAT_WHY = {
 def layer_specs(model: nn.Module, weight_bits: int, keep_8bit: set[str], splits: dict[str, int],
                 w8_patterns: tuple[str, ...] = (), dec_layers: frozenset[str] = frozenset()) -> list[LayerSpec]:
     """Every Linear and Conv2d of ``model`` with its weight bits and input split (if any). Layers in
-    ``keep_8bit`` (the adapter's first / last) or matching a ``w8_patterns`` glob stay at 8 bits; a
-    pattern that matches no layer is an error (a typo would otherwise silently quantize to 4 bits)."""
-    specs, used = [], set()
+    ``keep_8bit`` (the adapter's first / last) or matching a ``w8_patterns`` glob stay at 8 bits
+    (:func:`check_layer_patterns` refuses a glob that matches none)."""
+    specs = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            hits = {p for p in w8_patterns if fnmatchcase(name, p)}
-            used |= hits
-            bits = 8 if name in keep_8bit or hits else weight_bits
-            specs.append(LayerSpec(name, bits, splits.get(name), name in dec_layers))
-    unused = [p for p in w8_patterns if p not in used]
-    if unused:
-        raise ValueError(f"w8_layers pattern(s) {unused} match no Linear / Conv2d layer of {type(model).__name__}; "
-                         f"names look like {specs[1].name if len(specs) > 1 else '?'!r}")
+            hit = any(fnmatchcase(name, p) for p in w8_patterns)
+            specs.append(LayerSpec(name, 8 if name in keep_8bit or hit else weight_bits, splits.get(name),
+                                   name in dec_layers))
     return specs
+
+
+def user_float_layers(specs: list[LayerSpec], patterns: tuple[str, ...]) -> set[str]:
+    """The names among ``specs`` that match a ``CacheQuantConfig.float_layers`` glob."""
+    return {s.name for s in specs if any(fnmatchcase(s.name, p) for p in patterns)}
+
+
+def check_layer_patterns(model: nn.Module, patterns: dict[str, tuple[str, ...]]) -> None:
+    """Raises ValueError naming the config field and the globs that match no Linear / Conv2d of
+    ``model``: a typo would otherwise silently leave the layer as it is."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for field_name, pats in patterns.items():
+        unused = [p for p in pats if not any(fnmatchcase(n, p) for n in names)]
+        if unused:
+            raise ValueError(f"{field_name} pattern(s) {unused} match no Linear / Conv2d layer of "
+                             f"{type(model).__name__}; names look like {names[1] if len(names) > 1 else '?'!r}")
 
 
 def attention_support(module: nn.Module) -> str | None:
