@@ -40,7 +40,7 @@ def _db(signal: torch.Tensor, noise: torch.Tensor) -> float:
     return float(10 * torch.log10(signal.float().pow(2).sum() / noise.float().pow(2).sum().clamp_min(1e-30)))
 
 
-def layer_sensitivity(pipe, model: torch.nn.Module, sample) -> list[dict]:
+def layer_sensitivity(model: torch.nn.Module, sample) -> list[dict]:
     """Per quantized layer of the plan applied to ``model``: mean output and input SQNR (dB) of the
     input quantization over all calls made while ``sample()`` runs, lowest output SQNR first."""
     from cachequant.quant.layer import linear_op, quant_hooks
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     cq.accelerate(pipe, plan)
     try:
         outs: list[np.ndarray] = []
-        ranking = layer_sensitivity(pipe, model, lambda: outs.append(images()))
+        ranking = layer_sensitivity(model, lambda: outs.append(images()))
     finally:
         cq.restore(pipe)
     rows = [{"variant": "W8A8", "float_layers": [], "config": plan.config.to_dict(),

@@ -13,8 +13,7 @@
 # .data/test.zip) and waits up to CQ_WAIT_REF_S (300) for them. The model's evaluate arguments
 # come from CQ_EVAL_ARGS (default: the UNet's DDIM 100); CQ_FID_CONVS picks the resize conventions
 # scored (default "torch tf"; each one samples the 10k images again); CQ_FID_FLOOR=0 skips the data
-# floor. If the compiled run fails, the rest of the
-# time trains without torch.compile.
+# floor. If the compiled run fails, the rest of the time trains without torch.compile.
 set -u
 model=${1:?usage: train.sh MODEL MINUTES [train_cifar.py args]} minutes=${2:?usage: train.sh MODEL MINUTES}
 shift 2
@@ -46,16 +45,17 @@ python3 scripts/sample_grid.py --model cifar10-$model --steps 100 --out $J/sampl
 if [ -f $C/ref-test.npz ]; then
   export CACHEQUANT_INCEPTION=$C/default_1.pt
   # the same samples against TF-resized reference statistics too: the cross-check of the FID convention
-  [[ " ${CQ_FID_CONVS:-torch tf} " != *" tf "* ]] || [ -f $C/ref-test-tf.npz ] || python3 -m cachequant ref-stats --data $C/test.zip --device cuda --fid-resize tf \
-    --out $C/ref-test-tf.npz
-  for conv in ${CQ_FID_CONVS:-torch tf}; do
+  convs=${CQ_FID_CONVS:-torch tf}
+  [[ " $convs " != *" tf "* ]] || [ -f $C/ref-test-tf.npz ] \
+    || python3 -m cachequant ref-stats --data $C/test.zip --device cuda --fid-resize tf --out $C/ref-test-tf.npz
+  for conv in $convs; do
     conv=${conv/torch/}; conv=${conv:+-$conv}
     python3 -m cachequant evaluate --model cifar10-$model ${CQ_EVAL_ARGS:---steps 100} --device cuda \
       --num-samples 10000 --batch-size 2500 --ref-stats $C/ref-test$conv.npz --out-dir $W/eval --quiet \
       && cp $W/eval/metrics.json $J/fid-$model$conv.json
   done
-  [ "${CQ_FID_FLOOR:-1}" = 0 ] || [ -f $C/fid-floor.json ] || python3 benchmarks/fid_floor.py --train $C/train.zip --test $C/test.zip \
-    --device cuda --out $C/fid-floor.json
+  [ "${CQ_FID_FLOOR:-1}" = 0 ] || [ -f $C/fid-floor.json ] \
+    || python3 benchmarks/fid_floor.py --train $C/train.zip --test $C/test.zip --device cuda --out $C/fid-floor.json
   if [ -f $C/fid-floor.json ]; then cp $C/fid-floor.json $J/; fi
 else
   echo "no reference statistics after ${CQ_WAIT_REF_S:-300} s: no FID this time"

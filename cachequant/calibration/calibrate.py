@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from ..config import CacheQuantConfig
 from ..models.adapters import adapter_for
 from ..pipecall import conditioning, denoiser_of
-from ..quant.specs import check_layer_patterns
 from ..plan import CacheSpec, Fingerprint, Plan, QuantSpec, SamplerSpec
+from ..quant.specs import check_layer_patterns
 from ..session import check_attachable
 from ..version import __version__
 from . import passes
