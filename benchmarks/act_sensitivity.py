@@ -10,7 +10,10 @@ its input quantization does to its output, then checks the ranking end to end:
    own conv / linear; weights are not quantized in this measurement), in dB, averaged over the
    calls, and the input SQNR ‖x‖² / ‖Q(x) − x‖²;
 2. with ``--keep K1,K2,...``: W8A8 with the K lowest-ranked layers left float
-   (``CacheQuantConfig.float_layers``), PSNR / SSIM against full precision from the same seeds.
+   (``CacheQuantConfig.float_layers``), PSNR / SSIM against full precision from the same seeds;
+3. with ``--split``: one part of W8A8 at a time — the plan's 8-bit weights alone, its 8-bit layer
+   inputs alone, its 8-bit attention matmuls alone (the other parts computed in float) — to say
+   which part the PSNR loss comes from.
 
     python benchmarks/act_sensitivity.py --model cifar10-unet --num-samples 16 --keep 4,8,16 --out sens.json
 
@@ -27,6 +30,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +73,23 @@ def layer_sensitivity(model: torch.nn.Module, sample) -> list[dict]:
     return sorted(rows, key=lambda r: r["output_sqnr_db"])
 
 
+@contextmanager
+def only_part(part: str):
+    """W8A8 with one part quantized: ``weights`` (layer inputs float), ``inputs`` (weights float);
+    the attention matmuls follow the plan (calibrate without them for these two)."""
+    from cachequant.quant.layer import QuantHook
+
+    saved = QuantHook.quantize_input, QuantHook.dequantized_weight
+    if part in ("weights", "attention"):
+        QuantHook.quantize_input = lambda self, module, x: x
+    if part in ("inputs", "attention"):
+        QuantHook.dequantized_weight = lambda self, module: module.weight
+    try:
+        yield
+    finally:
+        QuantHook.quantize_input, QuantHook.dequantized_weight = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar10-unet", help="zoo name or saved pipeline folder")
@@ -77,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default="", help="comma-separated K: W8A8 with the K most sensitive layers float")
+    p.add_argument("--split", action="store_true",
+                   help="also the plan's 8-bit weights, layer inputs and attention matmuls one at a time")
     p.add_argument("--out", required=True, help="JSON output")
     args = p.parse_args(argv)
     try:
@@ -142,6 +165,21 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         print(f"{row['variant']:28s} PSNR {row['psnr_vs_fp']:6.2f} dB ({row['float_params'] / 1e3:.0f} k params float)")
+    if args.split:
+        plan_no_attn = cq.calibrate(pipe, config(quant_attention=False), num_inference_steps=args.steps,
+                                    progress=False)
+        for part, label, part_plan in [("weights", "8-bit weights only", plan_no_attn),
+                                       ("inputs", "8-bit layer inputs only", plan_no_attn),
+                                       ("attention", "8-bit attention matmuls only", plan)]:
+            cq.accelerate(pipe, part_plan)
+            try:
+                with only_part(part):
+                    out = images()
+            finally:
+                cq.restore(pipe)
+            rows.append({"variant": label, "float_layers": [], "config": part_plan.config.to_dict(),
+                         "psnr_vs_fp": psnr(out, ref), "ssim_vs_fp": ssim(out, ref)})
+            print(f"{label:28s} PSNR {rows[-1]['psnr_vs_fp']:6.2f} dB")
     result = {"model": args.model, "steps": args.steps, "num_samples": args.num_samples, "seed": args.seed,
               "calib_samples": args.calib_samples, "rows": rows, "ranking": ranking,
               "total_params": sum(m.weight.numel() for m in model.modules()
