@@ -75,8 +75,10 @@ def layer_sensitivity(model: torch.nn.Module, sample) -> list[dict]:
 
 @contextmanager
 def only_part(part: str):
-    """W8A8 with one part quantized: ``weights`` (layer inputs float), ``inputs`` (weights float);
-    the attention matmuls follow the plan (calibrate without them for these two)."""
+    """W8A8 with one part quantized: ``weights`` (layer inputs float), ``inputs`` (weights float),
+    ``attention`` (both float); the attention matmuls follow the plan, so the first two take a plan
+    calibrated without them. Patches the reference path's per-layer quantizers, which is what runs
+    on the CPU, where this script runs."""
     from cachequant.quant.layer import QuantHook
 
     saved = QuantHook.quantize_input, QuantHook.dequantized_weight
