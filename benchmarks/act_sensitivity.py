@@ -74,13 +74,16 @@ def layer_sensitivity(model: torch.nn.Module, sample) -> list[dict]:
 
 
 @contextmanager
-def only_part(part: str):
-    """W8A8 with one part quantized: ``weights`` (layer inputs float), ``inputs`` (weights float),
+def only_part(part: str | None):
+    """Nothing for None; else W8A8 with one part quantized: ``weights`` (layer inputs float), ``inputs`` (weights float),
     ``attention`` (both float); the attention matmuls follow the plan, so the first two take a plan
     calibrated without them. Patches the reference path's per-layer quantizers, which is what runs
     on the CPU, where this script runs."""
     from cachequant.quant.layer import QuantHook
 
+    if part is None:
+        yield
+        return
     saved = QuantHook.quantize_input, QuantHook.dequantized_weight
     if part in ("weights", "attention"):
         QuantHook.quantize_input = lambda self, module, x: x
@@ -112,12 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--keep values must be >= 1, got {keeps}")
 
     import cachequant as cq
+    from cachequant.cli.common import UsageError, load_pipeline
     from cachequant.metrics import psnr, ssim
     from cachequant.metrics.sampling import sample_indices
     from cachequant.pipecall import denoiser_of
     from cachequant.utils.io import atomic_path
-
-    from cachequant.cli.common import UsageError, load_pipeline
 
     torch.manual_seed(0)
     try:
@@ -130,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def images() -> np.ndarray:
         return sample_indices(pipe, idx, args.seed, args.steps)[0].astype(np.float64) / 255
+
+    def sampled(plan, part: str | None = None) -> np.ndarray:
+        """The images with ``plan`` applied (only ``part`` of it quantized, see :func:`only_part`)."""
+        cq.accelerate(pipe, plan)
+        try:
+            with only_part(part):
+                return images()
+        finally:
+            cq.restore(pipe)
 
     def config(**fields) -> "cq.CacheQuantConfig":
         return cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=8, act_bits=8, dec=False,
@@ -155,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         floats = [r["layer"] for r in ranking[:k]]
         plan_k = cq.calibrate(pipe, config(float_layers=tuple(floats)), num_inference_steps=args.steps, progress=False)
-        cq.accelerate(pipe, plan_k)
-        try:
-            out = images()
-        finally:
-            cq.restore(pipe)
+        out = sampled(plan_k)
         row = {"variant": f"W8A8, {k} most sensitive layers float", "float_layers": floats,
                "config": plan_k.config.to_dict(),
                "psnr_vs_fp": psnr(out, ref), "ssim_vs_fp": ssim(out, ref),
@@ -173,12 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         for part, label, part_plan in [("weights", "8-bit weights only", plan_no_attn),
                                        ("inputs", "8-bit layer inputs only", plan_no_attn),
                                        ("attention", "8-bit attention matmuls only", plan)]:
-            cq.accelerate(pipe, part_plan)
-            try:
-                with only_part(part):
-                    out = images()
-            finally:
-                cq.restore(pipe)
+            out = sampled(part_plan, part)
             rows.append({"variant": label, "float_layers": [], "config": part_plan.config.to_dict(),
                          "psnr_vs_fp": psnr(out, ref), "ssim_vs_fp": ssim(out, ref)})
             print(f"{label:28s} PSNR {rows[-1]['psnr_vs_fp']:6.2f} dB")
