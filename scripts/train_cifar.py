@@ -12,6 +12,13 @@ bf16 autocast, AdamW with warm-up, EMA, random horizontal flips; 10 % of labels 
 training (null class 10) for classifier-free guidance. Resumes from ``--resume`` (a checkpoint written by this script) and stops
 cleanly at ``--time-limit-min``, writing the checkpoint and the fp16 EMA export.
 
+``--init DIR`` starts instead from an fp16 EMA export (``--export``'s folder, 13–16 MB): both the
+trained and the EMA weights start from it, the optimizer starts fresh with its own warm-up, and the
+step count, image count and earlier runs continue from the export's ``train_info.json``. The full
+checkpoint (weights, EMA and moments, ~70 MB) does not outlive a leased machine's session unless
+it comes back in pieces; the export is small enough to keep in the repository
+(``results/training/weights/``), so training goes on from it in any later session.
+
 The checkpoint (``OUT/ckpt/``) is ``torch.save`` of model, EMA, optimizer and the loss curve, split
 into pieces of at most 15 MiB with a SHA-256 manifest: a leased GPU returns only files of at most
 16 MiB, and carries at most 64 MiB in, so a run continues on a fresh machine from pieces that went
@@ -144,6 +151,27 @@ def compact_optimizer_state(state: dict) -> dict:
     return out
 
 
+def load_export(path: str | Path, kind: str, model) -> tuple[dict, dict]:
+    """The fp32 state dict of an fp16 export made by ``export_fp16`` for this ``kind``, and its
+    ``train_info.json`` (empty when absent). An export of another architecture is refused."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or len(files) != 1:
+        raise SystemExit(f"--init {path}: expected an fp16 export (config.json and one .safetensors file), as "
+                         "--export writes")
+    info = json.loads((folder / "train_info.json").read_text()) if (folder / "train_info.json").is_file() else {}
+    if info.get("model", kind) != kind:
+        raise SystemExit(f"--init {path} holds a {info['model']} export, not --model {kind}")
+    weights = {k: v.float() for k, v in load_file(str(files[0])).items()}
+    own = model.state_dict()
+    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+        raise SystemExit(f"--init {path}: its weights do not fit --model {kind}'s architecture "
+                         f"({len(set(weights) ^ set(own))} names differ)")
+    return weights, info
+
+
 def export_fp16(model, out_dir: Path) -> None:
     """The EMA model as diffusers config + fp16 safetensors."""
     model = model.to(torch.float16)
@@ -161,12 +189,17 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--ema", type=float, default=0.9995)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--init", default=None, help="start from an fp16 EMA export (--export's folder) with a fresh "
+                    "optimizer; refused together with --resume")
     ap.add_argument("--time-limit-min", type=float, default=8.0)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images (tests)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--save-every-min", type=float, default=5.0, help="checkpoint interval (minutes)")
     ap.add_argument("--export", default=None, help="folder for the fp16 EMA export")
     args = ap.parse_args()
+    if args.resume and args.init:
+        ap.error("--resume and --init both name a starting point: give one (--resume continues a checkpoint, "
+                 "--init starts from an fp16 export)")
     t_start = time.time()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -194,6 +227,15 @@ def main() -> int:
         opt.load_state_dict(ck["opt"])
         step, wall, curve = int(ck["step"]), float(ck["wall"]), list(ck.get("curve", []))
         images, runs = int(ck.get("images", step * ck.get("batch", args.batch))), list(ck.get("runs", []))
+    elif args.init:
+        weights, info = load_export(args.init, args.model, model)
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
+        step, wall, curve = int(info.get("iterations", 0)), float(info.get("train_seconds", 0.0)), list(info.get("curve", []))
+        images = int(info.get("images_seen", step * info.get("batch", args.batch)))
+        runs = list(info.get("runs", [])) or ([{"from_step": 0, "to_step": step, "batch": info["batch"],
+                                                "seconds": round(wall, 1)}] if step and "batch" in info else [])
+    warm_from = step if args.init else 0  # fresh moments warm up again; resumed ones do not
     channels_last = cuda and args.model == "unet"  # cuDNN's bf16 convolutions want NHWC
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -257,7 +299,7 @@ def main() -> int:
         if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            g["lr"] = args.lr * min(1.0, (step - warm_from + 1) / args.warmup)
         loss = loss_fn(x0, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -77,6 +77,43 @@ def test_training_script_runs_on_cpu_and_resumes_from_pieces(tmp_path):
     assert again["step"] == 4 and any(not torch.equal(first[k], again["model"][k]) for k in first)
 
 
+def test_training_continues_from_an_fp16_export_and_refuses_a_mismatch(tmp_path):
+    """``--init`` starts from an export: the weights begin at its fp16 EMA, the step and image counts
+    and the list of runs carry on; --init with --resume, or an export of another model, is refused."""
+    from conftest import mini_cifar_zip
+
+    data = mini_cifar_zip(tmp_path)
+    script = Path(__file__).parents[1] / "scripts" / "train_cifar.py"
+
+    def run(model, out, *extra):
+        return subprocess.run([sys.executable, str(script), "--model", model, "--data", str(data), "--batch", "4",
+                               "--out", str(tmp_path / out), *extra], capture_output=True, text=True, timeout=300)
+
+    r = run("dit", "a", "--iters", "3", "--export", str(tmp_path / "ex"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    train = _train_module()
+    model = train.build("dit")
+    weights, info = train.load_export(tmp_path / "ex", "dit", model)
+    assert info["iterations"] == 3 and all(v.dtype == torch.float32 for v in weights.values())
+    r = run("dit", "b", "--iters", "5", "--init", str(tmp_path / "ex"), "--export", str(tmp_path / "ex2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((tmp_path / "b" / "train_info.json").read_text())
+    assert info["iterations"] == 5 and info["images_seen"] == 20
+    assert [(x["from_step"], x["to_step"]) for x in info["runs"]] == [(0, 3), (3, 5)]
+    again, _ = train.load_export(tmp_path / "ex2", "dit", model)
+    assert any(not torch.equal(weights[k], again[k]) for k in weights)  # it trained from there
+
+    r = run("dit", "c", "--iters", "4", "--init", str(tmp_path / "ex"), "--resume", str(tmp_path / "a" / "ckpt"))
+    assert r.returncode != 0 and "--resume and --init" in r.stderr
+    r = run("unet", "d", "--iters", "4", "--init", str(tmp_path / "ex"))
+    assert r.returncode != 0 and "holds a dit export, not --model unet" in r.stderr
+    (tmp_path / "ex" / "train_info.json").unlink()
+    with pytest.raises(SystemExit, match="do not fit --model unet"):
+        train.load_export(tmp_path / "ex", "unet", train.build("unet"))
+    with pytest.raises(SystemExit, match="expected an fp16 export"):
+        train.load_export(tmp_path, "dit", model)
+
+
 def _train_module():
     import importlib.util
 

@@ -6,6 +6,7 @@
 #  - collects the carried Inception parts (.inc/p1, p2a, p2b) and joins them, SHA-256 checked,
 #  - makes the reference statistics of the CIFAR-10 test set once both are there,
 #  - imports variants carried from an earlier session (.carry/, benchmarks/device/carry_variant.py),
+#  - keeps the committed fp16 exports training starts from (results/training/weights/, train.sh),
 #  - gathers training-checkpoint pieces carried in (.ckpt/MODEL/, benchmarks/device/train.sh).
 set -u
 C=${CQ_DEVICE_DIR:-/root/cqp}; mkdir -p $C
@@ -37,6 +38,10 @@ REF=(); if [ -f $C/ref-test.npz ]; then REF=(--ref-stats $C/ref-test.npz); fi
 if ls .carry/*.manifest.json >/dev/null 2>&1; then
   python3 benchmarks/device/carry_variant.py import --work $C/abl --parts .carry
 fi
+# committed fp16 exports that training continues from (train.sh --init), kept while the machine is warm
+for d in results/training/weights/*/; do
+  [ -f "$d/config.json" ] && mkdir -p $C/init && rm -rf $C/init/$(basename $d) && cp -r $d $C/init/
+done 2>/dev/null
 # training checkpoints carried in pieces, over as many calls as they need (benchmarks/device/train.sh)
 for d in .ckpt/*/; do
   [ -f "$d/manifest.json" ] && mkdir -p $C/ckpt-in/$(basename $d) && cp $d/* $C/ckpt-in/$(basename $d)/

@@ -6,9 +6,10 @@
 #
 #   bash benchmarks/device/detached.sh start train-unet bash benchmarks/device/train.sh unet 18
 #
-# Resumes from, in this order: this machine's own checkpoint ($C/train/MODEL/ckpt), or pieces
+# Resumes from, in this order: this machine's own checkpoint ($C/train/MODEL/ckpt), pieces
 # carried in from an earlier lease (.ckpt/MODEL/, gathered into $C/ckpt-in/MODEL by setup.sh over
-# as many calls as they need). Needs $C/train.zip (carry .data/train.zip once); the FID needs the
+# as many calls as they need), or else starts from an fp16 export: CQ_INIT if set, otherwise the
+# committed one (results/training/weights/cifar10-MODEL, kept in $C/init by setup.sh). Needs $C/train.zip (carry .data/train.zip once); the FID needs the
 # Inception network and $C/ref-test.npz (setup.sh makes them from the carried .inc parts and
 # .data/test.zip) and waits up to CQ_WAIT_REF_S (300) for them. The model's evaluate arguments
 # come from CQ_EVAL_ARGS (default: the UNet's DDIM 100); CQ_FID_CONVS picks the resize conventions
@@ -25,7 +26,9 @@ export PYTHONPATH=/tmp/site:$R
 
 resume_args() {
   if [ -f $W/ckpt/manifest.json ]; then echo --resume $W/ckpt
-  elif [ -f $C/ckpt-in/$model/manifest.json ]; then echo --resume $C/ckpt-in/$model; fi
+  elif [ -f $C/ckpt-in/$model/manifest.json ]; then echo --resume $C/ckpt-in/$model
+  elif [ -n "${CQ_INIT:-}" ]; then echo --init $CQ_INIT
+  elif [ -f $C/init/cifar10-$model/config.json ]; then echo --init $C/init/cifar10-$model; fi
 }
 train() {
   python3 $R/scripts/train_cifar.py --model $model --data $C/train.zip --out $W --batch 512 --lr 3e-4 \
@@ -38,6 +41,9 @@ if ! train --compile --time-limit-min $minutes "$@"; then
   train --time-limit-min $left "$@" || exit 1
 fi
 cp $W/train_info.json $J/train_info-$model.json
+# the fp16 EMA export (13–16 MB) comes back with the job's files: commit it to results/training/weights/
+cp $R/cachequant/zoo/weights/cifar10-$model/diffusion_pytorch_model.safetensors $J/weights-$model.safetensors
+cp $R/cachequant/zoo/weights/cifar10-$model/config.json $J/config-$model.json
 
 for _ in $(seq $(( ${CQ_WAIT_REF_S:-300} / 5 ))); do [ -f $C/ref-test.npz ] && break; sleep 5; done
 cd $R
