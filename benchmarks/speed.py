@@ -36,7 +36,7 @@ from cachequant.pipecall import call_pipeline  # noqa: E402
 from harness.env import timing_environment  # noqa: E402
 from harness.io import write_json  # noqa: E402
 from harness.models import (CFG_CALLS, TRANSFORMER_ONLY, PlanCache, build, call_kwargs, denoiser,  # noqa: E402
-                            set_denoiser, torchao_filter)
+                            fuse_qkv, set_denoiser, torchao_filter)
 from harness.timing import graph_ms, sync, time_runs  # noqa: E402
 
 
@@ -570,6 +570,9 @@ def main() -> int:
                          "(where a slow compilation goes; recorded also when the warm-up limit cuts it)")
     ap.add_argument("--kernels-only", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small configs on the CPU: a smoke test of this script")
+    ap.add_argument("--fuse-qkv", action="store_true",
+                    help="fuse each attention's q, k, v projections into one GEMM (diffusers' fuse_qkv_projections) "
+                         "before any row: every row, fp16 included, runs fused")
     ap.add_argument("--plan-dir", default=None,
                     help="keep calibrated plans here and reuse them in later runs on the same machine")
     ap.add_argument("--out", required=True)
@@ -601,6 +604,8 @@ def main() -> int:
     n_list = args.intervals or ([5] if args.model == "sd15" else [2, 3])
     pipe = build(args.model, sampler, device, args.tiny)
     result.update(model=args.model, sampler=sampler, steps=steps, rows=[])
+    if args.fuse_qkv:
+        result["fused_qkv_layers"] = fuse_qkv(pipe)
     from cachequant.metrics.macs import count_ops
 
     calls = []
@@ -611,7 +616,7 @@ def main() -> int:
     # Linear + conv MACs of one full model call per image (CFG doubles the batch; Flux embeds its
     # guidance); attention matmuls are not counted.
     result["gmacs_per_image_call"] = c.macs / len(calls) / CFG_CALLS[args.model] / 1e9
-    plans = PlanCache(args.plan_dir, tiny=args.tiny)
+    plans = PlanCache(args.plan_dir, tiny=args.tiny, tag="fused" if args.fuse_qkv else "")
     from torch._dynamo.utils import compilation_time_metrics, counters as dynamo_counters
 
     t_start = time.perf_counter()

@@ -428,3 +428,24 @@ def test_mmdit_training_script_smoke(tmp_path, monkeypatch):
     assert sum(p.numel() for p in model.parameters()) <= 8_000_000
     site = adapter_for(model).resolve_site(model, cq.CacheQuantConfig(interval=2))
     assert site["span"] == [1, 5]
+
+
+@pytest.mark.parametrize("family", ["tiny-flux", "tiny-sd3"])
+def test_fused_qkv_projections_keep_8bit_attention_and_compute_the_same(family):
+    """``transformer.fuse_qkv_projections()`` before calibrating: one GEMM for q, k and v of each
+    stream, the attention matmuls still 8-bit, and the W8A8 latents those of the unfused model (the
+    three projections share their input, so the fused layer's ranges and weight grids are theirs)."""
+    def run(fuse):
+        pipe, kw = TINY_FAMILIES[family]()
+        if fuse:
+            pipe.transformer.fuse_qkv_projections()
+        plan = _calibrate(pipe, kw, interval=2, schedule="uniform", weight_bits=8, act_bits=8, dec=False)
+        cq.accelerate(pipe, plan)
+        return plan, _latents(pipe, kw)
+
+    (plan_f, fused), (plan_u, unfused) = run(True), run(False)
+    names = {s.name for s in plan_f.quant.layers}
+    assert any(n.endswith(".to_qkv") for n in names) and not any(n.endswith(".to_k") for n in names)
+    assert plan_f.quant.attention == plan_u.quant.attention and plan_f.quant.attention
+    assert "attention_kept_float" not in plan_f.diagnostics
+    assert _rel(fused, unfused) < 1e-3

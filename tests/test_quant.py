@@ -197,3 +197,37 @@ def test_attention_matmuls_are_quantized(make_pipe):
     t = plan.tensors[f"attn.{attn[0]}"]
     assert t.shape == (4, 2, 3)  # q, k, softmax, v x (scale, zero point) x positions
     assert bool((t[:, 0] != 1).all())  # a range per step, all calibrated
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_fused_qkv_projections_quantize_as_one_layer_like_the_three(kind, make_pipe):
+    """``pipe.fuse_qkv_projections()`` before calibrating: q, k and v come from one ``to_qkv`` GEMM
+    (k and v from one ``to_kv`` in cross-attention), and its attention keeps 8-bit matmuls. The three
+    projections read the same input, so their per-step input ranges and per-output-channel weight
+    grids are those of the one fused layer: the fused 8-bit model computes what the unfused one does."""
+    def sample(fuse):
+        pipe = make_pipe(kind)
+        if fuse and kind == "sd":
+            pipe.fuse_qkv_projections()
+        elif fuse:  # DiTTransformer2DModel has no fuse_qkv_projections(): what it does, module by module
+            from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+            for m in pipe.transformer.modules():
+                if isinstance(m, Attention):
+                    m.fuse_projections()
+                    m.set_processor(FusedAttnProcessor2_0())
+        cal = {"prompts": ["a cat", "a dog"]} if kind == "sd" else {"class_labels": [0, 1]}
+        kw = {"prompt": ["a cat", "a dog"]} if kind == "sd" else {"class_labels": [0, 1]}
+        cfg = cq.CacheQuantConfig(interval=2, schedule="uniform", calib_batch_size=2, dps_samples=2)
+        plan = cq.calibrate(pipe, cfg, num_inference_steps=4, progress=False, **cal)
+        cq.accelerate(pipe, plan)
+        out = pipe(**kw, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images
+        return plan, out
+
+    plan_f, fused = sample(True)
+    plan_u, unfused = sample(False)
+    names = [s.name for s in plan_f.quant.layers]
+    assert any(n.endswith("to_qkv") for n in names) and not any(n.endswith(".to_q") and "attn1" in n for n in names)
+    assert plan_f.quant.attention == plan_u.quant.attention and len(plan_f.quant.attention) > 0
+    assert "attention_kept_float" not in plan_f.diagnostics
+    np.testing.assert_allclose(fused, unfused, atol=2e-3)

@@ -103,6 +103,25 @@ def build(model: str, sampler: str, device: str, tiny: bool = False):
     return pipe
 
 
+def fuse_qkv(pipe) -> int:
+    """Fuses each attention module's q, k, v projections into one ``to_qkv`` GEMM (k, v into one
+    ``to_kv`` for cross-attention) as diffusers' ``fuse_qkv_projections()`` does; DiT's transformer
+    has no such method, so its modules are fused one by one with the processor that method would
+    set. Every row of a ``speed.py --fuse-qkv`` run then runs fused, fp16 included. Returns the
+    number of fused projection layers."""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    model = denoiser(pipe)
+    if hasattr(model, "fuse_qkv_projections"):
+        model.fuse_qkv_projections()
+    else:
+        for m in model.modules():
+            if isinstance(m, Attention) and not m.fused_projections:
+                m.fuse_projections()
+                m.set_processor(FusedAttnProcessor2_0())
+    return sum(n.endswith((".to_qkv", ".to_kv", ".to_added_qkv")) for n, _ in model.named_modules())
+
+
 def _embeddings(model: str, device: str, dt, tiny: bool) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, width, pooled = (TINY_TEXT if tiny else TEXT)[model]
     g = torch.Generator().manual_seed(1)
@@ -172,9 +191,10 @@ class PlanCache:
     plan is used only if it was calibrated for this very model (architecture and weights SHA-256;
     ``build`` seeds the random weights), else it is calibrated again."""
 
-    def __init__(self, folder: str | None = None, tiny: bool = False):
+    def __init__(self, folder: str | None = None, tiny: bool = False, tag: str = ""):
         self.folder = Path(folder) if folder else None
         self.tiny = tiny
+        self.tag = f"-{tag}" if tag else ""  # a fused model's plans beside the unfused model's
         self.plans: dict = {}
 
     def get(self, pipe, model: str, steps: int, interval: int, wbits: int | None):
@@ -188,7 +208,7 @@ class PlanCache:
                                   calib_batch_size=1, dps_samples=1)
         path = None
         if self.folder is not None:
-            name = f"{model}-{type(pipe.scheduler).__name__}-{steps}-n{interval}-w{wbits or 'fp'}.cqplan"
+            name = f"{model}{self.tag}-{type(pipe.scheduler).__name__}-{steps}-n{interval}-w{wbits or 'fp'}.cqplan"
             path = self.folder / name
             if path.is_file():
                 try:

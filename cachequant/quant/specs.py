@@ -12,11 +12,14 @@ STOCK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 """Attention processors whose arithmetic the 8-bit attention processor reproduces
 (:class:`~cachequant.quant.attention.QuantAttnProcessor`)."""
 
-SDPA_PROCESSORS = ("FluxAttnProcessor", "JointAttnProcessor2_0", "SanaAttnProcessor2_0", "WanAttnProcessor")
-"""The transformer families' processors that make exactly one ``scaled_dot_product_attention``
-call per module call: they run as they are, with that call computed by the 8-bit attention
-(:mod:`cachequant.quant.sdpa`). Modules with any other processor (sliced, fused, IP-Adapter,
-custom) keep theirs and float attention."""
+SDPA_PROCESSORS = ("FluxAttnProcessor", "JointAttnProcessor2_0", "SanaAttnProcessor2_0", "WanAttnProcessor",
+                   "FusedAttnProcessor2_0", "FusedJointAttnProcessor2_0")
+"""The processors that make exactly one ``scaled_dot_product_attention`` call per module call: the
+transformer families' own, and those ``fuse_qkv_projections()`` installs on UNet, DiT and SD3
+attention (q, k and v from one ``to_qkv`` GEMM, k and v from one ``to_kv`` in cross-attention;
+Flux's processor handles its fused projections itself). They run as
+they are, with that call computed by the 8-bit attention (:mod:`cachequant.quant.sdpa`). Modules
+with any other processor (sliced, IP-Adapter, custom) keep theirs and float attention."""
 
 KEPT_FLOAT_WHY = {
     "SanaLinearAttnProcessor2_0": (
