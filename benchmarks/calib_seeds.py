@@ -11,12 +11,24 @@ resumable: a finished variant is not sampled again), so every variant is exactly
 sampling seeds (and full precision) are the same for every calibration seed, so differences between
 variants are paired: ``--versus SLUG`` adds, per variant, the mean and spread over seeds of its PSNR
 minus that variant's.
+
+With ``--ref-stats`` (a GPU and thousands of samples) the same runs give FID: each variant's
+metrics follow its sampling (``ablation.py sample --ref-stats``), and the summary has, per
+variant, FID's mean and spread over calibration seeds, its difference to full precision (the same
+sampling seeds, so the same fp for every calibration seed) and the bootstrap spread of that paired
+difference (shared resamples, ``fid_bootstrap``), which covers the resampling of the images
+rather than the calibration. Full precision does not calibrate: it is sampled once, in the first
+seed's folder, and hard-linked into the others.
+
+    python benchmarks/calib_seeds.py --table unet --calib-seeds 0 1 2 --num-samples 10000 --batch-size 2500 \
+        --device cuda --ref-stats ref-test.npz --work /root/cqp/seeds --versus naive-n10 --out unet-seeds.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from harness.env import environment  # noqa: E402
 from harness.io import write_json  # noqa: E402
 from harness.render import calibration_coverage  # noqa: E402
-from harness.sampling import resolve_samples  # noqa: E402
+from harness.io import read_json  # noqa: E402
+from harness.sampling import is_done, resolve_samples  # noqa: E402
 from harness.tables import TABLES  # noqa: E402
 
 
@@ -49,9 +62,46 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def share_fp(first: Path, other: Path) -> bool:
+    """Hard-links (or copies) the full-precision variant's samples, Inception features and metrics
+    from the first seed's table folder into another seed's, where it is missing. Full precision
+    does not calibrate, so its run key and images are the same for every calibration seed; the
+    sampler then finds it done (same run key) and the metrics up to date (same SHA-1s)."""
+    src, dst = first / "fp", other / "fp"
+    info = read_json(src / "info.json")
+    if dst.exists() or not is_done(src) or not info or "same_as" in info:
+        return False
+    dst.mkdir(parents=True)
+    for name in ("samples.npz", "inception.npz", "metrics.json", "info.json"):  # info.json last: it marks done
+        if (src / name).is_file():
+            try:
+                os.link(src / name, dst / name)
+            except OSError:
+                shutil.copyfile(src / name, dst / name)
+    return True
+
+
+def fid_cells(vdir: Path, fp_dir: Path) -> dict:
+    """A variant's FID, its bootstrap spread and the paired bootstrap of FID − FID_fp, from the
+    ``metrics.json`` files the sampler wrote (empty without them)."""
+    m, f = read_json(vdir / "metrics.json") or {}, read_json(fp_dir / "metrics.json") or {}
+    if m.get("fid") is None:
+        return {}
+    out = {"fid": float(m["fid"])}
+    boot, fp_boot = m.get("fid_bootstrap") or [], f.get("fid_bootstrap") or []
+    if len(boot) > 1:
+        out["fid_boot_std"] = float(np.std(boot, ddof=1))
+    if f.get("fid") is not None:
+        out["dfid_fp"] = float(m["fid"]) - float(f["fid"])
+        if len(boot) > 1 and len(fp_boot) == len(boot):
+            out["dfid_fp_boot_std"] = float(np.std(np.asarray(boot) - np.asarray(fp_boot), ddof=1))
+    return out
+
+
 def summarise(rows: list[dict], slugs: list[str], versus: str | None) -> list[dict]:
     """Per variant over seeds: PSNR / SSIM mean ± spread, coverage, calibration time, and the paired
-    PSNR difference to ``versus`` (same calibration seed)."""
+    PSNR difference to ``versus`` (same calibration seed); with FIDs, the same for FID and for
+    FID − FID_fp, and the mean bootstrap spread of that paired difference."""
     by = {(r["variant"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     out = []
@@ -69,20 +119,33 @@ def summarise(rows: list[dict], slugs: list[str], versus: str | None) -> list[di
         if versus and s != versus:
             for d in paired(rows, [(s, versus)]):
                 row["delta_psnr_mean"], row["delta_psnr_std"] = d["mean"], d["std"]
+        if all("fid" in r for r in mine):
+            row["fid"] = [r["fid"] for r in mine]
+            row["fid_mean"], row["fid_std"] = _spread(row["fid"])
+            if all("dfid_fp" in r for r in mine):
+                row["dfid_fp_mean"], row["dfid_fp_std"] = _spread([r["dfid_fp"] for r in mine])
+            boots = [r["dfid_fp_boot_std"] for r in mine if "dfid_fp_boot_std" in r]
+            if boots:
+                row["dfid_fp_boot_std"] = float(np.mean(boots))
+            if versus and s != versus:
+                for d in paired(rows, [(s, versus)], "fid"):
+                    row["delta_fid_mean"], row["delta_fid_std"] = d["mean"], d["std"]
         out.append(row)
     return out
 
 
-def paired(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
-    """PSNR of A minus PSNR of B per calibration seed both have, with mean and spread."""
-    by = {(r["variant"], r["seed"]): r["psnr_vs_fp"] for r in rows}
+def paired(rows: list[dict], pairs: list[tuple[str, str]], metric: str = "psnr") -> list[dict]:
+    """``metric`` (psnr or fid) of A minus that of B per calibration seed both have, with mean and
+    spread."""
+    field = {"psnr": "psnr_vs_fp", "fid": "fid"}[metric]
+    by = {(r["variant"], r["seed"]): r[field] for r in rows if field in r}
     out = []
     for a, b in pairs:
         seeds = sorted(k for (v, k) in by if v == a and (b, k) in by)
         if seeds:
             d = [by[(a, k)] - by[(b, k)] for k in seeds]
             m, sd = _spread(d)
-            out.append({"a": a, "b": b, "seeds": seeds, "delta_psnr": d, "mean": m, "std": sd})
+            out.append({"a": a, "b": b, "seeds": seeds, f"delta_{metric}": d, "mean": m, "std": sd})
     return out
 
 
@@ -100,6 +163,27 @@ def markdown(summary: list[dict], versus: str | None) -> list[str]:
         if versus:
             d = r.get("delta_psnr_mean")
             line += " – |" if d is None else f" {d:+.2f} ± {r['delta_psnr_std']:.2f} |"
+        lines.append(line)
+    return lines
+
+
+def fid_markdown(summary: list[dict], fp_fid: float | None, versus: str | None) -> list[str]:
+    """The FID table: mean ± spread over calibration seeds, per seed, the difference to full
+    precision (± over seeds, and ± the bootstrap of the paired difference) and to ``versus``."""
+    rows = [r for r in summary if "fid_mean" in r]
+    if not rows:
+        return []
+    head = ("| variant | FID, mean ± spread over seeds | per seed | ΔFID vs FP ± seeds | ΔFID vs FP, bootstrap σ |"
+            + (f" ΔFID vs `{versus}` (paired) |" if versus else ""))
+    lines = ["" if fp_fid is None else f"Full precision: FID {fp_fid:.2f}.", "", head,
+             "|---|---|---|---|---|" + ("---|" if versus else "")]
+    for r in rows:
+        d = "–" if "dfid_fp_mean" not in r else f"{r['dfid_fp_mean']:+.2f} ± {r['dfid_fp_std']:.2f}"
+        b = "–" if "dfid_fp_boot_std" not in r else f"{r['dfid_fp_boot_std']:.2f}"
+        line = (f"| {r['label']} (`{r['variant']}`) | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | "
+                f"{' / '.join(f'{x:.2f}' for x in r['fid'])} | {d} | {b} |")
+        if versus:
+            line += (" – |" if "delta_fid_mean" not in r else f" {r['delta_fid_mean']:+.2f} ± {r['delta_fid_std']:.2f} |")
         lines.append(line)
     return lines
 
@@ -125,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", choices=list(TABLES), required=True)
     p.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per pipeline call (default: all of --num-samples at once; 2500 on a GPU)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ref-stats", default=None,
+                   help="reference .npz from `cachequant ref-stats`: FID per variant and seed as well (a GPU run)")
+    p.add_argument("--matmul-tf32", action="store_true", help="as ablation.py sample --matmul-tf32 (DDPM 250 tables)")
     p.add_argument("--work", required=True, help="work folder (one sub-folder per calibration seed; resumable)")
     p.add_argument("--only", help="comma-separated variant slugs (default: every variant of the table)")
     p.add_argument("--versus", help="a variant slug: paired PSNR differences against it")
@@ -164,14 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     slugs = [s for s in slugs if s != "fp"]
     if len(set(a.calib_seeds)) != len(a.calib_seeds):
         p.error(f"--calib-seeds must be distinct, got {a.calib_seeds}")
+    if a.batch_size is not None and not 0 < a.batch_size <= a.num_samples:
+        p.error(f"--batch-size {a.batch_size}: give 1 to --num-samples ({a.num_samples}) images per call")
+    if a.ref_stats and not Path(a.ref_stats).is_file():
+        p.error(f"--ref-stats {a.ref_stats}: no such file (make it with `cachequant ref-stats`)")
     from cachequant.metrics import psnr, ssim
 
-    rows = []
+    rows, fp_fid = [], None
+    first = Path(a.work) / f"seed{a.calib_seeds[0]}" / a.table
     for seed in a.calib_seeds:
         work = Path(a.work) / f"seed{seed}"
+        if seed != a.calib_seeds[0]:
+            share_fp(first, work / a.table)
         cmd = [sys.executable, str(ROOT / "benchmarks/ablation.py"), "sample", "--table", a.table,
-               "--only", ",".join(slugs), "--num-samples", str(a.num_samples), "--batch-size", str(a.num_samples),
+               "--only", ",".join(slugs), "--num-samples", str(a.num_samples),
+               "--batch-size", str(a.batch_size or a.num_samples),
                "--device", a.device, "--work", str(work), "--calib-seed", str(seed), "--quiet"]
+        cmd += (["--ref-stats", a.ref_stats] if a.ref_stats else []) + (["--matmul-tf32"] if a.matmul_tf32 else [])
         cmd += (["--steps", str(a.steps)] if a.steps else []) + (["--model", a.model] if a.model else [])
         cmd += ["--backend", a.backend, "--kernel-attention", a.kernel_attention]
         cmd += ["--fp8-gemm", a.fp8_gemm] if a.fp8_gemm else []
@@ -182,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed}: some variants failed (their error.json says why); the others are reported",
                   file=sys.stderr, flush=True)
         fp, _ = _images(work, work / a.table / "fp")
+        fp_fid = (read_json(work / a.table / "fp" / "metrics.json") or {}).get("fid", fp_fid)
         for s in slugs:
             vdir = work / a.table / s
             if resolve_samples(work, vdir) is None:
@@ -189,11 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             im, info = _images(work, vdir)
             rows.append({"variant": s, "label": table.variant(s).label, "seed": seed, "psnr_vs_fp": psnr(im, fp),
                          "ssim_vs_fp": ssim(im, fp), "calibration_seconds": info.get("calibration_seconds"),
-                         **calibration_coverage(info)})
+                         **calibration_coverage(info), **fid_cells(vdir, work / a.table / "fp")})
     summary = summarise(rows, slugs, a.versus)
     print(f"\n{table.title}: {a.num_samples} samples, calibration seeds {', '.join(map(str, a.calib_seeds))}, "
           f"{a.device}; PSNR / SSIM vs full precision (same sampling seeds)\n")
     print("\n".join(markdown(summary, a.versus)))
+    if a.ref_stats:
+        print("\n".join(fid_markdown(summary, fp_fid, a.versus)))
     diffs = paired(rows, pairs)
     if diffs:
         print("\n| A − B (paired by calibration seed) | Δ PSNR (dB), mean ± spread | per seed |\n|---|---|---|")
@@ -206,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                                  **({"kernel_attention": a.kernel_attention} if a.backend != "fake" else {}),
                                  **({"fp8_gemm": a.fp8_gemm} if a.fp8_gemm else {}),
                                  "calib_seeds": a.calib_seeds, "environment": environment(a.device), "rows": rows,
+                                 **({"ref_stats": a.ref_stats, "fp_fid": fp_fid} if a.ref_stats else {}),
                                  "summary": summary, "paired": diffs}, indent=1, default=None)
         print(f"written {a.out}")
     missing = set(slugs) - {r["variant"] for r in rows}

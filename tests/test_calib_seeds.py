@@ -64,3 +64,67 @@ def test_plans_are_reused_across_backends_without_overwriting(script, tmp_path):
     assert (dst / "w8a8" / "plan.cqplan").read_text() == "w8a8/plan.cqplan"
     assert (dst / "w8a8" / "calibration.json").read_text() == "w8a8/calibration.json"
     assert not (dst / "half").exists() and (dst / "mine" / "plan.cqplan").read_text() == "kept"
+
+
+def _stand_in_inception(path):
+    """A TorchScript stand-in for the FID Inception network (same input, 16 features): the FID
+    bookkeeping is under test, not the features."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3 * 16, 16)
+
+        def forward(self, x):
+            return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)) * 10
+
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(Net().eval()), str(path))
+
+
+def test_fid_over_calibration_seeds_samples_fp_once(script, tmp_path, monkeypatch, capsys):
+    """With --ref-stats each (variant, seed) gets its FID from the sampler's metrics; full precision is
+    sampled in the first seed's folder only (the others hard-link it), and the summary's FID − FID_fp
+    is each seed's FID minus that one fp FID."""
+    import json
+
+    import numpy as np
+
+    from cachequant.metrics.fid import save_reference
+
+    net, ref = tmp_path / "inception.pt", tmp_path / "ref.npz"
+    _stand_in_inception(net)
+    monkeypatch.setenv("CACHEQUANT_INCEPTION", str(net))
+    save_reference(ref, np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32) * 3, source="synthetic")
+    work, out = tmp_path / "w", tmp_path / "seeds.json"
+    code = script.main(["--table", "unet", "--model", "tiny-ddim", "--steps", "6", "--num-samples", "4",
+                        "--batch-size", "2", "--calib-seeds", "0", "1", "--only", "naive-n10,w8a8", "--device", "cpu",
+                        "--ref-stats", str(ref), "--versus", "naive-n10", "--work", str(work), "--out", str(out)])
+    assert code == 0
+    fp0, fp1 = work / "seed0" / "unet" / "fp", work / "seed1" / "unet" / "fp"
+    assert (fp0 / "samples.npz").stat().st_ino == (fp1 / "samples.npz").stat().st_ino
+    data = json.loads(out.read_text())
+    fp_fid = data["fp_fid"]
+    assert fp_fid == json.loads((fp0 / "metrics.json").read_text())["fid"]
+    assert {(r["variant"], r["seed"]) for r in data["rows"]} == {(v, s) for v in ("naive-n10", "w8a8") for s in (0, 1)}
+    for r in data["rows"]:
+        m = json.loads((work / f"seed{r['seed']}" / "unet" / r["variant"] / "metrics.json").read_text())
+        assert r["fid"] == m["fid"] and r["dfid_fp"] == pytest.approx(m["fid"] - fp_fid)
+        assert r["dfid_fp_boot_std"] >= 0
+    w8 = next(s for s in data["summary"] if s["variant"] == "w8a8")
+    fids = [r["fid"] for r in data["rows"] if r["variant"] == "w8a8"]
+    assert w8["fid_mean"] == pytest.approx(np.mean(fids)) and w8["fid_std"] == pytest.approx(np.std(fids, ddof=1))
+    assert w8["dfid_fp_mean"] == pytest.approx(np.mean(fids) - fp_fid) and "delta_fid_mean" in w8
+    printed = capsys.readouterr().out
+    assert f"Full precision: FID {fp_fid:.2f}." in printed and f"{w8['fid_mean']:.2f} ± {w8['fid_std']:.2f}" in printed
+
+
+def test_fid_arguments_are_checked_before_sampling(script, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--table", "unet", "--work", str(tmp_path), "--ref-stats", str(tmp_path / "none.npz")])
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--table", "unet", "--work", str(tmp_path), "--num-samples", "4", "--batch-size", "8"])
+    assert "images per call" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
