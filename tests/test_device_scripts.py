@@ -160,3 +160,64 @@ echo '{{"rows": []}}' > "$out"
     bad = subprocess.run(["bash", script, str(tmp_path / "out2"), "torchao-sd15-b8-float8"], capture_output=True,
                          text=True, timeout=120, cwd=ROOT, env={**env, "CQ_AUTOTUNE_SEED": str(tmp_path / "junk.tgz")})
     assert "not a tarball" in bad.stdout + bad.stderr and not log.exists()
+
+
+def _training_bench(tmp_path):
+    """A stand-in repository (train.sh copies cachequant/, scripts/, benchmarks/ from it) and a
+    python3 that logs its arguments and writes what train_cifar.py would: train_info.json in --out,
+    the fp16 export in --export."""
+    repo, dev, bin_dir, log = tmp_path / "repo", tmp_path / "cqp", tmp_path / "bin", tmp_path / "calls.log"
+    for d in ("cachequant/zoo/weights", "scripts", "benchmarks/device"):
+        (repo / d).mkdir(parents=True)
+    (repo / "benchmarks/device/train.sh").write_text((ROOT / "benchmarks/device/train.sh").read_text())
+    (repo / "benchmarks/device/setup.sh").write_text((ROOT / "benchmarks/device/setup.sh").read_text())
+    dev.mkdir()
+    (dev / "train.zip").write_text("zip")
+    bin_dir.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+out=; ex=; prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; [ "$prev" = --export ] && ex=$a; prev=$a; done
+[ -n "$out" ] && mkdir -p "$out" && echo '{{}}' > "$out/train_info.json"
+[ -n "$ex" ] && mkdir -p "$ex" && echo w > "$ex/diffusion_pytorch_model.safetensors" && echo '{{}}' > "$ex/config.json"
+exit 0
+""")
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CQ_DEVICE_DIR": str(dev), "CQ_WAIT_REF_S": "0",
+           "JOB_DIR": str(tmp_path / "job")}
+    (tmp_path / "job").mkdir()
+    return repo, dev, env, log
+
+
+def test_training_starts_from_the_newest_state_it_finds(tmp_path):
+    """train.sh's starting point, in order: this machine's checkpoint, carried pieces, CQ_INIT, the
+    committed export that setup.sh keeps in /root/cqp/init, else from scratch; the fp16 export comes
+    back with the job's files."""
+    repo, dev, env, log = _training_bench(tmp_path)
+
+    def start(**extra) -> str:
+        log.unlink(missing_ok=True)
+        r = subprocess.run(["bash", "benchmarks/device/train.sh", "unet", "1"], cwd=repo, env={**env, **extra},
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return log.read_text().splitlines()[0]
+
+    assert "--resume" not in start() and "--init" not in start()
+    assert (tmp_path / "job" / "weights-unet.safetensors").read_text() == "w\n"
+    assert (tmp_path / "job" / "config-unet.json").is_file()
+    # setup.sh keeps the committed export on the machine
+    committed = repo / "results/training/weights/cifar10-unet"
+    committed.mkdir(parents=True)
+    (committed / "config.json").write_text("{}")
+    subprocess.run(["bash", "-c", "source benchmarks/device/setup.sh"], cwd=repo, env=env, capture_output=True,
+                   timeout=60)
+    assert (dev / "init" / "cifar10-unet" / "config.json").is_file()
+    assert f"--init {dev}/init/cifar10-unet" in start()
+    assert "--init /elsewhere" in start(CQ_INIT="/elsewhere")
+    (dev / "ckpt-in" / "unet").mkdir(parents=True)
+    (dev / "ckpt-in" / "unet" / "manifest.json").write_text("{}")
+    call = start(CQ_INIT="/elsewhere")
+    assert f"--resume {dev}/ckpt-in/unet" in call and "--init" not in call
+    (dev / "train" / "unet" / "ckpt").mkdir(parents=True)
+    (dev / "train" / "unet" / "ckpt" / "manifest.json").write_text("{}")
+    assert f"--resume {dev}/train/unet/ckpt" in start()
