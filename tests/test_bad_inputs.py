@@ -96,6 +96,8 @@ CASES = [  # (id, arguments with {tmp}, message)
                                     "{tmp}/missing.npz", "--out-dir", "{tmp}/run"], "--ref-stats: .* does not exist"),
     ("evaluate-fp-dir-without-samples", ["evaluate", "--model", "tiny-ddim", "--num-samples", "2", "--fp-dir", "{tmp}",
                                          "--out-dir", "{tmp}/run"], "holds no samples.npz"),
+    ("evaluate-tf32-on-cpu", ["evaluate", "--model", "tiny-ddim", "--num-samples", "2", "--matmul-tf32",
+                              "--out-dir", "{tmp}/run"], "--matmul-tf32 sets how CUDA GPUs multiply"),
     ("ref-stats-missing-data", ["ref-stats", "--data", "{tmp}/none.zip", "--out", "{tmp}/r.npz"], "does not exist"),
     ("ref-stats-wrong-suffix", ["ref-stats", "--data", "{tmp}", "--out", "{tmp}/r.txt"], "should end in .npz"),
 ]

@@ -12,7 +12,8 @@
 # committed one (results/training/weights/cifar10-MODEL, kept in $C/init by setup.sh). Needs $C/train.zip (carry .data/train.zip once); the FID needs the
 # Inception network and $C/ref-test.npz (setup.sh makes them from the carried .inc parts and
 # .data/test.zip) and waits up to CQ_WAIT_REF_S (300) for them. The model's evaluate arguments
-# come from CQ_EVAL_ARGS (default: the UNet's DDIM 100); CQ_FID_CONVS picks the resize conventions
+# come from CQ_EVAL_ARGS (default: the UNet's DDIM 100; the DiT's tables use "--scheduler ddpm
+# --steps 250 --guidance-scale 1.5 --matmul-tf32"); CQ_FID_CONVS picks the resize conventions
 # scored (default "torch tf"; each one samples the 10k images again); CQ_FID_FLOOR=0 skips the data
 # floor. If the compiled run fails, the rest of the time trains without torch.compile.
 set -u

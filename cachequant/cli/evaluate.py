@@ -36,6 +36,9 @@ def run_evaluate(args) -> int:
     # everything that can be wrong is checked before the first image is sampled
     check_model(args.model)
     check_device(args.device)
+    if args.matmul_tf32 and not args.device.startswith("cuda"):
+        raise UsageError(f"--matmul-tf32 sets how CUDA GPUs multiply float32 matrices; --device {args.device} "
+                         "has no TF32: leave the option out")
     check_output_folder(args.out_dir, "--out-dir")
     plan = cq.load_plan(check_input_file(args.plan, "--plan")) if args.plan else None
     if args.ref_stats:
@@ -59,6 +62,9 @@ def run_evaluate(args) -> int:
     run_cfg = {"model": args.model, "plan": str(args.plan) if args.plan else None, "steps": args.steps,
                "scheduler": args.scheduler, "num_samples": args.num_samples, "shard_size": args.shard_size,
                "seed": args.seed, "guidance_scale": args.guidance_scale}
+    if args.matmul_tf32:  # only when set: the run keys of earlier full-fp32 runs stay what they were
+        torch.backends.cuda.matmul.allow_tf32 = True
+        run_cfg["matmul_tf32"] = True
     if rank == 0:
         check_run_config(out_dir, run_cfg)
         for stale in out_dir.glob(".shard-*"):  # temporaries of a killed run: never complete, never read
