@@ -118,7 +118,7 @@ def _add_quant(sess: Session, plan: Plan, backend, options: KernelOptions) -> No
                 proc = type(module.processor).__name__
                 raise WorkflowError(
                     f"the plan quantizes the attention matmuls of {name}, whose processor is now {proc} (attention "
-                    "slicing, fused projections, IP-Adapter?): set the default processor back "
+                    "slicing, IP-Adapter, a custom processor?): set the default processor back "
                     "(model.set_default_attn_processor()), or calibrate a plan with this processor")
         sess.add_attention(list(q.attention), plan.tensors, q.act_bits, plan.config.attention_probs)
 
