@@ -40,9 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness.env import environment  # noqa: E402
-from harness.io import write_json  # noqa: E402
+from harness.io import read_json, write_json  # noqa: E402
 from harness.render import calibration_coverage  # noqa: E402
-from harness.io import read_json  # noqa: E402
 from harness.sampling import is_done, resolve_samples  # noqa: E402
 from harness.tables import TABLES  # noqa: E402
 
