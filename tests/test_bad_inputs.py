@@ -98,6 +98,10 @@ CASES = [  # (id, arguments with {tmp}, message)
                                          "--out-dir", "{tmp}/run"], "holds no samples.npz"),
     ("evaluate-tf32-on-cpu", ["evaluate", "--model", "tiny-ddim", "--num-samples", "2", "--matmul-tf32",
                               "--out-dir", "{tmp}/run"], "--matmul-tf32 sets how CUDA GPUs multiply"),
+    ("weights-for-a-tiny-model", ["evaluate", "--model", "tiny-ddim", "--weights", "{tmp}", "--num-samples", "2",
+                                  "--out-dir", "{tmp}/run"], "--weights replaces a shipped model's weights"),
+    ("weights-folder-without-weights", ["calibrate", "--model", "cifar10-unet", "--weights", "{tmp}", "--out",
+                                        "{tmp}/p.cqplan"], "--weights .*expected config.json"),
     ("ref-stats-missing-data", ["ref-stats", "--data", "{tmp}/none.zip", "--out", "{tmp}/r.npz"], "does not exist"),
     ("ref-stats-wrong-suffix", ["ref-stats", "--data", "{tmp}", "--out", "{tmp}/r.txt"], "should end in .npz"),
 ]

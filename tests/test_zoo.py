@@ -192,3 +192,22 @@ def test_zoo_refuses_a_sampler_the_model_was_not_trained_for():
 
     with pytest.raises(ValueError, match="flow-euler"):
         cq.zoo.load_pipeline("cifar10-unet", scheduler="flow-euler")
+
+
+def test_zoo_model_with_other_weights(tmp_path):
+    """``weights=`` swaps a shipped model's weights for a folder of the same class (a retraining
+    checkpoint), keeping its pipeline and sampler; a folder of another class or without weights is
+    refused, saying why."""
+    shipped = cq.zoo.load_pipeline("cifar10-unet")
+    unet = shipped.unet
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.5)
+    unet.save_pretrained(tmp_path / "mine")
+    pipe = cq.zoo.load_pipeline("cifar10-unet", weights=tmp_path / "mine")
+    assert type(pipe) is type(shipped) and type(pipe.scheduler) is type(shipped.scheduler)
+    assert torch.equal(pipe.unet.conv_out.bias, unet.conv_out.bias)
+    assert not torch.equal(pipe.unet.conv_out.bias, cq.zoo.load_pipeline("cifar10-unet").unet.conv_out.bias)
+    with pytest.raises(ValueError, match="holds a UNet2DModel, but cifar10-dit is a DiTTransformer2DModel"):
+        cq.zoo.load_pipeline("cifar10-dit", weights=tmp_path / "mine")
+    with pytest.raises(FileNotFoundError, match="expected config.json and diffusion_pytorch_model.safetensors"):
+        cq.zoo.load_pipeline("cifar10-unet", weights=tmp_path)

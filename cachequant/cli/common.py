@@ -115,10 +115,18 @@ def check_device(device: str) -> str:
 # -- pipelines -----------------------------------------------------------------------------------
 
 
-def check_model(spec: str) -> None:
+def check_model(spec: str, weights: str | None = None) -> None:
     from ..models.tiny import TINY
-    from ..zoo import MODELS
+    from ..zoo import MODELS, check_weights
 
+    if weights is not None:
+        if spec not in MODELS:
+            raise UsageError(f"--weights replaces a shipped model's weights ({', '.join(MODELS)}); --model {spec} "
+                             "is not one")
+        try:
+            check_weights(spec, weights)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--weights {e}") from None
     if spec in MODELS or spec in TINY:
         return
     path = Path(spec)
@@ -129,20 +137,21 @@ def check_model(spec: str) -> None:
         raise UsageError(f"--model {spec}: not a saved diffusers pipeline (no model_index.json in it)")
 
 
-def load_pipeline(spec: str, device: str, scheduler: str | None):
+def load_pipeline(spec: str, device: str, scheduler: str | None, weights: str | None = None):
     """A built-in model or a saved pipeline folder on ``device``; ``scheduler`` swaps the sampler
-    (a built-in model gets its training noise schedule, a folder keeps its own)."""
+    (a built-in model gets its training noise schedule, a folder keeps its own); ``weights``
+    replaces a shipped model's weights (``cq.zoo.load_pipeline``)."""
     from ..models.tiny import SCHEDULERS, TINY, unconditional_pipeline
     from ..zoo import MODELS, load_pipeline as load_zoo
 
-    check_model(spec)
+    check_model(spec, weights)
     if spec in MODELS:
         from ..zoo import SAMPLERS
 
         if scheduler is not None and scheduler not in SAMPLERS[spec]:
             raise UsageError(f"--scheduler {scheduler}: {spec} was trained for {', '.join(SAMPLERS[spec])}; "
                              "choose one of those")
-        pipe = load_zoo(spec, scheduler=scheduler)
+        pipe = load_zoo(spec, scheduler=scheduler, weights=weights)
     elif spec in TINY:
         pipe = TINY[spec]() if scheduler is None else TINY[spec](scheduler=scheduler)
     else:

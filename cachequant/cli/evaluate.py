@@ -34,7 +34,7 @@ def run_evaluate(args) -> int:
                          kernel_options, load_pipeline)
 
     # everything that can be wrong is checked before the first image is sampled
-    check_model(args.model)
+    check_model(args.model, args.weights)
     check_device(args.device)
     if args.matmul_tf32 and not args.device.startswith("cuda"):
         raise UsageError(f"--matmul-tf32 sets how CUDA GPUs multiply float32 matrices; --device {args.device} "
@@ -50,7 +50,7 @@ def run_evaluate(args) -> int:
                          "evaluate run)")
     options = kernel_options(args)
     rank, world, device = init_from_env(args.device)
-    pipe = load_pipeline(args.model, device, args.scheduler)
+    pipe = load_pipeline(args.model, device, args.scheduler, args.weights)
     plan_meta = None
     if plan is not None:
         cq.accelerate(pipe, plan, options)
@@ -62,6 +62,8 @@ def run_evaluate(args) -> int:
     run_cfg = {"model": args.model, "plan": str(args.plan) if args.plan else None, "steps": args.steps,
                "scheduler": args.scheduler, "num_samples": args.num_samples, "shard_size": args.shard_size,
                "seed": args.seed, "guidance_scale": args.guidance_scale}
+    if args.weights:  # only when set, like the next: the run records of earlier runs stay what they were
+        run_cfg["weights"] = str(args.weights)
     if args.matmul_tf32:  # only when set: the run keys of earlier full-fp32 runs stay what they were
         torch.backends.cuda.matmul.allow_tf32 = True
         run_cfg["matmul_tf32"] = True

@@ -68,7 +68,7 @@ def cmd_calibrate(args) -> int:
     if args.prompts and args.class_labels:
         raise UsageError("give --prompts or --class-labels, not both")
     cfg = _calibration_config(args)
-    check_model(args.model)
+    check_model(args.model, args.weights)
     check_device(args.device)
     out = check_output_file(args.out, "--out", (".cqplan",))
     inputs = {}
@@ -79,7 +79,7 @@ def cmd_calibrate(args) -> int:
     elif args.num_samples:
         inputs["num_samples"] = args.num_samples
     rank, world, device = init_from_env(args.device)
-    pipe = load_pipeline(args.model, device, args.scheduler)
+    pipe = load_pipeline(args.model, device, args.scheduler, args.weights)
     t = time.time()
     plan = cq.calibrate(pipe, cfg, num_inference_steps=args.steps, progress=rank == 0 and not args.quiet, **inputs)
     if rank == 0:
@@ -105,7 +105,7 @@ def cmd_autotune(args) -> int:
     unknown = [b for b in bits if b not in TUNE_BITS]
     if unknown or not bits:
         raise UsageError(f"--bits: expected a comma-separated subset of {','.join(TUNE_BITS)}, got {args.bits!r}")
-    check_model(args.model)
+    check_model(args.model, args.weights)
     check_device(args.device)
     out = check_output_file(args.out, "--out", (".cqplan",))
     table = check_output_file(args.table, "--table", (".json",)) if args.table else None
@@ -115,7 +115,7 @@ def cmd_autotune(args) -> int:
                                   seed=args.seed, **({"num_calib_samples": args.num_samples} if args.num_samples else {}))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    pipe = load_pipeline(args.model, args.device, args.scheduler)
+    pipe = load_pipeline(args.model, args.device, args.scheduler, args.weights)
     inputs: dict = {}
     eval_inputs = None
     if conditioning(pipe) == "prompt":
@@ -192,7 +192,7 @@ def cmd_generate(args) -> int:
     from ..pipecall import call_pipeline
     from ..utils.io import save_grid
 
-    check_model(args.model)
+    check_model(args.model, args.weights)
     check_device(args.device)
     out = check_output_file(args.out, "--out", IMAGE_SUFFIXES)
     plan = cq.load_plan(check_input_file(args.plan, "--plan")) if args.plan else None
@@ -204,7 +204,7 @@ def cmd_generate(args) -> int:
         if given:
             raise UsageError(f"{', '.join(given)} set how a plan's quantized layers run: give --plan too")
     options = kernel_options(args)
-    pipe = load_pipeline(args.model, args.device, args.scheduler)
+    pipe = load_pipeline(args.model, args.device, args.scheduler, args.weights)
     batch = _generation_batch(pipe, args)
     if plan is not None:
         cq.accelerate(pipe, plan, options)
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(sp, steps: int = 50):
         sp.add_argument("--model", default="cifar10-unet", help=MODELS_HELP)
+        sp.add_argument("--weights", default=None,
+                        help="with a shipped model: a folder of other weights for it (config.json + safetensors, e.g. "
+                             "a retraining checkpoint in results/training/weights/) instead of the shipped ones")
         sp.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
                         help="replace the pipeline's sampler (default: keep the pipeline's own)")
         sp.add_argument("--steps", type=positive_int, default=steps, help="num_inference_steps of a pipeline run")

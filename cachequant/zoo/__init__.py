@@ -23,11 +23,31 @@ def available() -> list[str]:
     return sorted(MODELS)
 
 
-def load_pipeline(name: str, scheduler: str | None = None, dtype: torch.dtype = torch.float32):
+def check_weights(name: str, folder: str | Path) -> Path:
+    """``folder`` as weights for the zoo model ``name``: a diffusers model folder (``config.json``
+    and ``diffusion_pytorch_model.safetensors``, as ``save_pretrained`` and ``scripts/train_cifar.py
+    --export`` write them) of the model's class. Raises ``FileNotFoundError`` / ``ValueError``
+    saying what is wrong."""
+    import json
+
+    path = Path(folder)
+    if not (path / "config.json").is_file() or not (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: expected config.json and diffusion_pytorch_model.safetensors (a folder "
+                                "written by save_pretrained or scripts/train_cifar.py --export)")
+    cls = json.loads((path / "config.json").read_text()).get("_class_name")
+    if cls != MODELS[name]:
+        raise ValueError(f"{path} holds a {cls}, but {name} is a {MODELS[name]}")
+    return path
+
+
+def load_pipeline(name: str, scheduler: str | None = None, dtype: torch.dtype = torch.float32,
+                  weights: str | Path | None = None):
     """A ready diffusers pipeline: ``cifar10-unet`` -> DDIMPipeline (DDPMPipeline for another
     sampler), ``cifar10-dit`` -> :class:`DiTPixelPipeline`, ``cifar10-mmdit`` ->
     :class:`MMDiTPixelPipeline` (both class labels, CFG). ``scheduler``: one of ``SAMPLERS[name]``
-    (default: the first)."""
+    (default: the first). ``weights``: a folder of other weights for the same model (e.g. a
+    retraining checkpoint in ``results/training/weights/``) instead of the shipped ones; the
+    pipeline, sampler and conditioning stay the zoo model's."""
     import diffusers
 
     from ..models.tiny import make_scheduler, unconditional_pipeline
@@ -37,7 +57,7 @@ def load_pipeline(name: str, scheduler: str | None = None, dtype: torch.dtype = 
     scheduler = scheduler or SAMPLERS[name][0]
     if scheduler not in SAMPLERS[name]:
         raise ValueError(f"{name} was trained for the {', '.join(SAMPLERS[name])} sampler(s), not {scheduler!r}")
-    folder = WEIGHTS / name
+    folder = check_weights(name, weights) if weights is not None else WEIGHTS / name
     if not (folder / "diffusion_pytorch_model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} has no weights; reinstall cachequant")
     model = getattr(diffusers, MODELS[name]).from_pretrained(folder, torch_dtype=dtype).eval()
