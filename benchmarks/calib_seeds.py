@@ -18,7 +18,8 @@ variant, FID's mean and spread over calibration seeds, its difference to full pr
 sampling seeds, so the same fp for every calibration seed) and the bootstrap spread of that paired
 difference (shared resamples, ``fid_bootstrap``), which covers the resampling of the images
 rather than the calibration. Full precision does not calibrate: it is sampled once, in the first
-seed's folder, and hard-linked into the others.
+seed's folder, and hard-linked into the others. Nor do the cache-only rows on the uniform schedule
+(``calibration_free``): they are sampled with the first seed and their row repeated for the others.
 
     python benchmarks/calib_seeds.py --table unet --calib-seeds 0 1 2 --num-samples 10000 --batch-size 2500 \
         --device cuda --ref-stats ref-test.npz --work /root/cqp/seeds --versus naive-n10 --out unet-seeds.json
@@ -59,6 +60,18 @@ def _spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def calibration_free(config: dict | None) -> bool:
+    """A variant whose plan no calibration data can change: caching on the uniform schedule with
+    no quantization, no DEC and no VC (the cache-only rows). Its samples are the same for every
+    calibration seed, so it is sampled with the first seed only and its row repeated for the others."""
+    if config is None:
+        return False
+    import cachequant as cq
+
+    c = cq.CacheQuantConfig(**config)  # with the defaults the variant leaves out
+    return c.weight_bits is None and c.act_bits is None and c.schedule == "uniform" and not c.dec and not c.vc
 
 
 def share_fp(first: Path, other: Path) -> bool:
@@ -114,7 +127,8 @@ def summarise(rows: list[dict], slugs: list[str], versus: str | None) -> list[di
                "ssim_mean": _spread([r["ssim_vs_fp"] for r in mine])[0],
                "entries_min": min((r["entries_min"] for r in mine if r["entries_min"] is not None), default=None),
                "entries_low_max": max((r["entries_low"] for r in mine if r["entries_low"] is not None), default=None),
-               "calibration_seconds_mean": _spread([r["calibration_seconds"] or 0.0 for r in mine])[0]}
+               "calibration_seconds_mean": _spread([r["calibration_seconds"] or 0.0 for r in mine])[0],
+               "calibration_free": any("same_as_seed" in r for r in mine)}
         if versus and s != versus:
             for d in paired(rows, [(s, versus)]):
                 row["delta_psnr_mean"], row["delta_psnr_std"] = d["mean"], d["std"]
@@ -148,6 +162,12 @@ def paired(rows: list[dict], pairs: list[tuple[str, str]], metric: str = "psnr")
     return out
 
 
+def _per_seed(row: dict, key: str) -> str:
+    if row.get("calibration_free"):
+        return "one sampling: nothing calibrated depends on the seed"
+    return " / ".join(f"{x:.2f}" for x in row[key])
+
+
 def markdown(summary: list[dict], versus: str | None) -> list[str]:
     head = "| variant | PSNR vs FP (dB), mean ± spread | per seed | SSIM | fewest entries per step | calibration (s) |"
     sep = "|---|---|---|---|---|---|"
@@ -157,7 +177,7 @@ def markdown(summary: list[dict], versus: str | None) -> list[str]:
     lines = [head, sep]
     for r in summary:
         line = (f"| {r['label']} (`{r['variant']}`) | {r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} | "
-                f"{' / '.join(f'{p:.2f}' for p in r['psnr'])} | {r['ssim_mean']:.4f} | "
+                f"{_per_seed(r, 'psnr')} | {r['ssim_mean']:.4f} | "
                 f"{'–' if r['entries_min'] is None else r['entries_min']} | {r['calibration_seconds_mean']:.0f} |")
         if versus:
             d = r.get("delta_psnr_mean")
@@ -180,7 +200,7 @@ def fid_markdown(summary: list[dict], fp_fid: float | None, versus: str | None) 
         d = "–" if "dfid_fp_mean" not in r else f"{r['dfid_fp_mean']:+.2f} ± {r['dfid_fp_std']:.2f}"
         b = "–" if "dfid_fp_boot_std" not in r else f"{r['dfid_fp_boot_std']:.2f}"
         line = (f"| {r['label']} (`{r['variant']}`) | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | "
-                f"{' / '.join(f'{x:.2f}' for x in r['fid'])} | {d} | {b} |")
+                f"{_per_seed(r, 'fid')} | {d} | {b} |")
         if versus:
             line += (" – |" if "delta_fid_mean" not in r else f" {r['delta_fid_mean']:+.2f} ± {r['delta_fid_std']:.2f} |")
         lines.append(line)
@@ -260,12 +280,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, fp_fid = [], None
     first = Path(a.work) / f"seed{a.calib_seeds[0]}" / a.table
+    free = {s for s in slugs if calibration_free(table.variant(s).config)}
     for seed in a.calib_seeds:
         work = Path(a.work) / f"seed{seed}"
-        if seed != a.calib_seeds[0]:
+        later = seed != a.calib_seeds[0]
+        if later:
             share_fp(first, work / a.table)
+        run = [s for s in slugs if not (later and s in free)]
         cmd = [sys.executable, str(ROOT / "benchmarks/ablation.py"), "sample", "--table", a.table,
-               "--only", ",".join(slugs), "--num-samples", str(a.num_samples),
+               "--only", ",".join(run), "--num-samples", str(a.num_samples),
                "--batch-size", str(a.batch_size or a.num_samples),
                "--device", a.device, "--work", str(work), "--calib-seed", str(seed), "--quiet"]
         cmd += (["--ref-stats", a.ref_stats] if a.ref_stats else []) + (["--matmul-tf32"] if a.matmul_tf32 else [])
@@ -274,13 +297,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--fp8-gemm", a.fp8_gemm] if a.fp8_gemm else []
         if a.plans_from:
             reuse_plans(Path(a.plans_from) / f"seed{seed}" / a.table, work / a.table, slugs)
-        print("$", " ".join(cmd[1:]), flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            print(f"seed {seed}: some variants failed (their error.json says why); the others are reported",
-                  file=sys.stderr, flush=True)
+        if run:
+            print("$", " ".join(cmd[1:]), flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                print(f"seed {seed}: some variants failed (their error.json says why); the others are reported",
+                      file=sys.stderr, flush=True)
         fp, _ = _images(work, work / a.table / "fp")
         fp_fid = (read_json(work / a.table / "fp" / "metrics.json") or {}).get("fid", fp_fid)
         for s in slugs:
+            if later and s in free:  # the same samples as the first seed's: its row again
+                rows += [dict(r, seed=seed, same_as_seed=a.calib_seeds[0]) for r in rows
+                         if r["variant"] == s and r["seed"] == a.calib_seeds[0]]
+                continue
             vdir = work / a.table / s
             if resolve_samples(work, vdir) is None:
                 continue

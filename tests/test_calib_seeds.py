@@ -99,7 +99,8 @@ def test_fid_over_calibration_seeds_samples_fp_once(script, tmp_path, monkeypatc
     save_reference(ref, np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32) * 3, source="synthetic")
     work, out = tmp_path / "w", tmp_path / "seeds.json"
     code = script.main(["--table", "unet", "--model", "tiny-ddim", "--steps", "6", "--num-samples", "4",
-                        "--batch-size", "2", "--calib-seeds", "0", "1", "--only", "naive-n10,w8a8", "--device", "cpu",
+                        "--batch-size", "2", "--calib-seeds", "0", "1", "--only", "naive-n10,w8a8,cache-n5",
+                        "--device", "cpu",
                         "--ref-stats", str(ref), "--versus", "naive-n10", "--work", str(work), "--out", str(out)])
     assert code == 0
     fp0, fp1 = work / "seed0" / "unet" / "fp", work / "seed1" / "unet" / "fp"
@@ -107,8 +108,16 @@ def test_fid_over_calibration_seeds_samples_fp_once(script, tmp_path, monkeypatc
     data = json.loads(out.read_text())
     fp_fid = data["fp_fid"]
     assert fp_fid == json.loads((fp0 / "metrics.json").read_text())["fid"]
-    assert {(r["variant"], r["seed"]) for r in data["rows"]} == {(v, s) for v in ("naive-n10", "w8a8") for s in (0, 1)}
+    assert {(r["variant"], r["seed"]) for r in data["rows"]} == \
+        {(v, s) for v in ("naive-n10", "w8a8", "cache-n5") for s in (0, 1)}
+    # cache only on the uniform schedule calibrates nothing seed-dependent: sampled with seed 0 only
+    assert not (work / "seed1" / "unet" / "cache-n5").exists()
+    cache = [r for r in data["rows"] if r["variant"] == "cache-n5"]
+    assert cache[0]["fid"] == cache[1]["fid"] and cache[1]["same_as_seed"] == 0
+    assert next(s for s in data["summary"] if s["variant"] == "cache-n5")["calibration_free"]
     for r in data["rows"]:
+        if r.get("same_as_seed") is not None:
+            r = dict(r, seed=r["same_as_seed"])
         m = json.loads((work / f"seed{r['seed']}" / "unet" / r["variant"] / "metrics.json").read_text())
         assert r["fid"] == m["fid"] and r["dfid_fp"] == pytest.approx(m["fid"] - fp_fid)
         assert r["dfid_fp_boot_std"] >= 0
@@ -128,3 +137,11 @@ def test_fid_arguments_are_checked_before_sampling(script, tmp_path, capsys):
         script.main(["--table", "unet", "--work", str(tmp_path), "--num-samples", "4", "--batch-size", "8"])
     assert "images per call" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_only_the_cache_only_rows_are_calibration_free(script):
+    from harness.tables import TABLES
+
+    free = {v.slug for v in TABLES["unet"].variants if script.calibration_free(v.config)}
+    assert free == {"cache-n5", "cache-n10", "cache-n20"}
+    assert not script.calibration_free(None)  # full precision is shared by share_fp, not repeated
