@@ -61,6 +61,13 @@ def run_sample(args) -> int:
                          f"or auto, not {args.backend}")
     steps = args.steps or table.steps
     model = args.model or table.model
+    if args.weights:
+        from cachequant.cli.common import UsageError, check_model
+
+        try:
+            check_model(model, args.weights)
+        except UsageError as e:
+            raise SystemExit(f"error: {e}") from None
     work = Path(args.work)
     tdir = work / table.name
     tdir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +133,7 @@ def run_sample(args) -> int:
         print(f"[{table.name}/{v.slug}] {v.label}", flush=True)
         try:
             if pipe is None:
-                pipe = load_pipe(model, args.device, table.scheduler)
+                pipe = load_pipe(model, args.device, table.scheduler, args.weights)
             info = sample_variant(pipe, table, v, args, steps, model, vdir)
             status["done"].append(v.slug)
             cal = info["calibration_seconds"]
@@ -239,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=None, help="override the table's step count (local smoke tests only)")
     s.add_argument("--model", default=None, help="override the table's model, e.g. tiny-ddim (tests only)")
+    s.add_argument("--weights", default=None,
+                   help="the table's zoo model with other weights (a folder such as results/training/weights/"
+                        "cifar10-unet); their SHA-1 is part of every variant's run key")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--backend", default="fake", choices=["fake", "int8", "fp8", "auto", "fp8-emulated"],
                    help="quantized-layer execution; the tables use the fake-quant reference (8-bit attention "

@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                         "not depend on the backend), so that only sampling is repeated")
     p.add_argument("--steps", type=int, default=None, help="override the table's step count (smoke tests only)")
     p.add_argument("--model", default=None, help="override the table's model (smoke tests only)")
+    p.add_argument("--weights", default=None, help="the table's zoo model with other weights (ablation.py --weights)")
     p.add_argument("--out", default=None, help="JSON with every (variant, seed) row and the summary")
     a = p.parse_args(argv)
     table = TABLES[a.table]
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                "--device", a.device, "--work", str(work), "--calib-seed", str(seed), "--quiet"]
         cmd += (["--ref-stats", a.ref_stats] if a.ref_stats else []) + (["--matmul-tf32"] if a.matmul_tf32 else [])
         cmd += (["--steps", str(a.steps)] if a.steps else []) + (["--model", a.model] if a.model else [])
+        cmd += ["--weights", a.weights] if a.weights else []
         cmd += ["--backend", a.backend, "--kernel-attention", a.kernel_attention]
         cmd += ["--fp8-gemm", a.fp8_gemm] if a.fp8_gemm else []
         if a.plans_from:

@@ -309,3 +309,23 @@ def test_a_config_field_at_its_later_added_default_leaves_run_keys_unchanged(abl
     assert e4m3["config"]["attention_probs"] == "e4m3"
     assert {k: v for k, v in e4m3["config"].items() if k != "attention_probs"} == plain["config"]
     assert key_hash(plain) != key_hash(e4m3)
+
+
+def test_other_weights_enter_the_run_key_and_a_tiny_model_refuses_them(ablation, tmp_path):
+    """--weights samples the table's zoo model with other weights; their SHA-1 is in each variant's
+    run key, so those samples are never taken for the shipped weights' (or shared with them)."""
+    import cachequant as cq
+
+    unet = cq.zoo.load_pipeline("cifar10-unet").unet
+    unet.save_pretrained(tmp_path / "mine")
+
+    def sample(work, *extra):
+        return ablation.main(["sample", "--table", "unet", "--steps", "3", "--num-samples", "2", "--batch-size", "2",
+                              "--device", "cpu", "--work", str(work), "--only", "fp", "--quiet", *extra])
+
+    assert sample(tmp_path / "a", "--weights", str(tmp_path / "mine")) == 0
+    assert sample(tmp_path / "b") == 0
+    keys = [json.loads((tmp_path / w / "unet" / "fp" / "info.json").read_text())["run_key"] for w in "ab"]
+    assert len(keys[0]["weights_sha1"]) == 40 and "weights_sha1" not in keys[1]
+    with pytest.raises(SystemExit, match="--weights replaces a shipped model's weights"):
+        _sample(ablation, tmp_path / "c", "w8a8", "--weights", str(tmp_path / "mine"))

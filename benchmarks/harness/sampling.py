@@ -4,6 +4,7 @@ run resumes mid-variant."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -46,9 +47,19 @@ def _keyed_config(config: dict | None) -> dict | None:
     return {k: v for k, v in config.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
+@functools.lru_cache(maxsize=8)
+def weights_id(folder: str) -> str:
+    """The identity of other weights given to a zoo model (``--weights``): their file's SHA-1."""
+    from .io import file_hash
+
+    return file_hash(Path(folder) / "diffusion_pytorch_model.safetensors")
+
+
 def run_key(table: Table, variant: Variant, args, steps: int, model: str) -> dict:
     """Everything the images of a variant depend on; equal keys = identical samples (shared)."""
     return {"model": model, "scheduler": table.scheduler, "steps": steps, "guidance_scale": table.guidance_scale,
+            # other weights than the shipped ones (only when given: earlier keys stay as they were)
+            **({"weights_sha1": weights_id(str(args.weights))} if getattr(args, "weights", None) else {}),
             "num_samples": args.num_samples, "seed": args.seed,
             "config": _keyed_config(full_config(variant, calib_settings(args))),
             "backend": getattr(args, "backend", "fake"),
@@ -96,11 +107,12 @@ def find_same(work: Path, khash: str, exclude: Path) -> Path | None:
     return None
 
 
-def load_pipe(model: str, device: str, scheduler: str):
-    """Same loader as the CLI (zoo, tiny or folder), so the pipelines are the ones `evaluate` uses."""
+def load_pipe(model: str, device: str, scheduler: str, weights: str | None = None):
+    """Same loader as the CLI (zoo, tiny or folder; ``weights``: a zoo model's other weights), so the
+    pipelines are the ones `evaluate` uses."""
     from cachequant.cli.common import load_pipeline
 
-    pipe = load_pipeline(model, device, scheduler)
+    pipe = load_pipeline(model, device, scheduler, weights)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
