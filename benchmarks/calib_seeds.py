@@ -202,7 +202,8 @@ def fid_markdown(summary: list[dict], fp_fid: float | None, versus: str | None) 
         line = (f"| {r['label']} (`{r['variant']}`) | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | "
                 f"{_per_seed(r, 'fid')} | {d} | {b} |")
         if versus:
-            line += (" – |" if "delta_fid_mean" not in r else f" {r['delta_fid_mean']:+.2f} ± {r['delta_fid_std']:.2f} |")
+            line += (" – |" if "delta_fid_mean" not in r
+                     else f" {r['delta_fid_mean']:+.2f} ± {r['delta_fid_std']:.2f} |")
         lines.append(line)
     return lines
 

@@ -166,9 +166,10 @@ def load_export(path: str | Path, kind: str, model) -> tuple[dict, dict]:
         raise SystemExit(f"--init {path} holds a {info['model']} export, not --model {kind}")
     weights = {k: v.float() for k, v in load_file(str(files[0])).items()}
     own = model.state_dict()
-    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+    misfit = set(weights) ^ set(own) or {k for k in own if weights[k].shape != own[k].shape}
+    if misfit:
         raise SystemExit(f"--init {path}: its weights do not fit --model {kind}'s architecture "
-                         f"({len(set(weights) ^ set(own))} names differ)")
+                         f"({len(misfit)} tensors differ in name or shape, e.g. {sorted(misfit)[0]})")
     return weights, info
 
 
@@ -231,7 +232,8 @@ def main() -> int:
         weights, info = load_export(args.init, args.model, model)
         model.load_state_dict(weights)
         ema.load_state_dict(weights)
-        step, wall, curve = int(info.get("iterations", 0)), float(info.get("train_seconds", 0.0)), list(info.get("curve", []))
+        step, wall = int(info.get("iterations", 0)), float(info.get("train_seconds", 0.0))
+        curve = list(info.get("curve", []))
         images = int(info.get("images_seen", step * info.get("batch", args.batch)))
         runs = list(info.get("runs", [])) or ([{"from_step": 0, "to_step": step, "batch": info["batch"],
                                                 "seconds": round(wall, 1)}] if step and "batch" in info else [])
