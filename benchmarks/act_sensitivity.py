@@ -98,6 +98,9 @@ def only_part(part: str | None):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar10-unet", help="zoo name or saved pipeline folder")
+    p.add_argument("--weights", default=None,
+                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
+                        "e.g. results/training/weights/cifar10-dit-1.6M")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-samples", type=int, default=16)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     try:
-        pipe = load_pipeline(args.model, "cpu", None)
+        pipe = load_pipeline(args.model, "cpu", None, args.weights)
     except UsageError as e:
         raise SystemExit(str(e)) from None
     pipe.set_progress_bar_config(disable=True)
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": label, "float_layers": [], "config": part_plan.config.to_dict(),
                          "psnr_vs_fp": psnr(out, ref), "ssim_vs_fp": ssim(out, ref)})
             print(f"{label:28s} PSNR {rows[-1]['psnr_vs_fp']:6.2f} dB")
-    result = {"model": args.model, "steps": args.steps, "num_samples": args.num_samples, "seed": args.seed,
+    result = {"model": args.model, **cq.zoo.weights_record(args.model, args.weights), "steps": args.steps,
+              "num_samples": args.num_samples, "seed": args.seed,
               "calib_samples": args.calib_samples, "rows": rows, "ranking": ranking,
               "total_params": sum(m.weight.numel() for m in model.modules()
                                   if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))),

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar10-mmdit", help="a zoo model (cq.zoo.load_pipeline)")
     p.add_argument("--scheduler", default=None, help="the zoo sampler (default: the model's first)")
+    p.add_argument("--weights", default=None,
+                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
+                        "e.g. results/training/weights/cifar10-dit-1.6M")
     p.add_argument("--plan", required=True, help="a .cqplan calibrated for this model and sampler")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--guidance-scale", type=lambda v: None if v.lower() == "none" else float(v), default=1.5,
@@ -88,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     plan = cq.load_plan(a.plan)
     if plan.quant is None or not plan.quant.attention:
         raise SystemExit(f"{a.plan} does not quantize attention matmuls: calibrate with quant_attention=True")
-    pipe = cq.zoo.load_pipeline(a.model, scheduler=a.scheduler)
+    pipe = cq.zoo.load_pipeline(a.model, scheduler=a.scheduler, weights=a.weights)
     fp = sample(pipe, a.num_samples, a.steps, a.guidance_scale)
     rows = {}
     for name, im in operand_images(pipe, plan, lambda: sample(pipe, a.num_samples, a.steps, a.guidance_scale)).items():
         rows[name] = {"quantized_operands": list(SETTINGS[name]), "psnr_vs_fp": psnr(im, fp), "ssim_vs_fp": ssim(im, fp)}
         print(f"| {name} | {rows[name]['psnr_vs_fp']:.2f} | {rows[name]['ssim_vs_fp']:.4f} |", flush=True)
     if a.out:
-        write_json(Path(a.out), {"command": " ".join(sys.argv), "model": a.model, "plan": a.plan,
+        write_json(Path(a.out), {"command": " ".join(sys.argv), "model": a.model,
+                                 **cq.zoo.weights_record(a.model, a.weights), "plan": a.plan,
                                  "num_samples": a.num_samples, "steps": a.steps, "guidance_scale": a.guidance_scale,
                                  "environment": environment("cpu"), "rows": rows}, indent=1, default=None)
         print(f"written {a.out}")

@@ -126,6 +126,9 @@ def _mean_slope(a: torch.Tensor, full_steps: list[int]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="cifar10-dit", help="zoo name, as for `cachequant evaluate`")
+    p.add_argument("--weights", default=None,
+                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
+                        "e.g. results/training/weights/cifar10-dit-1.6M")
     p.add_argument("--runs", default="ddpm:250,ddim:250,ddim:50", help="SCHEDULER:STEPS,... (ddpm or ddim)")
     p.add_argument("--intervals", default="2,3,5")
     p.add_argument("--num-samples", type=int, default=8, help="per run: this many to fit, as many held out")
@@ -149,11 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     out = {"command": "python benchmarks/cache_drift.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "model": args.model, "num_samples": args.num_samples, "seed": args.seed,
+           "model": args.model, **cq.zoo.weights_record(args.model, args.weights), "num_samples": args.num_samples,
+           "seed": args.seed,
            "environment": {"device": args.device, "torch": torch.__version__, "python": platform.python_version()},
            "runs": []}
     for name, steps in runs:
-        pipe = load_pipeline(args.model, args.device, name)
+        pipe = load_pipeline(args.model, args.device, name, args.weights)
         pipe.set_progress_bar_config(disable=True)
         gs = args.guidance_scale if conditioning(pipe) == "class" else None
         model = denoiser_of(pipe)[1]

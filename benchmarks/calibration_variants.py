@@ -39,6 +39,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", choices=list(COMPARISONS), required=True)
     ap.add_argument("--model", default="cifar10-unet")
+    ap.add_argument("--weights", default=None,
+                    help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
+                         "e.g. results/training/weights/cifar10-dit-1.6M")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--interval", type=int, default=10)
     ap.add_argument("--bits", choices=list(BITS), default="w8a8")
@@ -47,7 +50,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     wb, ab = BITS[args.bits]
-    pipe = load_pipeline(args.model, "cpu", None)
+    pipe = load_pipeline(args.model, "cpu", None, args.weights)
     inputs = default_inputs(pipe, args.num_images)
 
     def sample() -> np.ndarray:
@@ -76,7 +79,8 @@ def main() -> None:
                    "dps_quant": plan.diagnostics.get("dps_quant")}
             rows.append(row)
             print(json.dumps({k: row[k] for k in (field, "calib_seed", "psnr_db", "calib_s")}), flush=True)
-    result = {"compare": args.compare, "model": args.model, "steps": args.steps, "interval": args.interval,
+    result = {"compare": args.compare, "model": args.model, **cq.zoo.weights_record(args.model, args.weights),
+              "steps": args.steps, "interval": args.interval,
               "bits": args.bits,
               "num_images": args.num_images, "sample_seed": 1234, "device": "cpu",
               "versions": {"torch": torch.__version__, "python": platform.python_version(),

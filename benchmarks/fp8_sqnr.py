@@ -85,10 +85,14 @@ def activations(seed: int = 0) -> dict[str, torch.Tensor]:
             "gaussian, 3 channels ×20": outliers}
 
 
-def model_weights(name: str) -> dict[str, torch.Tensor]:
+def model_weights(name: str, folder: str | None = None) -> dict[str, torch.Tensor]:
+    """The zoo model's ≥ 2-d weights: the shipped ones, or those in ``folder`` (``--weights``)."""
     from safetensors.torch import load_file
 
-    path = Path(__file__).resolve().parents[1] / "cachequant/zoo/weights" / name / "diffusion_pytorch_model.safetensors"
+    import cachequant as cq
+
+    path = (cq.zoo.check_weights(name, folder) if folder else cq.zoo.WEIGHTS / name) / \
+        "diffusion_pytorch_model.safetensors"
     return {k: v for k, v in load_file(str(path)).items() if k.endswith(".weight") and v.dim() >= 2}
 
 
@@ -104,13 +108,13 @@ def gptq_e4m3(weight: torch.Tensor, hessian: torch.Tensor, scale: float, damp: f
     return gptq_columns(weight.detach().double(), hessian, to_grid, damp, block)
 
 
-def capture_dit(steps: int = 20) -> tuple[dict, dict, dict]:
+def capture_dit(steps: int = 20, weights: str | None = None) -> tuple[dict, dict, dict]:
     """The shipped DiT's Linear layers, their GPTQ Hessians from a run with seed 0 (classes 0–3),
     and their inputs, call by call, from a run with seed 1 (classes 5–8)."""
     import cachequant as cq
     from cachequant.quant.gptq import HessianAccumulator
 
-    pipe = cq.zoo.load_pipeline("cifar10-dit")
+    pipe = cq.zoo.load_pipeline("cifar10-dit", weights=weights)
     layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     acc = {n: HessianAccumulator(m, positions=512) for n, m in layers.items()}
     held: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
@@ -175,13 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=["cifar10-dit", "cifar10-unet"])
     p.add_argument("--layer-outputs", action="store_true",
                    help="also the per-layer output error on the shipped DiT's real activations (a few minutes)")
+    p.add_argument("--weights", action="append", default=[], metavar="MODEL=DIR",
+                   help="other weights for a zoo model (repeatable), e.g. "
+                        "cifar10-dit=results/training/weights/cifar10-dit-1.6M")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    result = {"weights": {}, "activations": {}, "torch": torch.__version__}
+    import cachequant as cq
+
+    other = dict(w.split("=", 1) for w in a.weights if "=" in w)
+    if len(other) != len(a.weights) or set(other) - set(a.models):
+        p.error(f"--weights takes MODEL=DIR for a model of --models ({', '.join(a.models)}), not {a.weights}")
+    result = {"weights": {}, "activations": {}, "torch": torch.__version__,
+              "weights_sha1": {m: r["weights_sha1"] for m in a.models
+                               if (r := cq.zoo.weights_record(m, other.get(m)))}}
     print("SQNR in dB (higher is better)\n\n| weights | layers | INT8 per channel | e4m3 per tensor | e4m3 per channel |"
           "\n|---|---|---|---|---|")
     for m in a.models:
-        rows = {k: weight_row(w) for k, w in model_weights(m).items()}
+        rows = {k: weight_row(w) for k, w in model_weights(m, other.get(m)).items()}
         s = summary(rows)
         result["weights"][m] = {"layers": rows, "summary": s}
         print(f"| {m} | {len(rows)} | " + " | ".join(
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['int8_searched_range']:.1f} | {r['e4m3_at_int8_range']:.1f} | {r['e4m3_at_amax']:.1f} | "
               f"{r['e4m3_best_scale']:.1f} (×{r['best_fraction_of_amax']}) |")
     if a.layer_outputs:
-        layers, hessians, held = capture_dit()
+        layers, hessians, held = capture_dit(weights=other.get("cifar10-dit"))
         rows = {n: layer_output_row(m.weight, hessians[n], held[n]) for n, m in layers.items() if held[n]}
         s = summary(rows)
         result["layer_outputs"] = {"model": "cifar10-dit", "layers": rows, "summary": s}

@@ -35,6 +35,9 @@ def _environment(device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar10-dit")
+    p.add_argument("--weights", default=None,
+                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
+                        "e.g. results/training/weights/cifar10-dit-1.6M")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.add_argument("--settings", nargs="+", default=["tap:0.3", "tap:0.7", "dbscan"])
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from cachequant.cli.common import load_pipeline
     from cachequant.pipecall import conditioning, num_classes
 
-    pipe = load_pipeline(a.model, a.device, "ddim")
+    pipe = load_pipeline(a.model, a.device, "ddim", a.weights)
     pipe.set_progress_bar_config(disable=True)
     kw = ({"class_labels": [i % num_classes(pipe) for i in range(a.calib_samples)],
            "pipeline_kwargs": {"guidance_scale": 1.5}} if conditioning(pipe) == "class"

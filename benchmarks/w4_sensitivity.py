@@ -113,6 +113,9 @@ def restore_biases(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> No
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar10-unet")
+    p.add_argument("--weights", default=None,
+                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
+                        "e.g. results/training/weights/cifar10-dit-1.6M")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-samples", type=int, default=16)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from cachequant.utils.io import atomic_path
 
     torch.manual_seed(0)
-    pipe = cq.zoo.load_pipeline(args.model)
+    pipe = cq.zoo.load_pipeline(args.model, weights=args.weights)
     _, model = denoiser_of(pipe)
     idx = list(range(args.num_samples))
 
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['layer']:50s} {r['rel_error']:.4f}  ({r['params']} params)")
     result = {
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-        "model": args.model, "steps": args.steps, "num_samples": args.num_samples,
+        "model": args.model, **cq.zoo.weights_record(args.model, args.weights), "steps": args.steps,
+        "num_samples": args.num_samples,
         "calib_samples": args.calib_samples, "seed": args.seed, "total_params": total,
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
                         "threads": torch.get_num_threads()},

@@ -28,12 +28,15 @@ def main() -> int:
     ap.add_argument("--model", choices=cq.zoo.available(), required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--scheduler", default=None, help="a sampler the model was trained for (default: its first)")
+    ap.add_argument("--weights", default=None,
+                    help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
+                         "e.g. results/training/weights/cifar10-dit-1.6M")
     ap.add_argument("--guidance-scale", type=float, default=1.5, help="class-conditional models")
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    pipe = cq.zoo.load_pipeline(args.model, scheduler=args.scheduler)
+    pipe = cq.zoo.load_pipeline(args.model, scheduler=args.scheduler, weights=args.weights)
     n = args.rows * 10
     kw = {"generator": torch.Generator().manual_seed(args.seed), "num_inference_steps": args.steps}
     if conditioning(pipe) == "class":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,21 @@ def test_tiny_dit_run_writes_json_and_is_deterministic(drift, tmp_path):
     again = drift.main(["--model", "tiny-dit", "--runs", "ddim:6", "--num-samples", "2", "--intervals", "2,3"])
     assert again["runs"][0]["intervals"] == data["runs"][0]["intervals"]
 
+
+
+def test_other_weights_are_loaded_and_recorded(drift):
+    """--weights measures a zoo model with other weights (here the first shipped DiT, which the
+    committed drift results used) and the JSON names them unless they are the first shipped; a
+    model outside the zoo refuses the option."""
+    from cachequant.cli.common import UsageError
+
+    first = Path(__file__).parents[1] / "results" / "training" / "weights" / "cifar10-dit-1.6M"
+    common = ["--model", "cifar10-dit", "--runs", "ddim:4", "--num-samples", "1", "--intervals", "2"]
+    old, new = drift.main([*common, "--weights", str(first)]), drift.main(common)
+    assert "weights_sha1" not in old and len(new["weights_sha1"]) == 40
+    assert old["runs"][0]["intervals"] != new["runs"][0]["intervals"]
+    with pytest.raises(UsageError, match="--weights replaces a shipped model's weights"):
+        drift.main(["--model", "tiny-dit", "--weights", str(first), "--runs", "ddim:4"])
 
 def test_spread_ratio_is_the_correlation_after_cache_dec():
     """Y = X_s + independent noise: the least-squares cache-DEC slope regresses X_t on X_s, so the

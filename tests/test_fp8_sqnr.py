@@ -4,7 +4,9 @@ INT8's with a searched range on near-Gaussian weights and activations."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +54,17 @@ def test_gptq_on_the_e4m3_grid_lowers_the_output_error(fp8):
     nearest = fp8.e4m3(w, s).double()
     y = x @ w.t()
     assert fp8.sqnr_db(y, x @ q.t()) > fp8.sqnr_db(y, x @ nearest.t()) + 1  # 33.7 vs 31.4 dB
+
+
+def test_other_weights_are_measured_and_named(fp8, tmp_path):
+    """--weights MODEL=DIR measures other weights of a zoo model (the first shipped DiT, which the
+    committed SQNR table used) and the JSON names the weights that are not the first shipped."""
+    first = Path(__file__).parents[1] / "results" / "training" / "weights" / "cifar10-dit-1.6M"
+    out_old, out_new = tmp_path / "old.json", tmp_path / "new.json"
+    assert fp8.main(["--models", "cifar10-dit", "--weights", f"cifar10-dit={first}", "--out", str(out_old)]) == 0
+    assert fp8.main(["--models", "cifar10-dit", "--out", str(out_new)]) == 0
+    old, new = json.loads(out_old.read_text()), json.loads(out_new.read_text())
+    assert old["weights_sha1"] == {} and len(new["weights_sha1"]["cifar10-dit"]) == 40
+    assert old["weights"]["cifar10-dit"]["layers"] != new["weights"]["cifar10-dit"]["layers"]
+    with pytest.raises(SystemExit):
+        fp8.main(["--models", "cifar10-dit", "--weights", f"cifar10-unet={first}"])

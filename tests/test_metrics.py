@@ -1,6 +1,7 @@
 """Metrics: FID pieces cross-checked against independent computations, P/R, SSIM, evaluate runs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +148,22 @@ def test_evaluate_shards_resume_and_seed_determinism(tmp_path):
     assert main(["evaluate", "--model", "tiny-ddim", "--steps", "4", "--num-samples", "5", "--out-dir", str(a),
                  "--quiet"]) == 2
 
+
+
+def test_evaluate_records_which_weights_of_a_zoo_model_it_sampled(tmp_path):
+    """The zoo's DiT is the retrained one: its run names its weights by SHA-1, so samples of the
+    first shipped DiT (which earlier runs recorded without a name) never mix with its own."""
+    import cachequant as cq
+    from cachequant.cli.main import main
+
+    first = Path(__file__).parents[1] / "results" / "training" / "weights" / "cifar10-dit-1.6M"
+    common = ["evaluate", "--model", "cifar10-dit", "--steps", "2", "--num-samples", "2", "--quiet"]
+    assert main([*common, "--out-dir", str(tmp_path / "new")]) == 0
+    run = json.loads((tmp_path / "new" / "run.json").read_text())
+    assert run["weights_sha1"] == cq.zoo.weights_sha1("cifar10-dit")
+    assert main([*common, "--out-dir", str(tmp_path / "new"), "--weights", str(first)]) == 2
+    assert main([*common, "--out-dir", str(tmp_path / "first"), "--weights", str(first)]) == 0
+    assert "weights_sha1" not in json.loads((tmp_path / "first" / "run.json").read_text())
 
 def test_precision_recall_with_precomputed_reference_radii():
     """One reference manifold reused across sample sets gives the same numbers as recomputing it."""

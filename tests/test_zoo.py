@@ -211,3 +211,18 @@ def test_zoo_model_with_other_weights(tmp_path):
         cq.zoo.load_pipeline("cifar10-dit", weights=tmp_path / "mine")
     with pytest.raises(FileNotFoundError, match="expected config.json and diffusion_pytorch_model.safetensors"):
         cq.zoo.load_pipeline("cifar10-unet", weights=tmp_path)
+
+
+def test_run_records_name_the_weights_unless_they_are_the_first_shipped():
+    """Records made before weights were recorded meant each model's first weights: those add
+    nothing to a record, so the records stay valid; the retrained DiT the zoo ships now (and any
+    other weights) is named by SHA-1, so its samples are never taken for the first DiT's."""
+    first_dit = Path(__file__).parents[1] / "results" / "training" / "weights" / "cifar10-dit-1.6M"
+    assert cq.zoo.weights_sha1("cifar10-dit", first_dit) == cq.zoo.FIRST_WEIGHTS_SHA1["cifar10-dit"]
+    assert cq.zoo.weights_record("cifar10-dit", first_dit) == {}
+    assert cq.zoo.weights_record("cifar10-unet") == {} and cq.zoo.weights_record("cifar10-mmdit") == {}
+    shipped_dit = cq.zoo.weights_record("cifar10-dit")
+    assert len(shipped_dit["weights_sha1"]) == 40
+    assert shipped_dit["weights_sha1"] != cq.zoo.FIRST_WEIGHTS_SHA1["cifar10-dit"]
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        cq.zoo.weights_sha1("tiny-ddim")

@@ -4,7 +4,6 @@ run resumes mid-variant."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shutil
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from cachequant.zoo import weights_record
 
 from .env import environment
 from .io import read_json, write_json
@@ -47,19 +48,11 @@ def _keyed_config(config: dict | None) -> dict | None:
     return {k: v for k, v in config.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
-@functools.lru_cache(maxsize=8)
-def weights_id(folder: str) -> str:
-    """The identity of other weights given to a zoo model (``--weights``): their file's SHA-1."""
-    from .io import file_hash
-
-    return file_hash(Path(folder) / "diffusion_pytorch_model.safetensors")
-
-
 def run_key(table: Table, variant: Variant, args, steps: int, model: str) -> dict:
     """Everything the images of a variant depend on; equal keys = identical samples (shared)."""
     return {"model": model, "scheduler": table.scheduler, "steps": steps, "guidance_scale": table.guidance_scale,
-            # other weights than the shipped ones (only when given: earlier keys stay as they were)
-            **({"weights_sha1": weights_id(str(args.weights))} if getattr(args, "weights", None) else {}),
+            # other weights than the first shipped ones (a retraining checkpoint, newer shipped weights)
+            **weights_record(model, getattr(args, "weights", None)),
             "num_samples": args.num_samples, "seed": args.seed,
             "config": _keyed_config(full_config(variant, calib_settings(args))),
             "backend": getattr(args, "backend", "fake"),

@@ -30,6 +30,7 @@ def run_evaluate(args) -> int:
                                     write_shard)
     from ..pipecall import denoiser_of
     from ..utils.io import atomic_path
+    from ..zoo import weights_record
     from .common import (UsageError, check_device, check_input_file, check_model, check_output_folder,
                          kernel_options, load_pipeline)
 
@@ -62,8 +63,7 @@ def run_evaluate(args) -> int:
     run_cfg = {"model": args.model, "plan": str(args.plan) if args.plan else None, "steps": args.steps,
                "scheduler": args.scheduler, "num_samples": args.num_samples, "shard_size": args.shard_size,
                "seed": args.seed, "guidance_scale": args.guidance_scale}
-    if args.weights:  # only when set, like the next: the run records of earlier runs stay what they were
-        run_cfg["weights"] = str(args.weights)
+    run_cfg.update(weights_record(args.model, args.weights))  # names a zoo model's weights unless first shipped
     if args.matmul_tf32:  # only when set: the run keys of earlier full-fp32 runs stay what they were
         torch.backends.cuda.matmul.allow_tf32 = True
         run_cfg["matmul_tf32"] = True

@@ -5,6 +5,8 @@ Model cards: ``cachequant/zoo/README.md``; training script: ``scripts/train_cifa
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 
 import torch
@@ -17,6 +19,16 @@ SAMPLERS = {"cifar10-unet": ("ddim", "ddpm", "pndm", "dpm", "euler"),
             "cifar10-mmdit": ("flow-euler",)}
 """The samplers each model was trained for, the first its default: the ε-prediction models take the
 DDPM-family samplers of their training β schedule, the flow-matching MMDiT its Euler sampler."""
+
+
+FIRST_WEIGHTS_SHA1 = {"cifar10-unet": "756200662b4bcc779ee598efb2041f8832a965ba",
+                      "cifar10-dit": "16749184908bd028b20a6bf68993798bb2987853",
+                      "cifar10-mmdit": "ac42129b051aac32bc0b772c9a6a66cf92f602c9"}
+"""SHA-1 of the weights file each model first shipped with. Records of earlier runs (the
+benchmarks' sample keys, ``cachequant evaluate``'s run) name no weights and meant these;
+:func:`weights_record` names the weights only when they differ, so those records stay valid and a
+run on newer shipped weights is never taken for one of them. The first ``cifar10-dit`` (1.6 M
+training images) is kept in ``results/training/weights/cifar10-dit-1.6M``."""
 
 
 def available() -> list[str]:
@@ -38,6 +50,35 @@ def check_weights(name: str, folder: str | Path) -> Path:
     if cls != MODELS[name]:
         raise ValueError(f"{path} holds a {cls}, but {name} is a {MODELS[name]}")
     return path
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha1(path: str, mtime_ns: int) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha1(name: str, weights: str | Path | None = None) -> str:
+    """SHA-1 of the weights file ``load_pipeline(name, weights=weights)`` loads."""
+    if name not in MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
+    path = (check_weights(name, weights) if weights is not None else WEIGHTS / name) / \
+        "diffusion_pytorch_model.safetensors"
+    return _file_sha1(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+def weights_record(name: str, weights: str | Path | None = None) -> dict[str, str]:
+    """What a run record adds to say which weights of zoo model ``name`` it used:
+    ``{"weights_sha1": ...}``, or nothing for the weights it first shipped with
+    (:data:`FIRST_WEIGHTS_SHA1`: earlier records meant those). Models outside the zoo (tiny
+    models, saved pipeline folders) add nothing: they have no shipped weights to tell apart."""
+    if name not in MODELS:
+        return {}
+    sha = weights_sha1(name, weights)
+    return {} if sha == FIRST_WEIGHTS_SHA1.get(name) else {"weights_sha1": sha}
 
 
 def load_pipeline(name: str, scheduler: str | None = None, dtype: torch.dtype = torch.float32,
