@@ -332,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| `{d['a']}` − `{d['b']}` | {d['mean']:+.2f} ± {d['std']:.2f} | "
                   f"{' / '.join(f'{x:+.2f}' for x in d['delta_psnr'])} |")
     if a.out:
+        from cachequant.zoo import weights_record
+
         write_json(Path(a.out), {"command": " ".join(sys.argv), "table": a.table, "num_samples": a.num_samples,
-                                 "backend": a.backend,
+                                 **weights_record(a.model or table.model, a.weights), "backend": a.backend,
                                  **({"kernel_attention": a.kernel_attention} if a.backend != "fake" else {}),
                                  **({"fp8_gemm": a.fp8_gemm} if a.fp8_gemm else {}),
                                  "calib_seeds": a.calib_seeds, "environment": environment(a.device), "rows": rows,
