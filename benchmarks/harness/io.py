@@ -3,7 +3,6 @@ SHA-1 of a file."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,6 @@ def read_json(path: Path) -> dict | None:
 
 def file_hash(path: Path) -> str:
     """SHA-1 of a file (the samples' and reference statistics' identity in the metrics keys)."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from cachequant.utils.io import file_sha1
+
+    return file_sha1(path)

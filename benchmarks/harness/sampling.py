@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cachequant.zoo import weights_record
-
 from .env import environment
 from .io import read_json, write_json
 from .tables import Table, Variant
@@ -50,6 +48,8 @@ def _keyed_config(config: dict | None) -> dict | None:
 
 def run_key(table: Table, variant: Variant, args, steps: int, model: str) -> dict:
     """Everything the images of a variant depend on; equal keys = identical samples (shared)."""
+    from cachequant.zoo import weights_record
+
     return {"model": model, "scheduler": table.scheduler, "steps": steps, "guidance_scale": table.guidance_scale,
             # other weights than the first shipped ones (a retraining checkpoint, newer shipped weights)
             **weights_record(model, getattr(args, "weights", None)),

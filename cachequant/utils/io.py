@@ -1,7 +1,9 @@
-"""Output files are written atomically: a temporary file in the target folder, then a rename."""
+"""Output files are written atomically: a temporary file in the target folder, then a rename; and
+the SHA-1 that names a file's content in run records."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -63,3 +65,13 @@ def save_grid(rows: list[np.ndarray], path: str | os.PathLike, scale: int = 1) -
     with atomic_path(path) as tmp:
         img.save(tmp, format=fmt)
     return Path(path)
+
+
+def file_sha1(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's bytes, read in 4 MiB blocks: the identity of weights, samples and reference
+    statistics in run records."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

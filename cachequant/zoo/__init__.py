@@ -6,7 +6,6 @@ Model cards: ``cachequant/zoo/README.md``; training script: ``scripts/train_cifa
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 
 import torch
@@ -53,12 +52,10 @@ def check_weights(name: str, folder: str | Path) -> Path:
 
 
 @functools.lru_cache(maxsize=16)
-def _file_sha1(path: str, mtime_ns: int) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _file_sha1(path: str, mtime_ns: int) -> str:  # keyed by mtime too: a rewritten file is hashed again
+    from ..utils.io import file_sha1
+
+    return file_sha1(path)
 
 
 def weights_sha1(name: str, weights: str | Path | None = None) -> str:
