@@ -96,11 +96,11 @@ def only_part(part: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cachequant.cli.common import add_weights_option
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar10-unet", help="zoo name or saved pipeline folder")
-    p.add_argument("--weights", default=None,
-                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
-                        "e.g. results/training/weights/cifar10-dit-1.6M")
+    add_weights_option(p)
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-samples", type=int, default=16)

@@ -34,6 +34,7 @@ from harness.env import environment  # noqa: E402
 from harness.io import write_json  # noqa: E402
 
 import cachequant as cq  # noqa: E402
+from cachequant.cli.common import add_weights_option  # noqa: E402
 from cachequant.metrics import psnr, ssim  # noqa: E402
 from cachequant.metrics.sampling import sample_indices  # noqa: E402
 from cachequant.plan import ATTENTION_OPERANDS  # noqa: E402
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar10-mmdit", help="a zoo model (cq.zoo.load_pipeline)")
     p.add_argument("--scheduler", default=None, help="the zoo sampler (default: the model's first)")
-    p.add_argument("--weights", default=None,
-                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
-                        "e.g. results/training/weights/cifar10-dit-1.6M")
+    add_weights_option(p)
     p.add_argument("--plan", required=True, help="a .cqplan calibrated for this model and sampler")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--guidance-scale", type=lambda v: None if v.lower() == "none" else float(v), default=1.5,

@@ -124,11 +124,11 @@ def _mean_slope(a: torch.Tensor, full_steps: list[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from cachequant.cli.common import add_weights_option
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="cifar10-dit", help="zoo name, as for `cachequant evaluate`")
-    p.add_argument("--weights", default=None,
-                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
-                        "e.g. results/training/weights/cifar10-dit-1.6M")
+    add_weights_option(p)
     p.add_argument("--runs", default="ddpm:250,ddim:250,ddim:50", help="SCHEDULER:STEPS,... (ddpm or ddim)")
     p.add_argument("--intervals", default="2,3,5")
     p.add_argument("--num-samples", type=int, default=8, help="per run: this many to fit, as many held out")

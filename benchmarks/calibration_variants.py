@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import cachequant as cq
-from cachequant.cli.common import BITS, load_pipeline
+from cachequant.cli.common import BITS, add_weights_option, load_pipeline
 from cachequant.metrics import psnr
 from cachequant.pipecall import call_pipeline, default_inputs
 from cachequant.utils.io import atomic_path
@@ -39,9 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", choices=list(COMPARISONS), required=True)
     ap.add_argument("--model", default="cifar10-unet")
-    ap.add_argument("--weights", default=None,
-                    help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
-                         "e.g. results/training/weights/cifar10-dit-1.6M")
+    add_weights_option(ap)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--interval", type=int, default=10)
     ap.add_argument("--bits", choices=list(BITS), default="w8a8")

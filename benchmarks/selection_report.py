@@ -33,11 +33,11 @@ def _environment(device: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cachequant.cli.common import add_weights_option
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar10-dit")
-    p.add_argument("--weights", default=None,
-                   help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
-                        "e.g. results/training/weights/cifar10-dit-1.6M")
+    add_weights_option(p)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.add_argument("--settings", nargs="+", default=["tap:0.3", "tap:0.7", "dbscan"])

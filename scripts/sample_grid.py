@@ -19,6 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 import cachequant as cq  # noqa: E402
+from cachequant.cli.common import add_weights_option  # noqa: E402
 from cachequant.pipecall import call_pipeline, conditioning  # noqa: E402
 from cachequant.utils.io import atomic_path  # noqa: E402
 
@@ -28,9 +29,7 @@ def main() -> int:
     ap.add_argument("--model", choices=cq.zoo.available(), required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--scheduler", default=None, help="a sampler the model was trained for (default: its first)")
-    ap.add_argument("--weights", default=None,
-                    help="a folder of other weights for the zoo model (cq.zoo.load_pipeline(weights=...)), "
-                         "e.g. results/training/weights/cifar10-dit-1.6M")
+    add_weights_option(ap)
     ap.add_argument("--guidance-scale", type=float, default=1.5, help="class-conditional models")
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)

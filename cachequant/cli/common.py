@@ -115,6 +115,15 @@ def check_device(device: str) -> str:
 # -- pipelines -----------------------------------------------------------------------------------
 
 
+def add_weights_option(parser: argparse.ArgumentParser) -> None:
+    """``--weights DIR``, as the CLI and the benchmark scripts that load a zoo model take it; the
+    value goes to :func:`load_pipeline` / ``cq.zoo.load_pipeline(weights=...)``."""
+    parser.add_argument("--weights", default=None,
+                        help="with a shipped model: a folder of other weights for it (config.json + safetensors, "
+                             "e.g. a retraining checkpoint in results/training/weights/, or cifar10-dit-1.6M there, "
+                             "the first DiT) instead of the shipped ones")
+
+
 def check_model(spec: str, weights: str | None = None) -> None:
     from ..models.tiny import TINY
     from ..zoo import MODELS, check_weights

@@ -25,9 +25,9 @@ from ..backends.options import ATTENTION, BACKENDS
 from ..config import (ATTENTION_PROBS, CACHE_DEC_FITS, CALIBRATION_MODES, DPS_COSTS, SCHEDULES, VC_FITS,
                       WEIGHT_ROUNDINGS)
 from ..metrics.fid import RESIZES
-from .common import (BITS, IMAGE_SUFFIXES, UsageError, check_device, check_input_file, check_model,
-                     check_output_file, int_list, kernel_options, load_pipeline, non_negative_int, positive_float,
-                     positive_int, quiet_libraries, unit_interval)
+from .common import (BITS, IMAGE_SUFFIXES, UsageError, add_weights_option, check_device, check_input_file,
+                     check_model, check_output_file, int_list, kernel_options, load_pipeline, non_negative_int,
+                     positive_float, positive_int, quiet_libraries, unit_interval)
 
 MODELS_HELP = ("cifar10-unet, cifar10-dit, cifar10-mmdit (shipped, trained on CIFAR-10), tiny-ddim, tiny-sd, tiny-sdxl, tiny-dit "
                "(random weights, for trying things), or the folder of a saved diffusers pipeline")
@@ -285,9 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(sp, steps: int = 50):
         sp.add_argument("--model", default="cifar10-unet", help=MODELS_HELP)
-        sp.add_argument("--weights", default=None,
-                        help="with a shipped model: a folder of other weights for it (config.json + safetensors, e.g. "
-                             "a retraining checkpoint in results/training/weights/) instead of the shipped ones")
+        add_weights_option(sp)
         sp.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
                         help="replace the pipeline's sampler (default: keep the pipeline's own)")
         sp.add_argument("--steps", type=positive_int, default=steps, help="num_inference_steps of a pipeline run")
