@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dps-samples", type=int, default=8, help="trajectories for DPS / cache-DEC / VC features")
     s.add_argument("--calib-select", type=int, default=256, help="entries selected by tap/random/kmeans/...")
     s.add_argument("--calib-seed", type=int, default=0)
+    s.add_argument("--quant-io", action="store_true",
+                   help="quantize the first and last layers too (CacheQuantConfig.quant_io): how every table "
+                        "measured before 2026-12-06 was calibrated")
     s.add_argument("--steps", type=int, default=None, help="override the table's step count (local smoke tests only)")
     s.add_argument("--model", default=None, help="override the table's model, e.g. tiny-ddim (tests only)")
     s.add_argument("--weights", default=None,

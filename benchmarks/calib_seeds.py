@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override the table's step count (smoke tests only)")
     p.add_argument("--model", default=None, help="override the table's model (smoke tests only)")
     p.add_argument("--weights", default=None, help="the table's zoo model with other weights (ablation.py --weights)")
+    p.add_argument("--quant-io", action="store_true", help="quantize the first and last layers too "
+                   "(ablation.py --quant-io): how every table measured before 2026-12-06 was calibrated")
     p.add_argument("--out", default=None, help="JSON with every (variant, seed) row and the summary")
     a = p.parse_args(argv)
     table = TABLES[a.table]
@@ -296,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += (["--ref-stats", a.ref_stats] if a.ref_stats else []) + (["--matmul-tf32"] if a.matmul_tf32 else [])
         cmd += (["--steps", str(a.steps)] if a.steps else []) + (["--model", a.model] if a.model else [])
         cmd += ["--weights", a.weights] if a.weights else []
+        cmd += ["--quant-io"] if a.quant_io else []
         cmd += ["--backend", a.backend, "--kernel-attention", a.kernel_attention]
         cmd += ["--fp8-gemm", a.fp8_gemm] if a.fp8_gemm else []
         if a.plans_from:

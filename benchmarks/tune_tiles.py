@@ -128,7 +128,7 @@ def record_shapes(model: str, batches: list[int], kind: str, device: str, tiny: 
     from cachequant.pipecall import call_pipeline
 
     pipe = build(model, "pndm" if model == "sd15" else "ddim", device, tiny)
-    plan = PlanCache().get(pipe, model, 2, 1, 8)
+    plan = PlanCache(quant_io=True).get(pipe, model, 2, 1, 8)  # every layer a plan may quantize
     cq.accelerate(pipe, plan, replace(options, backend=kind))
     rec = Recorder()
     try:

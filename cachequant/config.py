@@ -90,6 +90,15 @@ class CacheQuantConfig:
     modulation (``norm1.linear``, ``norm1_context.linear``, the timestep / pooled-text embedders).
     They are a sliver of the compute, and each of their outputs scales or shifts every token of a
     block, so their error is amplified; False (the default) keeps them in float."""
+    quant_io: bool = False
+    """Also quantize the model's first layer (whose input is the noisy sample itself: ``conv_in``,
+    the patch embedding) and its last (the output projection that writes the predicted noise or
+    velocity: ``conv_out``, ``proj_out``). Their error goes straight into the sampler's trajectory
+    at every step, cached or not, while they are a negligible share of the compute; False (the
+    default) keeps both in float. On the retrained CIFAR-10 DiT (DDIM 50, 16 images) these two
+    layers carry nearly all of W8A8's error: PSNR to full precision 25.7 dB with them quantized,
+    40.9 dB without (``results/quality/README.md``). BRECQ-style PTQ code, which the papers build on, does not
+    quantize the network's input either. Plans written before this field existed read as True."""
     quant_attention: bool = True
     """Also quantize the attention matmuls (QKᵀ and softmax·V) to act_bits."""
     attention_probs: str = "uniform"

@@ -282,7 +282,8 @@ def _parse(meta: Any, tensors: dict[str, torch.Tensor]) -> Plan:
     if meta.get("format_version") != FORMAT_VERSION:
         raise PlanError(f"plan format version {meta.get('format_version')}; this cachequant reads version "
                         f"{FORMAT_VERSION}: recalibrate the plan with this version")
-    config = CacheQuantConfig.from_dict(meta["config"])
+    # plans written before quant_io existed quantized the first and last layers
+    config = CacheQuantConfig.from_dict({"quant_io": True, **meta["config"]})
 
     s = meta["sampler"]
     steps = _int(s["num_inference_steps"], "sampler.num_inference_steps", 1)

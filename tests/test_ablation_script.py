@@ -292,23 +292,31 @@ def test_fp8_weight_scales_are_part_of_the_run_key_and_need_an_fp8_backend(ablat
 
 def test_a_config_field_at_its_later_added_default_leaves_run_keys_unchanged(ablation, tmp_path):
     """Adding a CacheQuantConfig field must not orphan samples made before it existed: while the
-    field is at its default it stays out of the run key (``harness.sampling.LATER_FIELDS``), and a
-    variant that sets it gets a key of its own."""
+    field has the value every run had before (``harness.sampling.LATER_FIELDS``) it stays out of the
+    run key, and a variant that sets it otherwise gets a key of its own. ``quant_io`` is such a field
+    whose default changed with it: the default (first and last layers float) gets new keys, and
+    ``--quant-io`` gives back the keys of the runs made before."""
     from harness.sampling import LATER_FIELDS, key_hash, run_key
 
     import cachequant as cq
 
     table = ablation.TABLES["mmdit-euler28"]
-    args = ablation.build_parser().parse_args(["sample", "--table", "mmdit-euler28", "--work", str(tmp_path),
-                                               "--num-samples", "16"])
-    plain = run_key(table, table.variant("w8a8"), args, 28, table.model)
-    e4m3 = run_key(table, table.variant("w8a8-pe4m3"), args, 28, table.model)
+
+    def key(slug, *extra):
+        args = ablation.build_parser().parse_args(["sample", "--table", "mmdit-euler28", "--work", str(tmp_path),
+                                                   "--num-samples", "16", *extra])
+        return run_key(table, table.variant(slug), args, 28, table.model)
+
+    old, e4m3 = key("w8a8", "--quant-io"), key("w8a8-pe4m3", "--quant-io")
     defaults = cq.CacheQuantConfig().to_dict()
-    assert all(defaults[k] == v for k, v in LATER_FIELDS.items())
-    assert not set(LATER_FIELDS) & set(plain["config"])
+    assert all(defaults[k] == v for k, v in LATER_FIELDS.items() if k != "quant_io")
+    assert not set(LATER_FIELDS) & set(old["config"])
     assert e4m3["config"]["attention_probs"] == "e4m3"
-    assert {k: v for k, v in e4m3["config"].items() if k != "attention_probs"} == plain["config"]
-    assert key_hash(plain) != key_hash(e4m3)
+    assert {k: v for k, v in e4m3["config"].items() if k != "attention_probs"} == old["config"]
+    assert key_hash(old) != key_hash(e4m3)
+    new = key("w8a8")
+    assert new["config"] == {**old["config"], "quant_io": False} and key_hash(new) != key_hash(old)
+    assert "quant_io" not in key("cache-n3")["config"]  # nothing quantized: the key never changed
 
 
 def test_other_weights_enter_the_run_key_and_a_tiny_model_refuses_them(ablation, tmp_path):

@@ -85,7 +85,9 @@ def test_family_identity_cache_quant_restore(pipes, family):
     assert plan.tensors["cache_dec"].shape == (2, STEPS, hidden * (2 if two_streams else 1))
     kept = set(plan.diagnostics["layers_kept_float"])
     quantized = {s.name for s in plan.quant.layers}
-    assert kept and not kept & quantized and all(isinstance(model.get_submodule(n), nn.Linear) for n in kept)
+    io = adapter_for(model).keep_8bit(model)  # first and last layers: float by default (quant_io)
+    assert io <= kept and not kept & quantized
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in kept - io)
 
     out = _accelerated_run(pipe, kw, plan, state, ref)
     assert 0 < _rel(out, ref) < 0.5
@@ -150,7 +152,8 @@ def test_w8a8_beats_w4a8(pipes, family):
 
 def test_modulation_layers_are_a_choice(pipes):
     pipe, kw = pipes["tiny-flux"]
-    plan = _calibrate(pipe, kw, interval=1, schedule="uniform", weight_bits=8, act_bits=8, quant_modulation=True)
+    plan = _calibrate(pipe, kw, interval=1, schedule="uniform", weight_bits=8, act_bits=8, quant_modulation=True,
+                      quant_io=True)
     names = {s.name for s in plan.quant.layers}
     assert {"transformer_blocks.0.norm1.linear", "norm_out.linear"} <= names
     assert "layers_kept_float" not in plan.diagnostics
@@ -377,7 +380,8 @@ def test_user_described_family():
         cfg = cq.CacheQuantConfig(interval=2, schedule="dps", calib_batch_size=2, dps_samples=2)
         plan = cq.calibrate(pipe, cfg, num_inference_steps=6, num_samples=2, progress=False)
         assert plan.info["adapter"] == "tiny-mmdit" and plan.tensors["cache_dec"].shape == (2, 6, 32)
-        assert set(plan.diagnostics["layers_kept_float"]) == {"time", "layers.0.mod", "layers.1.mod", "layers.2.mod"}
+        assert set(plan.diagnostics["layers_kept_float"]) == {"time", "layers.0.mod", "layers.1.mod", "layers.2.mod",
+                                                                "embed", "out"}  # + first and last (quant_io)
         cq.accelerate(pipe, plan)
         out = run()
         cq.restore(pipe)

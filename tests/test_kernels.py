@@ -247,7 +247,7 @@ def test_unsupported_layer_stays_on_reference_and_is_reported(make_pipe):
     layer = Layer(nn.Conv2d(16, 16, 3, padding=1, groups=2), (1, 16, 4, 4))
     assert "grouped" in layer.use_kernel("int8")
     assert isinstance(layer.hook.backend, ReferenceBackend)
-    pipe, plan = _tiny_unet_plan(make_pipe, 2)
+    pipe, plan = _tiny_unet_plan(make_pipe, 2, quant_io=True)
     pipe.unet.conv_in.groups = 3  # (pretend) a grouped conv: the pipeline's report names it
     cq.accelerate(pipe, plan, backend="int8")
     rep = cq.kernel_report(pipe)

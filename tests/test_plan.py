@@ -145,11 +145,11 @@ def _resaved(plan, path, meta=None, tensors=None):
 
 def test_plan_missing_or_misshapen_tensor_fails_cleanly(calibrated, tmp_path):
     plan, _ = calibrated
-    t = {k: v for k, v in plan.tensors.items() if k != "w.conv_in"}
-    with pytest.raises(cq.PlanError, match="tensor 'w.conv_in' is missing"):
+    t = {k: v for k, v in plan.tensors.items() if k != "w.down_blocks.0.resnets.0.conv1"}
+    with pytest.raises(cq.PlanError, match="tensor 'w.down_blocks.0.resnets.0.conv1' is missing"):
         cq.load_plan(_resaved(plan, tmp_path / "a.cqplan", tensors=t))
-    t = dict(plan.tensors, **{"act.conv_in": plan.tensors["act.conv_in"][..., :4]})
-    with pytest.raises(cq.PlanError, match=r"tensor 'act.conv_in' is \(1, 2, 4\)"):
+    t = dict(plan.tensors, **{"act.down_blocks.0.resnets.0.conv1": plan.tensors["act.down_blocks.0.resnets.0.conv1"][..., :4]})
+    with pytest.raises(cq.PlanError, match=r"tensor 'act.down_blocks.0.resnets.0.conv1' is \(1, 2, 4\)"):
         cq.load_plan(_resaved(plan, tmp_path / "b.cqplan", tensors=t))
     t = dict(plan.tensors, cache_dec=plan.tensors["cache_dec"] * float("nan"))
     with pytest.raises(cq.PlanError, match="non-finite"):

@@ -119,8 +119,9 @@ def test_w8a8_error_small_and_w4a8_larger(kind, make_pipe):
 
 
 def test_w4_keeps_first_and_last_layers_at_8_bits(make_pipe):
-    pipe = make_pipe("ddim")
-    cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=4, act_bits=8, calib_batch_size=2)
+    pipe = make_pipe("ddim")  # quant_io: quantized at all (by default they stay float)
+    cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=4, act_bits=8, calib_batch_size=2,
+                              quant_io=True)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=3, progress=False, num_samples=2)
     bits = {layer.name: layer.weight_bits for layer in plan.quant.layers}
     assert bits["conv_in"] == 8 and bits["conv_out"] == 8
@@ -134,7 +135,7 @@ def test_w4_keeps_first_and_last_layers_at_8_bits(make_pipe):
 def test_w8_layers_mixed_precision_round_trips_and_rejects_typos(make_pipe, tmp_path):
     pipe = make_pipe("ddim")
     cfg = cq.CacheQuantConfig(interval=1, schedule="uniform", weight_bits=4, act_bits=8, calib_batch_size=2,
-                              w8_layers=("mid_block.*", "*.time_emb_proj"))
+                              w8_layers=("mid_block.*", "*.time_emb_proj"), quant_io=True)
     plan = cq.calibrate(pipe, cfg, num_inference_steps=3, progress=False, num_samples=2)
     bits = {layer.name: layer.weight_bits for layer in plan.quant.layers}
     assert bits["mid_block.resnets.0.conv1"] == 8 and bits["down_blocks.0.resnets.0.time_emb_proj"] == 8
@@ -186,6 +187,39 @@ def test_float_layers_stay_float_round_trip_and_reject_typos(make_pipe, tmp_path
         cq.CacheQuantConfig(weight_bits=None, act_bits=None, float_layers=("conv_out",))
     with pytest.raises(ValueError, match="sequence of non-empty"):
         cq.CacheQuantConfig(float_layers="conv_out")
+
+
+def test_first_and_last_layers_stay_float_unless_quant_io(make_pipe, tmp_path):
+    """By default the layer reading the noisy sample and the one writing the prediction stay float
+    (CacheQuantConfig.quant_io); quant_io=True quantizes them too, and a plan written before the
+    field existed, which quantized them, reads as quant_io=True."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for kind, io, kw in (("ddim", {"conv_in", "conv_out"}, {"num_samples": 2}),
+                         ("dit", {"pos_embed.proj", "proj_out_2"}, {"class_labels": [0, 1]})):
+        pipe = make_pipe(kind)
+        plans = {q: cq.calibrate(pipe, cq.CacheQuantConfig(interval=1, schedule="uniform", calib_batch_size=2,
+                                                           quant_io=q), num_inference_steps=3, progress=False, **kw)
+                 for q in (False, True)}
+        names = {q: {layer.name for layer in p.quant.layers} for q, p in plans.items()}
+        assert io <= names[True] and not io & names[False], kind
+        assert names[True] - names[False] == io, kind
+        assert io <= set(plans[False].diagnostics["layers_kept_float"])
+        cq.accelerate(pipe, plans[False])
+        assert not io & set(quant_hooks(pipe.unet if kind == "ddim" else pipe.transformer))
+        cq.restore(pipe)
+
+    path = tmp_path / "old.cqplan"
+    plans[True].save(path)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = json.loads(f.metadata()["cachequant"]), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["config"]["quant_io"]
+    save_file(tensors, str(path), metadata={"cachequant": json.dumps(meta)})
+    assert cq.load_plan(path).config.quant_io is True
+    assert cq.CacheQuantConfig().quant_io is False
 
 
 def test_attention_matmuls_are_quantized(make_pipe):

@@ -34,7 +34,8 @@ def test_every_candidate_is_measured_and_the_best_is_the_cheapest_within_budget(
     # caching executes fewer MACs; 8-bit weighs each MAC by 64 bit-products instead of 1024
     by = {(c.interval, c.bits): c for c in res.candidates}
     assert by[2, "fp"].macs < res.fp_macs and by[1, "w8a8"].macs == pytest.approx(res.fp_macs)
-    assert by[1, "w8a8"].bops == pytest.approx(res.fp_bops / 16, rel=0.05)
+    # 8×8-bit ops are 1/16 of 32×32; the first and last layers stay float (quant_io), a few % here
+    assert res.fp_bops / 16 < by[1, "w8a8"].bops < res.fp_bops / 8
     assert by[2, "w4a8"].bops < by[2, "w8a8"].bops < by[2, "fp"].bops
     assert by[1, "w8a8"].psnr > by[1, "w4a8"].psnr  # 4-bit weights cost more than 8-bit
     ok = [c for c in res.candidates if c.psnr >= res.min_psnr]

@@ -12,7 +12,9 @@ from cachequant.quant.layer import quant_hooks
 from cachequant.session import session_of
 
 PROMPTS = ["a red cat", "a small boat"]
-W8A8 = dict(interval=2, schedule="dps", weight_bits=8, act_bits=8, dec=True, calib_batch_size=2, dps_samples=2)
+# quant_io: conv_in quantized too, whose per-position tables and hooks some tests read
+W8A8 = dict(interval=2, schedule="dps", weight_bits=8, act_bits=8, dec=True, calib_batch_size=2, dps_samples=2,
+            quant_io=True)
 IDENTITY = dict(interval=1, schedule="uniform", weight_bits=None, act_bits=None, calib_batch_size=2)
 
 

@@ -191,8 +191,9 @@ class PlanCache:
     plan is used only if it was calibrated for this very model (architecture and weights SHA-256;
     ``build`` seeds the random weights), else it is calibrated again."""
 
-    def __init__(self, folder: str | None = None, tiny: bool = False, tag: str = ""):
+    def __init__(self, folder: str | None = None, tiny: bool = False, tag: str = "", quant_io: bool = False):
         self.folder = Path(folder) if folder else None
+        self.quant_io = quant_io  # CacheQuantConfig.quant_io: first and last layers quantized too
         self.tiny = tiny
         self.tag = f"-{tag}" if tag else ""  # a fused model's plans beside the unfused model's
         self.plans: dict = {}
@@ -205,10 +206,11 @@ class PlanCache:
         bits = wbits is not None
         cfg = cq.CacheQuantConfig(interval=interval, schedule="uniform", weight_bits=wbits,
                                   act_bits=8 if bits else None, quant_attention=False, num_calib_samples=1,
-                                  calib_batch_size=1, dps_samples=1)
+                                  calib_batch_size=1, dps_samples=1, quant_io=self.quant_io and bits)
         path = None
         if self.folder is not None:
-            name = f"{model}{self.tag}-{type(pipe.scheduler).__name__}-{steps}-n{interval}-w{wbits or 'fp'}.cqplan"
+            io = "-io" if self.quant_io and bits else ""
+            name = f"{model}{self.tag}-{type(pipe.scheduler).__name__}-{steps}-n{interval}-w{wbits or 'fp'}{io}.cqplan"
             path = self.folder / name
             if path.is_file():
                 try:
@@ -218,6 +220,8 @@ class PlanCache:
                     site = adapter_for(denoiser(pipe)).resolve_site(denoiser(pipe), cfg) if interval > 1 else {}
                     if plan.cache.site != site:
                         raise cq.PlanError(f"its cache site {plan.cache.site} is not this version's {site}")
+                    if bits and plan.config.quant_io != cfg.quant_io:  # stored before quant_io existed
+                        raise cq.PlanError(f"it has quant_io={plan.config.quant_io}, this run {cfg.quant_io}")
                     plan.info["bench_plan_loaded"] = str(path)
                     self.plans[key] = plan
                     return plan

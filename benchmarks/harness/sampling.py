@@ -22,7 +22,8 @@ from .timing import sync
 def calib_settings(args) -> dict:
     """CacheQuantConfig calibration fields shared by every variant of a run (same calibration data)."""
     return {"num_calib_samples": args.calib_samples, "calib_batch_size": args.calib_batch_size,
-            "dps_samples": args.dps_samples, "calib_select": args.calib_select, "seed": args.calib_seed}
+            "dps_samples": args.dps_samples, "calib_select": args.calib_select, "seed": args.calib_seed,
+            "quant_io": getattr(args, "quant_io", False)}
 
 
 def full_config(variant: Variant, calib: dict) -> dict | None:
@@ -34,16 +35,20 @@ def full_config(variant: Variant, calib: dict) -> dict | None:
     return cq.CacheQuantConfig(**{**calib, **variant.config}).to_dict()
 
 
-LATER_FIELDS = {"attention_probs": "uniform", "float_layers": []}
-"""CacheQuantConfig fields added after run keys were first written, with their defaults: left out
-of a key while at the default, so that samples made before a field existed (resumed work folders,
-variants carried between device sessions) keep their keys."""
+LATER_FIELDS = {"attention_probs": "uniform", "float_layers": [], "quant_io": True}
+"""CacheQuantConfig fields added after run keys were first written, with the value every run had
+before the field existed (the field's default, except ``quant_io``: the first and last layers were
+quantized until the default became False): left out of a key at that value, so that samples made
+before a field existed (resumed work folders, variants carried between device sessions) keep their
+keys."""
 
 
 def _keyed_config(config: dict | None) -> dict | None:
     if config is None:
         return None
-    return {k: v for k, v in config.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    unquantized = config.get("weight_bits") is None  # quant_io means nothing there: such a key never changed
+    return {k: v for k, v in config.items()
+            if not (k in LATER_FIELDS and v == LATER_FIELDS[k]) and not (unquantized and k == "quant_io")}
 
 
 def run_key(table: Table, variant: Variant, args, steps: int, model: str) -> dict:

@@ -378,6 +378,8 @@ def quant_specs(cal: Calibration) -> tuple[list[LayerSpec], list[str], dict[str,
     specs = layer_specs(model, cfg.weight_bits, adapter.keep_8bit(model), adapter.concat_splits(model, cal.site),
                         cfg.w8_layers, frozenset(consumers))
     floats = set() if cfg.quant_modulation else adapter.keep_float(model)
+    if not cfg.quant_io and cfg.weight_bits is not None:
+        floats |= adapter.keep_8bit(model)  # the adapter's first and last layers
     floats |= user_float_layers(specs, cfg.float_layers)
     if floats:
         specs = [s for s in specs if s.name not in floats]

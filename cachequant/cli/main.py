@@ -54,7 +54,7 @@ def _calibration_config(args):
             calibration=args.calibration, calib_select=args.calib_select, tap_lambda=args.tap_lambda, vc=args.vc,
             vc_fit=args.vc_fit, attention_probs=args.attention_probs,
             w8_layers=tuple(p.strip() for p in args.w8_layers.split(",") if p.strip()),
-            float_layers=tuple(p.strip() for p in args.float_layers.split(",") if p.strip()),
+            float_layers=tuple(p.strip() for p in args.float_layers.split(",") if p.strip()), quant_io=args.quant_io,
             weight_rounding=args.weight_rounding, cache_branch=args.cache_branch, cache_layers=args.cache_layers)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -330,10 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: GPTQ rounding with input-Hessian error feedback (what usable W4A8 needs)")
     c.add_argument("--w8-layers", default="",
                    help="with --bits w4a8: comma-separated module-name globs kept at 8-bit weights "
-                        "(e.g. 'time_embedding.*,*.time_emb_proj'); the first and last layer always are")
+                        "(e.g. 'time_embedding.*,*.time_emb_proj'); the first and last layer always are (float unless --quant-io)")
     c.add_argument("--float-layers", default="",
                    help="comma-separated module-name globs left unquantized (weights and input float), e.g. "
                         "'up_blocks.0.resnets.*.conv1'; benchmarks/act_sensitivity.py ranks the layers")
+    c.add_argument("--quant-io", action="store_true",
+                   help="quantize the first and last layers too (the input's conv / patch embedding and the "
+                        "output projection); by default they stay float: their error enters every step")
     c.add_argument("--attention-probs", choices=ATTENTION_PROBS, default="uniform",
                    help="grid of the 8-bit attention's softmax probabilities: a per-step 8-bit range, or e4m3 "
                         "at the fixed scale 1/448 (much closer to float on the MMDiT)")

@@ -35,7 +35,8 @@ class Adapter:
     layout: Callable[[nn.Module, dict], CacheLayout]
     """(model, site) -> the modules the cache hooks go on."""
     keep_8bit: Callable[[nn.Module], set[str]]
-    """Names of the first and last layers (kept at 8-bit weights when weights go to 4 bits)."""
+    """Names of the first and last layers: left float unless ``CacheQuantConfig.quant_io``, then
+    kept at 8-bit weights when weights go to 4 bits."""
     concat_splits: Callable[[nn.Module, dict], dict[str, int]]
     """Layer name -> number of leading input channels of a two-part concatenated input."""
     cache_consumers: Callable[[nn.Module, dict], dict[str, int]]
