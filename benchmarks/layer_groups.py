@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import re
 import subprocess
@@ -139,7 +140,7 @@ def main() -> None:
     out = {"model": args.model, "weights": args.weights, "scheduler": args.scheduler, "steps": args.steps,
            "guidance_scale": args.guidance_scale, "num_samples": args.num_samples, "plans": plans,
            "rows": rows, "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                                         "machine": platform.machine(), "cpus": __import__("os").cpu_count()},
+                                         "machine": platform.machine(), "cpus": os.cpu_count()},
            "command": " ".join(sys.argv)}
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text(json.dumps(out, indent=1))
