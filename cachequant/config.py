@@ -97,8 +97,9 @@ class CacheQuantConfig:
     at every step, cached or not, while they are a negligible share of the compute; False (the
     default) keeps both in float. On the retrained CIFAR-10 DiT (DDIM 50, 16 images) these two
     layers carry nearly all of W8A8's error: PSNR to full precision 25.7 dB with them quantized,
-    40.9 dB without (``results/quality/README.md``). BRECQ-style PTQ code, which the papers build on, does not
-    quantize the network's input either. Plans written before this field existed read as True."""
+    40.9 dB without (``results/quality/README.md``). BRECQ-style PTQ code, which the papers build
+    on, does not quantize the network's input either. Plans written before this field existed
+    read as True."""
     quant_attention: bool = True
     """Also quantize the attention matmuls (QKᵀ and softmax·V) to act_bits."""
     attention_probs: str = "uniform"

@@ -375,11 +375,12 @@ def quant_specs(cal: Calibration) -> tuple[list[LayerSpec], list[str], dict[str,
     """(layers, attention modules, cache consumers) the plan quantizes."""
     cfg, model, adapter = cal.config, cal.model, cal.adapter
     consumers = adapter.cache_consumers(model, cal.site) if cfg.use_quant_dec and cal.layout is not None else {}
-    specs = layer_specs(model, cfg.weight_bits, adapter.keep_8bit(model), adapter.concat_splits(model, cal.site),
+    first_last = adapter.keep_8bit(model)
+    specs = layer_specs(model, cfg.weight_bits, first_last, adapter.concat_splits(model, cal.site),
                         cfg.w8_layers, frozenset(consumers))
     floats = set() if cfg.quant_modulation else adapter.keep_float(model)
-    if not cfg.quant_io and cfg.weight_bits is not None:
-        floats |= adapter.keep_8bit(model)  # the adapter's first and last layers
+    if not cfg.quant_io:
+        floats |= first_last
     floats |= user_float_layers(specs, cfg.float_layers)
     if floats:
         specs = [s for s in specs if s.name not in floats]
