@@ -337,11 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         from cachequant.zoo import weights_record
 
+        env = environment(a.device)
+        # the sampling runs in ablation.py processes, which switch TF32 on from --matmul-tf32; this
+        # process never does, so its own flag would record the opposite of what the rows ran with
+        env["matmul_allow_tf32"] = bool(a.matmul_tf32)
+
         write_json(Path(a.out), {"command": " ".join(sys.argv), "table": a.table, "num_samples": a.num_samples,
                                  **weights_record(a.model or table.model, a.weights), "backend": a.backend,
                                  **({"kernel_attention": a.kernel_attention} if a.backend != "fake" else {}),
                                  **({"fp8_gemm": a.fp8_gemm} if a.fp8_gemm else {}),
-                                 "calib_seeds": a.calib_seeds, "environment": environment(a.device), "rows": rows,
+                                 "calib_seeds": a.calib_seeds, "environment": env, "rows": rows,
                                  **({"ref_stats": a.ref_stats, "fp_fid": fp_fid} if a.ref_stats else {}),
                                  "summary": summary, "paired": diffs}, indent=1, default=None)
         print(f"written {a.out}")

@@ -145,3 +145,21 @@ def test_only_the_cache_only_rows_are_calibration_free(script):
     free = {v.slug for v in TABLES["unet"].variants if script.calibration_free(v.config)}
     assert free == {"cache-n5", "cache-n10", "cache-n20"}
     assert not script.calibration_free(None)  # full precision is shared by share_fp, not repeated
+
+
+def test_tf32_is_recorded_as_the_sampling_ran(script, tmp_path):
+    """--matmul-tf32 switches TF32 on in the ablation.py processes that sample; the summary's
+    environment must say so, although this process never switches it on itself."""
+    import json
+
+    import torch
+
+    out = tmp_path / "seeds.json"
+    assert not torch.backends.cuda.matmul.allow_tf32
+    code = script.main(["--table", "unet", "--model", "tiny-ddim", "--steps", "6", "--num-samples", "2",
+                        "--calib-seeds", "0", "--only", "cache-n5", "--device", "cpu", "--matmul-tf32",
+                        "--work", str(tmp_path / "w"), "--out", str(out)])
+    assert code == 0
+    assert json.loads(out.read_text())["environment"]["matmul_allow_tf32"] is True
+    info = json.loads((tmp_path / "w" / "seed0" / "unet" / "cache-n5" / "info.json").read_text())
+    assert info["run_key"]["matmul_tf32"] is True
