@@ -319,6 +319,37 @@ def test_a_config_field_at_its_later_added_default_leaves_run_keys_unchanged(abl
     assert "quant_io" not in key("cache-n3")["config"]  # nothing quantized: the key never changed
 
 
+def test_quant_io_reaches_the_calibration_and_a_plan_of_the_other_convention_is_not_reused(ablation, tmp_path):
+    """The run key leaves quant_io=True out (every run before the field had the first and last
+    layers quantized), so the calibration must take its config from the variant, not from the key:
+    --quant-io quantizes conv_in / conv_out, the default leaves them float. An interrupted attempt's
+    plan is reused only if it was calibrated with the same quant_io."""
+    import shutil
+
+    import cachequant as cq
+
+    io = {"conv_in", "conv_out"}
+    names = {}
+    for tag, extra in (("new", ()), ("io", ("--quant-io",))):
+        assert _sample(ablation, tmp_path / tag, "w8a8", *extra) == 0
+        plan = cq.load_plan(tmp_path / tag / "unet" / "w8a8" / "plan.cqplan")
+        names[tag] = {layer.name for layer in plan.quant.layers}
+        assert plan.config.quant_io is (tag == "io")
+    assert io <= names["io"] and not io & names["new"]
+
+    # an attempt interrupted after calibrating, whose record holds only the key's config (quant_io
+    # left out) next to a plan with the first and last layers float: --quant-io must recalibrate
+    vdir = tmp_path / "io" / "unet" / "w8a8"
+    for f in ("info.json", "samples.npz"):
+        (vdir / f).unlink()
+    shutil.copy(tmp_path / "new" / "unet" / "w8a8" / "plan.cqplan", vdir / "plan.cqplan")
+    rec = json.loads((vdir / "calibration.json").read_text())
+    rec["config"].pop("quant_io")
+    (vdir / "calibration.json").write_text(json.dumps(rec))
+    assert _sample(ablation, tmp_path / "io", "w8a8", "--quant-io") == 0
+    assert io <= {layer.name for layer in cq.load_plan(vdir / "plan.cqplan").quant.layers}
+
+
 def test_other_weights_enter_the_run_key_and_a_tiny_model_refuses_them(ablation, tmp_path):
     """--weights samples the table's zoo model with other weights; their SHA-1 is in each variant's
     run key, so those samples are never taken for the shipped weights' (or shared with them)."""

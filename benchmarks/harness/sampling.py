@@ -116,14 +116,20 @@ def load_pipe(model: str, device: str, scheduler: str, weights: str | None = Non
 
 
 def calibrate_variant(pipe, table: Table, cfg: dict, steps: int, args, vdir: Path):
-    """Calibrates (or reloads the plan of an interrupted earlier attempt) and times it."""
+    """Calibrates (or reloads the plan of an interrupted earlier attempt) and times it. ``cfg`` is
+    the complete config (``full_config``), never the run key's: a key leaves out fields at the value
+    runs had before the field existed (``LATER_FIELDS``), which is not always today's default."""
     import cachequant as cq
     from cachequant.pipecall import conditioning, num_classes
 
     plan_path, calib_path = vdir / "plan.cqplan", vdir / "calibration.json"
     calib_info = read_json(calib_path)
-    if plan_path.is_file() and calib_info and calib_info.get("config") == cfg:
-        return cq.load_plan(plan_path), calib_info
+    if plan_path.is_file() and calib_info and _keyed_config(calib_info.get("config")) == _keyed_config(cfg):
+        plan = cq.load_plan(plan_path)
+        # the plan's own config decides: earlier records kept the key's config, which cannot tell
+        # a plan with the first and last layers quantized from one without
+        if plan.config.quant_io == cfg["quant_io"]:
+            return plan, calib_info
     config = cq.CacheQuantConfig.from_dict(cfg)
     kw: dict = {}
     if conditioning(pipe) == "class":  # the same labels the CLI's default uses, explicit for the record
@@ -174,7 +180,7 @@ def sample_variant(pipe, table: Table, variant: Variant, args, steps: int, model
     from cachequant.utils.io import atomic_path
 
     key = run_key(table, variant, args, steps, model)
-    cfg = key["config"]
+    cfg = full_config(variant, calib_settings(args))
     vdir.mkdir(parents=True, exist_ok=True)
     plan, calib_info = (None, None) if cfg is None else calibrate_variant(pipe, table, cfg, steps, args, vdir)
     kw = {} if table.guidance_scale is None else {"guidance_scale": table.guidance_scale}
